@@ -1,0 +1,1 @@
+"""llmjax: every stage of LLM training as pure JAX functions."""
