@@ -1,0 +1,17 @@
+"""Pretraining on the built-in synthetic corpus (string reversal, addition, sorting, copying, lookup).
+
+Run (about 4 minutes on a 2-core CPU):
+  python -m llmjax.main --config=configs/pretrain.py --workdir=runs/demo
+Overrides:
+  python -m llmjax.main --config=configs/pretrain.py:model=small,steps=200 --config.optim.lr=3e-4 \
+      --config.mesh.fsdp=4 --workdir=runs/demo2
+"""
+
+from llmjax import config
+
+
+def get_config(arg: str = ""):
+    args = config.parse_arg(arg, model="small", steps=300)
+    cfg = config.base(args.model)
+    cfg.steps = args.steps
+    return cfg

@@ -1,0 +1,139 @@
+"""Run configuration: the shared base every configs/*.py file starts from, and its validation.
+
+Configs are plain Python returning a ConfigDict (`get_config(arg)`); `arg` is the `:k=v,...` suffix of
+`--config=configs/x.py:k=v`, parsed by `parse_arg`. `validate` catches every mistake we can name before
+anything is compiled, and says which key is wrong and how to fix it.
+"""
+
+import math
+from collections.abc import Mapping
+
+import ml_collections
+
+from llmjax.models import presets
+
+
+class ConfigError(ValueError):
+    """A config mistake, reported as one line naming the key and the fix."""
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+    """Parses "k=v,k2=v2" into the defaults' keys, converting each value to its default's type."""
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"config argument {item!r} is not k=v; write e.g. model=small,steps=200")
+        if key not in defaults:
+            raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError as e:
+            raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
+    return ml_collections.ConfigDict(out)
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+    try:
+        return ml_collections.ConfigDict(presets.preset(name))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def base(model: str = "small") -> ml_collections.ConfigDict:
+    """Everything a run needs; trainer configs change what differs."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "pretrain"   # which llmjax.train module's train(cfg, workdir) runs
+    c.seed = 0
+    c.steps = 300
+    c.batch_size = 16        # global, across all devices and processes
+    c.seq_len = 256
+    c.model = model_config(model)
+    c.data = dict(source="synthetic", tasks="reverse,add,sort,copy,lookup", tokenizer="byte")
+    c.optim = dict(
+        lr=3e-3, warmup_steps=30, schedule="cosine",  # cosine | linear | constant (after warmup)
+        min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+        grad_accum=1,  # microbatches per step; the batch is split, gradients summed, one update
+    )
+    c.loss = dict(z_loss=0.0)
+    # Mesh axes; one size may be -1 (the rest of the devices).
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    # Logical axis -> comma-separated mesh axes ("" = replicated). The model only names logical axes.
+    c.rules = dict(
+        batch="data,fsdp", embed="fsdp", vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor",
+        layers="", seq="", head_dim="", act_embed="",
+    )
+    c.checkpoint = dict(every=100, keep=3, use_async=True)
+    c.log_every = 10
+    c.peak_flops = 0.0       # per device FLOP/s for MFU; 0 = measure this device's float32 matmul rate
+    c.distributed = False    # call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)
+    return c
+
+
+def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """Resolves the one -1 entry; raises ConfigError when the sizes cannot cover the devices exactly."""
+    sizes = dict(mesh)
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+    if bad or len(free) > 1:
+        raise ConfigError(f"mesh sizes {sizes}: use positive sizes and at most one -1; e.g. --config.mesh.fsdp=-1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh {sizes}: {n_devices} devices are not divisible by {fixed}; "
+                              f"change the mesh sizes so their product divides {n_devices}")
+        sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ConfigError(f"mesh {sizes} has {fixed} devices but {n_devices} are present; make the product "
+                          f"of mesh sizes {n_devices}, or set one to -1 (e.g. --config.mesh.fsdp=-1)")
+    return sizes
+
+
+CHOICES = {
+    "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
+    "model.remat": ("none", "full", "dots"), "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Checks the config against itself and the devices; returns the resolved mesh shape."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
+    m = cfg.model
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                "max_seq_len"):
+        if m[key] <= 0:
+            raise ConfigError(f"model.{key}={m[key]} must be positive")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                          "grouped-query attention needs whole groups")
+    sizes = mesh_shape(cfg.mesh, n_devices)
+    for axis in ("n_heads", "n_kv_heads"):
+        if m[axis] % sizes["tensor"]:
+            raise ConfigError(f"model.{axis}={m[axis]} is not divisible by mesh.tensor={sizes['tensor']}; "
+                              "choose a tensor size that divides both n_heads and n_kv_heads")
+    if cfg.seq_len > m.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+                          "lower --config.seq_len or raise --config.model.max_seq_len")
+    dp = sizes["data"] * sizes["fsdp"]
+    per_step = dp * cfg.optim.grad_accum
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp*grad_accum="
+                          f"{sizes['data']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple of {per_step}")
+    if cfg.steps <= 0 or cfg.optim.warmup_steps > cfg.steps:
+        raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
+                          "0 < warmup_steps <= steps")
+    for logical, axes in cfg.rules.items():
+        unknown = [a for a in axes.split(",") if a and a not in sizes]
+        if unknown:
+            raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
+    return sizes

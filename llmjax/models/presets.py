@@ -1,0 +1,52 @@
+"""Model presets: the one table of architectures a config can name with `model=NAME`.
+
+Published sizes the parameter-count test checks: GPT-2 small 124.4M (tied embeddings), Llama 3 8B 8.03B,
+Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 RoPE scaling).
+"""
+
+LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", use_bias=False, norm_eps=1e-5, rope_theta=500_000.0)
+GPT2 = dict(norm="layer", pos="learned", mlp="gelu", use_bias=True, tie_embeddings=True, norm_eps=1e-5)
+
+PRESETS: dict[str, dict] = {
+    # Tests: compiles in seconds, exercises every sharded axis (heads, kv_heads, mlp all divisible by 2).
+    "tiny": dict(LLAMA, vocab_size=262, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                 d_ff=128, max_seq_len=256, rope_theta=10_000.0),
+    # CPU demo: the default run trains this on the synthetic tasks in a few minutes on 2 cores.
+    "small": dict(LLAMA, vocab_size=262, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+                  d_ff=768, max_seq_len=512, rope_theta=10_000.0),
+    "gpt2-124m": dict(GPT2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                      head_dim=64, d_ff=3072, max_seq_len=1024),
+    "llama-1b": dict(LLAMA, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     head_dim=64, d_ff=8192, max_seq_len=131072, tie_embeddings=True, rope_scaling=32.0),
+    "llama3-8b": dict(LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, d_ff=14336, max_seq_len=8192),
+    "llama3-70b": dict(LLAMA, vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       head_dim=128, d_ff=28672, max_seq_len=8192),
+}
+
+# Every model key with its default; a preset overrides what differs. Overriding an unknown key fails.
+DEFAULTS = dict(
+    name="",
+    vocab_size=0, d_model=0, n_layers=0, n_heads=0, n_kv_heads=0, head_dim=0, d_ff=0, max_seq_len=0,
+    norm="rms",             # rms | layer
+    pos="rope",             # rope | learned
+    mlp="swiglu",           # swiglu | gelu
+    use_bias=False,         # biases in attention and MLP projections (GPT-2)
+    tie_embeddings=False,   # unembedding = embedding^T
+    norm_eps=1e-5,
+    rope_theta=10_000.0,
+    rope_scaling=1.0,       # Llama 3.1 frequency scaling factor; 1.0 = none
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+    init_std=0.02,
+    param_dtype="float32",  # float32 | bfloat16: how parameters are stored
+    compute_dtype="float32",  # float32 | bfloat16: matmuls and activations; logits and loss stay float32
+    remat="none",           # none | full | dots: what the scanned layer saves for the backward pass
+)
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"model={name!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return dict(DEFAULTS, **PRESETS[name], name=name)

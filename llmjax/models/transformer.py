@@ -1,0 +1,164 @@
+"""Decoder-only Transformer as pure functions over a parameter pytree.
+
+Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU) and GPT-2 (LayerNorm, learned positions, GELU,
+biases, tied embeddings) are the same forward with different config switches. `specs(cfg)` is the one
+source of truth for parameters: shape, logical axes and initializer of every leaf; initialisation,
+sharding, checkpoint layout and parameter counts all derive from it. Layers are stacked on a leading
+"layers" axis and run with `jax.lax.scan`.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.models import layers
+from llmjax.sharding import Constrain, no_constrain
+
+Params = dict[str, Any]
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+def normal(std: float):
+    return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def specs(cfg) -> Params:
+    """Every parameter of the model (cfg = cfg.model)."""
+    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           cfg.vocab_size)
+    w, w_out = normal(cfg.init_std), normal(cfg.init_std / math.sqrt(2 * L))  # GPT-2 residual scaling
+
+    def norm(*lead):
+        out = {"scale": ParamSpec((*lead, D), (*("layers",) * len(lead), "embed"), ones)}
+        if cfg.norm == "layer":
+            out["bias"] = ParamSpec((*lead, D), (*("layers",) * len(lead), "embed"), zeros)
+        return out
+
+    block = {
+        "attn_norm": norm(L),
+        "wq": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), w),
+        "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), w),
+        "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), w),
+        "wo": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), w_out),
+        "mlp_norm": norm(L),
+    }
+    if cfg.mlp == "swiglu":
+        block["w_gate"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
+        block["w_up"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
+        block["w_down"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"), w_out)
+    else:
+        block["w_fc"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
+        block["w_proj"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"), w_out)
+    if cfg.use_bias:
+        block["bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), zeros)
+        block["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), zeros)
+        block["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), zeros)
+        block["bo"] = ParamSpec((L, D), ("layers", "embed"), zeros)
+        if cfg.mlp == "gelu":
+            block["b_fc"] = ParamSpec((L, F), ("layers", "mlp"), zeros)
+            block["b_proj"] = ParamSpec((L, D), ("layers", "embed"), zeros)
+    out = {"embed": ParamSpec((V, D), ("vocab", "embed"), w), "layers": block, "final_norm": norm()}
+    if cfg.pos == "learned":
+        out["pos_embed"] = ParamSpec((cfg.max_seq_len, D), (None, "embed"), normal(0.01))
+    if not cfg.tie_embeddings:
+        out["unembed"] = ParamSpec((D, V), ("embed", "vocab"), w)
+    return out
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init(cfg, key: jax.Array) -> Params:
+    """Fresh parameters; jit it with out_shardings so each device creates only its own shard."""
+    tree = specs(cfg)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+    return treedef.unflatten([s.init(k, s.shape, dtype) for s, k in zip(leaves, keys, strict=True)])
+
+
+def param_count(cfg) -> int:
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(specs(cfg), is_leaf=is_spec))
+
+
+def matmul_param_count(cfg) -> int:
+    """Parameters that take part in matrix multiplies: the FLOPs count's N (no lookups, norms, biases)."""
+    tree = specs(cfg)
+    n = sum(math.prod(s.shape) for k, s in tree["layers"].items() if k.startswith("w"))
+    return n + cfg.vocab_size * cfg.d_model  # the unembedding, tied or not
+
+
+def _norm(x, p, cfg):
+    if cfg.norm == "rms":
+        return layers.rms_norm(x, p["scale"], cfg.norm_eps)
+    return layers.layer_norm(x, p["scale"], p["bias"], cfg.norm_eps)
+
+
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+            cfg, constrain: Constrain = no_constrain) -> tuple[jax.Array, jax.Array]:
+    """Returns float32 logits_BTV and the final (normed) hidden states h_BTD.
+
+    Tokens attend causally within their own segment, so documents packed in one row never see each other.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    x_BTD = p["embed"][tokens_BT]
+    if cfg.pos == "learned":
+        x_BTD = x_BTD + p["pos_embed"][positions_BT]
+    x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
+    index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
+    freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
+                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+
+    def block(x_BTD, w):
+        h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
+        q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["wq"])
+        k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["wk"])
+        v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["wv"])
+        if cfg.use_bias:
+            q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
+        if cfg.pos == "rope":
+            q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
+        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS)
+        o_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, w["wo"])
+        x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.use_bias else o_BTD), ("batch", "seq", "act_embed"))
+        h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
+        if cfg.mlp == "swiglu":
+            m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])
+        else:
+            zero = jnp.zeros((), dtype)
+            m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
+        return constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed")), None
+
+    if REMAT[cfg.remat] is not None:
+        block = jax.checkpoint(block, policy=REMAT[cfg.remat], prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(block, x_BTD, p["layers"])
+    h_BTD = _norm(x_BTD, p["final_norm"], cfg)
+    unembed_DV = p["embed"].T if cfg.tie_embeddings else p["unembed"]
+    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "seq", "vocab")), h_BTD

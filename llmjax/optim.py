@@ -1,0 +1,35 @@
+"""The optimizer from cfg.optim: AdamW, linear warmup then cosine/linear/constant, global-norm clipping.
+
+Weight decay applies to matrices only (not norms, biases); which leaves are matrices is read from the
+parameter specs' logical axes, ignoring the stacked "layers" axis.
+"""
+
+import jax
+import optax
+
+from llmjax.models.transformer import is_spec
+
+
+def schedule(cfg) -> optax.Schedule:
+    o = cfg.optim
+    decay_steps = max(cfg.steps - o.warmup_steps, 1)
+    after = {
+        "cosine": optax.cosine_decay_schedule(o.lr, decay_steps, alpha=o.min_lr_ratio),
+        "linear": optax.linear_schedule(o.lr, o.lr * o.min_lr_ratio, decay_steps),
+        "constant": optax.constant_schedule(o.lr),
+    }[o.schedule]
+    warmup = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    return optax.join_schedules([warmup, after], [o.warmup_steps])
+
+
+def decay_mask(param_specs):
+    return jax.tree.map(lambda s: sum(a != "layers" for a in s.axes) >= 2, param_specs, is_leaf=is_spec)
+
+
+def make(cfg, param_specs) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask(param_specs)),
+    )

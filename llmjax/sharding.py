@@ -1,0 +1,86 @@
+"""Meshes and the logical-axis rules that place every array on them.
+
+The model names only logical axes ("batch", "embed", "heads", ...); `cfg.rules` maps each to mesh axes
+("data", "fsdp", "tensor"). We build meshes with `AxisType.Auto` (GSPMD-style): shardings are hints that
+XLA propagates, set on parameters through jit's in/out shardings and on activations with `constrain`.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llmjax.config import mesh_shape
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape({a: mesh_cfg[a] for a in AXES}, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def spec(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
+         shape: Sequence[int] | None = None) -> PartitionSpec:
+    """Logical axes -> PartitionSpec. With `shape`, a dimension the mesh axes do not divide stays
+    replicated (e.g. GPT-2's 50257-token vocabulary on tensor=2) rather than being padded."""
+    out, used = [], set()
+    for i, name in enumerate(logical):
+        axes = tuple(a for a in (rules[name].split(",") if name else ()) if a and a not in used)
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if not axes or size == 1 or (shape is not None and shape[i] % size):
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def named(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
+          shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical, rules, mesh, shape))
+
+
+def tree_shardings(specs, rules: Mapping[str, str], mesh: Mesh):
+    """NamedSharding for every leaf of a tree of ParamSpec (anything with .shape and .axes)."""
+    return jax.tree.map(lambda s: named(s.axes, rules, mesh, s.shape), specs,
+                        is_leaf=lambda x: hasattr(x, "axes"))
+
+
+Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+
+def no_constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    return x
+
+
+def make_constrain(mesh: Mesh, rules: Mapping[str, str]) -> Constrain:
+    """An activation-sharding hint for use inside jit: constrain(x_BTD, ("batch", "seq", "act_embed"))."""
+
+    def constrain(x, logical):
+        return jax.lax.with_sharding_constraint(x, named(logical, rules, mesh, x.shape))
+
+    return constrain
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, str]) -> NamedSharding:
+    """Rows of a [batch, seq] array split over the data-parallel axes."""
+    return named(("batch", "seq"), rules, mesh)
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> range:
+    """The contiguous rows of the global batch that this process's devices hold; each process loads only
+    these."""
+    starts, stops = zip(*((idx[0].start or 0, idx[0].stop or global_shape[0])
+                          for idx in sharding.addressable_devices_indices_map(global_shape).values()),
+                        strict=True)
+    return range(min(starts), max(stops))
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict:
+    """Assembles each process's rows into global jax.Arrays (multi-process safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
+            for k, v in local.items()}

@@ -1,0 +1,106 @@
+"""The one training loop every objective shares: resume, step, log, checkpoint, stop cleanly on preemption.
+
+The step itself is the caller's (`step(state, batch) -> (state, metrics)`); the loop jits it once with the
+state's shardings and donates the state. Metrics stay on the device between log steps, so the host never
+waits on the accelerator except to log.
+"""
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from llmjax import checkpoint, metrics
+from llmjax.train import state as state_lib
+
+log = logging.getLogger("llmjax")
+
+
+def peak_flops(cfg) -> float:
+    """Whole-job peak FLOP/s for MFU: cfg.peak_flops per device, else this machine's measured float32 matmul
+    rate (on the CPU, fake devices share the cores, so the rate counts once per process)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops * jax.device_count()
+    rate = metrics.matmul_flops_per_s("jax", n=1024, seconds=0.3)
+    return rate * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
+
+
+class _Preemption:
+    """SIGTERM on a single process, or the multi-host preemption sync point, asks the loop to save and stop."""
+
+    def __init__(self, mngr):
+        self.mngr, self.flag = mngr, False
+        if jax.process_count() == 1:
+            self.previous = signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_):
+        self.flag = True
+
+    def __call__(self, step: int) -> bool:
+        return self.flag or self.mngr.reached_preemption(step)
+
+    def close(self):
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def run(cfg, workdir: str, mesh: Mesh, tx: optax.GradientTransformation,
+        step_fn: Callable, batches: Callable[[int], dict], batch_sharding: NamedSharding,
+        flops_per_token: float) -> state_lib.TrainState:
+    """Trains from the latest checkpoint in `workdir` (or from scratch) to cfg.steps."""
+    checkpoint.claim_workdir(workdir, cfg)
+    mngr = checkpoint.manager(workdir, cfg)
+    if mngr.latest_step() is None:
+        state = state_lib.create(cfg, mesh, tx)
+    else:
+        state = checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx))
+        log.info("resumed from %s at step %d", workdir, mngr.latest_step())
+    start = int(state.step)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
+                      donate_argnums=0)
+    peak = peak_flops(cfg)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    preempted = _Preemption(mngr)
+    pending, t_last, step = [], time.perf_counter(), start
+    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
+               dynamic_ncols=True)
+    try:
+        for step in range(start, cfg.steps):
+            if preempted(step):
+                log.warning("preempted at step %d: saving and stopping", step)
+                break
+            state, m = step_fn(state, batches(step))
+            pending.append(m)
+            done = step + 1
+            checkpoint.save(mngr, done, state)
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
+                row = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(
+                    lambda *xs: np.stack(xs), *pending)).items()}
+                now = time.perf_counter()
+                if done == start + 1:  # the first step includes compilation
+                    row["compile_s"] = now - t_last
+                else:
+                    row["tokens_per_s"] = tokens_per_step * len(pending) / (now - t_last)
+                    row["mfu"] = metrics.mfu(row["tokens_per_s"], flops_per_token, peak)
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+                log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                pending, t_last = [], now
+        if mngr.latest_step() != int(state.step):
+            checkpoint.save(mngr, int(state.step), state, force=True)
+        mngr.wait_until_finished()
+    finally:
+        preempted.close()
+        bar.close()
+        writer.close()
+        mngr.close()
+    return state
