@@ -92,7 +92,7 @@ def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
 
 CHOICES = {
     "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
-    "model.remat": ("none", "full", "dots"), "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
 }
 

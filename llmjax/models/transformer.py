@@ -115,6 +115,7 @@ REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "all_dots": jax.checkpoint_policies.dots_saveable,
 }
 
 
@@ -137,15 +138,13 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
 
     def block(x_BTD, w):
         h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["wq"])
-        k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["wk"])
-        v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["wv"])
+        q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
         if cfg.use_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
         if cfg.pos == "rope":
             q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
         o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS)
-        o_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, w["wo"])
+        o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
         x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.use_bias else o_BTD), ("batch", "seq", "act_embed"))
         h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
         if cfg.mlp == "swiglu":

@@ -11,8 +11,7 @@ from llmjax import losses, metrics, optim
 from llmjax.data import synthetic
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
-from llmjax.sharding import (Constrain, batch_sharding, global_batch, make_constrain, make_mesh,
-                             process_rows)
+from llmjax.sharding import Constrain, batch_sharding, global_batch, make_constrain, make_mesh, process_rows
 from llmjax.train import loop
 from llmjax.train.state import TrainState
 
