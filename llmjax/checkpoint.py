@@ -16,13 +16,13 @@ from llmjax.config import ConfigError
 
 def manager(workdir: str, cfg) -> ocp.CheckpointManager:
     c = cfg.checkpoint
-    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=c.every,
-                                           enable_async_checkpointing=c.use_async, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=c.use_async, create=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
-    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+def save(mngr: ocp.CheckpointManager, step: int, state) -> bool:
+    """Starts an asynchronous save of `state` as `step` (the loop decides when)."""
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):

@@ -80,7 +80,8 @@ def run(cfg, workdir: str, mesh: Mesh, tx: optax.GradientTransformation,
             state, m = step_fn(state, batches(step))
             pending.append(m)
             done = step + 1
-            checkpoint.save(mngr, done, state)
+            if done % cfg.checkpoint.every == 0:
+                checkpoint.save(mngr, done, state)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
                 row = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(
@@ -92,11 +93,11 @@ def run(cfg, workdir: str, mesh: Mesh, tx: optax.GradientTransformation,
                     row["tokens_per_s"] = tokens_per_step * len(pending) / (now - t_last)
                     row["mfu"] = metrics.mfu(row["tokens_per_s"], flops_per_token, peak)
                 writer.write(done, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})
                 log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
                 pending, t_last = [], now
         if mngr.latest_step() != int(state.step):
-            checkpoint.save(mngr, int(state.step), state, force=True)
+            checkpoint.save(mngr, int(state.step), state)
         mngr.wait_until_finished()
     finally:
         preempted.close()
