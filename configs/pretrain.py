@@ -14,4 +14,5 @@ def get_config(arg: str = ""):
     args = config.parse_arg(arg, model="small", steps=300)
     cfg = config.base(args.model)
     cfg.steps = args.steps
+    cfg.optim.warmup_steps = max(1, args.steps // 10)
     return cfg

@@ -5,10 +5,14 @@ Configs are plain Python returning a ConfigDict (`get_config(arg)`); `arg` is th
 anything is compiled, and says which key is wrong and how to fix it.
 """
 
+import logging
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 import ml_collections
+from absl import app
+from absl import logging as absl_logging
 
 from llmjax.models import presets
 
@@ -131,9 +135,25 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                           f"{sizes['data']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple of {per_step}")
     if cfg.steps <= 0 or cfg.optim.warmup_steps > cfg.steps:
         raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
-                          "0 < warmup_steps <= steps")
+                          "0 < warmup_steps <= steps; set --config.optim.warmup_steps")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
             raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
     return sizes
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run for our entry points: a ConfigError prints as one line and exits with status 2 (no
+    traceback); library INFO chatter (orbax) is hidden, llmjax's own progress logs are kept."""
+
+    def wrapped(argv):
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("llmjax").setLevel(logging.INFO)
+        main(argv)
+
+    try:
+        app.run(wrapped)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

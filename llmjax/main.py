@@ -2,15 +2,13 @@
 --workdir=DIR. The same command runs on every host of a pod (one process per host)."""
 
 import importlib
-import logging
 import os
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError, validate
+from llmjax.config import ConfigError, run_main, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:model=small.",
                                           lock_config=True)
@@ -20,25 +18,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {"pretrain": "llmjax.train.pretrain"}
 
 
+def init_distributed(cfg) -> None:
+    """One process per host. Clusters JAX detects (TPU pods, SLURM, Open MPI, ...) need nothing more than
+    --config.distributed=True; elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on every host."""
+    env = os.environ
+    if cfg.distributed or "JAX_COORDINATOR_ADDRESS" in env:
+        n, i = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=n and int(n), process_id=i and int(i))
+
+
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    if cfg.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()  # reads the coordinator, process count and id from the environment
+    init_distributed(cfg)
     if cfg.trainer not in TRAINERS:
         raise ConfigError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(TRAINERS)}")
     validate(cfg, jax.device_count())
-    logging.getLogger("llmjax").setLevel(logging.INFO)
     importlib.import_module(TRAINERS[cfg.trainer]).train(cfg, _WORKDIR.value)
 
 
-def run() -> None:
-    try:
-        app.run(main)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    run()
+    run_main(main)

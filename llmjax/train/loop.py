@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -50,25 +51,37 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run(cfg, workdir: str, mesh: Mesh, tx: optax.GradientTransformation,
-        step_fn: Callable, batches: Callable[[int], dict], batch_sharding: NamedSharding,
-        flops_per_token: float) -> state_lib.TrainState:
+class Task(NamedTuple):
+    """What a trainer hands the loop: its mesh, optimizer, step function, batches and FLOPs per token."""
+
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    step: Callable
+    batches: Callable[[int], dict]
+    batch_sharding: NamedSharding
+    flops_per_token: float
+
+    def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
+        """The step compiled once with the state's shardings, the state donated."""
+        return jax.jit(self.step, in_shardings=(state_sh, self.batch_sharding), out_shardings=(state_sh, None),
+                       donate_argnums=0)
+
+
+def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     """Trains from the latest checkpoint in `workdir` (or from scratch) to cfg.steps."""
     checkpoint.claim_workdir(workdir, cfg)
     mngr = checkpoint.manager(workdir, cfg)
     if mngr.latest_step() is None:
-        state = state_lib.create(cfg, mesh, tx)
+        state = state_lib.create(cfg, task.mesh, task.tx)
     else:
-        state = checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx))
+        state = checkpoint.restore(mngr, state_lib.abstract(cfg, task.mesh, task.tx))
         log.info("resumed from %s at step %d", workdir, mngr.latest_step())
     start = int(state.step)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, None),
-                      donate_argnums=0)
+    step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     preempted = _Preemption(mngr)
-    pending, t_last, step = [], time.perf_counter(), start
+    pending, t_last = [], time.perf_counter()
     writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
                dynamic_ncols=True)
@@ -77,21 +90,21 @@ def run(cfg, workdir: str, mesh: Mesh, tx: optax.GradientTransformation,
             if preempted(step):
                 log.warning("preempted at step %d: saving and stopping", step)
                 break
-            state, m = step_fn(state, batches(step))
+            state, m = step_fn(state, task.batches(step))
             pending.append(m)
             done = step + 1
             if done % cfg.checkpoint.every == 0:
                 checkpoint.save(mngr, done, state)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
-                row = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(
-                    lambda *xs: np.stack(xs), *pending)).items()}
+                fetched = jax.device_get(pending)
+                row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 now = time.perf_counter()
                 if done == start + 1:  # the first step includes compilation
                     row["compile_s"] = now - t_last
                 else:
                     row["tokens_per_s"] = tokens_per_step * len(pending) / (now - t_last)
-                    row["mfu"] = metrics.mfu(row["tokens_per_s"], flops_per_token, peak)
+                    row["mfu"] = metrics.mfu(row["tokens_per_s"], task.flops_per_token, peak)
                 writer.write(done, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})
                 log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))

@@ -75,7 +75,7 @@ def synthetic_batches(cfg, sharding: NamedSharding) -> Callable[[int], Batch]:
     return get
 
 
-def train(cfg, workdir: str) -> TrainState:
+def task(cfg) -> loop.Task:
     mesh = make_mesh(cfg.mesh)
     tx = optim.make(cfg, transformer.specs(cfg.model))
     step = make_step(cfg, tx, optim.schedule(cfg), make_constrain(mesh, cfg.rules))
@@ -83,4 +83,8 @@ def train(cfg, workdir: str) -> TrainState:
     m = cfg.model
     fpt = metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len,
                                   m.n_heads * m.head_dim)
-    return loop.run(cfg, workdir, mesh, tx, step, synthetic_batches(cfg, sharding), sharding, fpt)
+    return loop.Task(mesh, tx, step, synthetic_batches(cfg, sharding), sharding, fpt)
+
+
+def train(cfg, workdir: str) -> TrainState:
+    return loop.run(cfg, workdir, task(cfg))
