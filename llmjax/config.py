@@ -133,9 +133,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if cfg.batch_size % per_step:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp*grad_accum="
                           f"{sizes['data']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple of {per_step}")
-    if cfg.steps <= 0 or cfg.optim.warmup_steps > cfg.steps:
+    if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
         raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
-                          "0 < warmup_steps <= steps; set --config.optim.warmup_steps")
+                          "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:

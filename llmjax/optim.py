@@ -1,7 +1,8 @@
 """The optimizer from cfg.optim: AdamW, linear warmup then cosine/linear/constant, global-norm clipping.
 
-Weight decay applies to matrices only (not norms, biases); which leaves are matrices is read from the
-parameter specs' logical axes, ignoring the stacked "layers" axis.
+Weight decay applies to matrices only. Read from the specs' logical axes: a matrix maps the model width
+("embed") to another axis; norm scales and biases are vectors over one feature space, even when stored per
+head (bq: heads x head_dim) or stacked per layer.
 """
 
 import jax
@@ -23,7 +24,8 @@ def schedule(cfg) -> optax.Schedule:
 
 
 def decay_mask(param_specs):
-    return jax.tree.map(lambda s: sum(a != "layers" for a in s.axes) >= 2, param_specs, is_leaf=is_spec)
+    return jax.tree.map(lambda s: "embed" in s.axes and sum(a != "layers" for a in s.axes) >= 2, param_specs,
+                        is_leaf=is_spec)
 
 
 def make(cfg, param_specs) -> optax.GradientTransformation:

@@ -30,6 +30,9 @@ def test_decay_mask_matrices_only():
     llama = optim.decay_mask(transformer.specs(tiny_config().model))
     assert llama["embed"] and llama["unembed"] and llama["layers"]["wq"] and llama["layers"]["w_gate"]
     assert not llama["layers"]["attn_norm"]["scale"] and not llama["final_norm"]["scale"]  # [layers, D], [D]
+
+
+def test_decay_mask_excludes_biases():
     gpt2 = optim.decay_mask(transformer.specs(tiny_config(**GPT2_STYLE).model))
     assert gpt2["layers"]["w_fc"] and gpt2["layers"]["w_proj"]
     biases = {k: v for k, v in gpt2["layers"].items() if k.startswith("b")}
