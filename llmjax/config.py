@@ -7,11 +7,12 @@ anything is compiled, and says which key is wrong and how to fix it.
 
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 
 import ml_collections
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 
 from llmjax.models import presets
@@ -19,6 +20,9 @@ from llmjax.models import presets
 
 class ConfigError(ValueError):
     """A config mistake, reported as one line naming the key and the fix."""
+
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -32,8 +36,8 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
             raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
         kind = type(defaults[key])
         try:
-            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError as e:
+            out[key] = BOOLS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError) as e:
             raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
     return ml_collections.ConfigDict(out)
 
@@ -129,6 +133,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
                           "lower --config.seq_len or raise --config.model.max_seq_len")
     dp = sizes["data"] * sizes["fsdp"]
+    for key in ("optim.grad_accum", "log_every", "checkpoint.every", "checkpoint.keep", "batch_size", "seq_len"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
     per_step = dp * cfg.optim.grad_accum
     if cfg.batch_size % per_step:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp*grad_accum="
@@ -143,6 +150,28 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with mistakes in the config file or its overrides raised as one ConfigError:
+    ml_collections wraps them (the config file's own ConfigError, or an AttributeError for a misspelt
+    --config.key) in errors whose messages carry whole tracebacks."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        chain, link = [], e
+        while link is not None:
+            chain.append(link)
+            link = link.__cause__ or link.__context__
+        config_errors = [x for x in chain if isinstance(x, ConfigError)]
+        if config_errors:  # the innermost one is ours; outer ones carry its traceback as text
+            raise ConfigError(str(config_errors[-1])) from None
+        if isinstance(e, AttributeError | KeyError):  # ml_collections: a --config.key override that does not exist
+            bad = re.findall(r"\w+", str(e))[:1]
+            hint = re.search(r'Did you mean "(\w+)"', str(e))
+            raise ConfigError(f"--config override: no config key named {bad[0] if bad else str(e)!r}"
+                              + (f"; did you mean {hint[1]!r}?" if hint else "; check the key's spelling")) from None
+        raise ConfigError(f"bad flags: {e}") from None
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
     """absl's app.run for our entry points: a ConfigError prints as one line and exits with status 2 (no
     traceback); library INFO chatter (orbax) is hidden, llmjax's own progress logs are kept."""
@@ -153,7 +182,7 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         main(argv)
 
     try:
-        app.run(wrapped)
+        app.run(wrapped, flags_parser=_parse_flags)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

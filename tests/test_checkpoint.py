@@ -1,0 +1,115 @@
+"""Checkpoints restore onto any mesh, a workdir refuses a different model, and a crash mid-save leaves the last
+good checkpoint usable."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+from jax.sharding import PartitionSpec
+
+from llmjax import checkpoint, config, optim
+from llmjax.models import transformer
+from llmjax.sharding import make_mesh
+from llmjax.train import state as state_lib
+
+TENSOR2 = dict(data=1, fsdp=4, tensor=2)
+
+
+def files(root) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def assert_same_values(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def assert_sharding(x: jax.Array, sharding):
+    assert x.sharding == sharding, (x.sharding, sharding)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A workdir claimed by the tiny model, holding its state at step 5, written on an fsdp=8 mesh."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    cfg = tiny_config(seed=7)
+    tx = optim.make(cfg, transformer.specs(cfg.model))
+    state = state_lib.create(cfg, make_mesh(cfg.mesh), tx)
+    state = state.replace(step=jnp.full_like(state.step, 5))
+    checkpoint.claim_workdir(workdir, cfg)
+    mngr = checkpoint.manager(workdir, cfg)
+    assert checkpoint.save(mngr, 5, state)
+    mngr.wait_until_finished()
+    mngr.close()
+    return workdir, cfg, tx, state
+
+
+def test_restore_onto_another_mesh(run):
+    workdir, cfg, tx, saved = run
+    cfg = tiny_config(seed=7, mesh=TENSOR2)
+    mesh = make_mesh(cfg.mesh)
+    target = state_lib.abstract(cfg, mesh, tx)
+    mngr = checkpoint.manager(workdir, cfg)
+    restored = checkpoint.restore(mngr, target)
+    mngr.close()
+
+    assert_same_values(restored, saved)
+    jax.tree.map(lambda x, t: assert_sharding(x, t.sharding), restored, target)
+    assert restored.params["layers"]["wq"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+
+    tokens = jax.random.randint(jax.random.key(0), (8, 32), 0, cfg.model.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(32), tokens.shape)
+    forward = jax.jit(lambda p: transformer.forward(p, tokens, positions, jnp.ones_like(tokens), cfg.model)[0])
+    np.testing.assert_allclose(forward(restored.params), forward(saved.params), rtol=1e-6, atol=1e-6)
+
+
+def test_claim_refuses_a_different_model(run):
+    workdir, *_ = run
+    before = files(workdir)
+    other = tiny_config(**{"model.d_model": 32, "model.n_layers": 3})
+    with pytest.raises(config.ConfigError, match=r"\(model.d_model, model.n_layers differ\); pass a new --workdir"):
+        checkpoint.claim_workdir(workdir, other)
+    assert files(workdir) == before
+    assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
+
+
+def test_claim_accepts_the_same_model_with_other_settings(tmp_path):
+    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=20))
+    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=40, **{"optim.lr": 1e-3}))
+    with open(tmp_path / "config.json") as f:
+        assert '"steps": 40' in f.read()
+
+
+def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
+    workdir, cfg, tx, saved = run
+    workdir = shutil.copytree(workdir, tmp_path / "run")
+    # What orbax 0.12.8 leaves when killed while saving step 10 (atomicity._get_tmp_directory): the step's
+    # "<step>.orbax-checkpoint-tmp" directory, its metadata written first, the item still half written.
+    ckpts = workdir / "checkpoints"
+    partial = ckpts / "10.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+    shutil.copytree(ckpts / "5" / "state" / "d", partial / "d")
+    shutil.copy(ckpts / "5" / "_CHECKPOINT_METADATA", partial.parent)
+    (partial / "manifest.ocdbt").write_bytes(b"\0" * 10)
+
+    mesh = make_mesh(cfg.mesh)
+    mngr = checkpoint.manager(str(workdir), cfg)
+    assert mngr.latest_step() == 5 and mngr.all_steps() == [5]
+    restored = checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx))
+    assert_same_values(restored, saved)
+    # The resumed run saves step 10 again, over the leftover.
+    assert checkpoint.save(mngr, 10, restored)
+    mngr.wait_until_finished()
+    mngr.close()
+    assert sorted(os.listdir(ckpts)) == ["10", "5"]
+    mngr = checkpoint.manager(str(workdir), cfg)
+    assert_same_values(checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx)), saved)
+    mngr.close()
