@@ -63,9 +63,21 @@ def attention_mask(q_segment_BT: jax.Array, kv_segment_BS: jax.Array, q_index_BT
     return (same & causal)[:, None]  # B1TS, broadcast over heads
 
 
-def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array) -> jax.Array:
-    """Grouped-query attention (N query heads share K key/value heads), scaled by 1/sqrt(H)."""
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array,
+              causal_block: int = 0) -> jax.Array:
+    """Grouped-query attention (N query heads share K key/value heads), scaled by 1/sqrt(H).
+
+    With causal_block > 0 (self-attention, causal mask), queries go in blocks that each see only the keys up
+    to the block's end, skipping the all-masked upper triangle: T=256 in blocks of 64 does 5/8 of the work.
+    """
+    T = q_BTNH.shape[1]
+    if not causal_block or causal_block >= T:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS)
+    ends = [*range(causal_block, T, causal_block), T]
+    return jnp.concatenate([
+        jax.nn.dot_product_attention(q_BTNH[:, start:end], k_BSKH[:, :end], v_BSKH[:, :end],
+                                     mask=mask_B1TS[:, :, start:end, :end])
+        for start, end in zip([0, *ends[:-1]], ends, strict=True)], axis=1)
 
 
 def swiglu(x_BTD: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.Array) -> jax.Array:

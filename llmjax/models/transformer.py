@@ -143,7 +143,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
         if cfg.pos == "rope":
             q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
-        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS)
+        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
         o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
         x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.use_bias else o_BTD), ("batch", "seq", "act_embed"))
         h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
