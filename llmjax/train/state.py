@@ -36,13 +36,14 @@ def shardings(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
 
+def _init(cfg, mesh: Mesh, tx: optax.GradientTransformation):
+    return jax.jit(partial(_create, cfg.model, tx), out_shardings=shardings(cfg, mesh, tx))
+
+
 def abstract(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     """Shapes, dtypes and shardings without allocating: the target for restoring a checkpoint."""
-    shapes = jax.eval_shape(partial(_create, cfg.model, tx), jax.random.key(0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings(cfg, mesh, tx))
+    return jax.eval_shape(_init(cfg, mesh, tx), jax.random.key(0))
 
 
 def create(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
-    init = jax.jit(partial(_create, cfg.model, tx), out_shardings=shardings(cfg, mesh, tx))
-    return init(jax.random.key(cfg.seed))
+    return _init(cfg, mesh, tx)(jax.random.key(cfg.seed))

@@ -82,7 +82,8 @@ def numpy_attention(q, k, v, segments):
     return out
 
 
-def test_attention_gqa_causal_segments():
+@pytest.mark.parametrize("causal_block", [0, 2, 4])  # one block; 3 blocks; uneven blocks (4 + 2)
+def test_attention_gqa_causal_segments(causal_block):
     B, T, N, K, H = 2, 6, 4, 2, 8
     q, k, v = randn(B, T, N, H), randn(B, T, K, H), randn(B, T, K, H)
     segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]], np.int32)
@@ -90,7 +91,7 @@ def test_attention_gqa_causal_segments():
 
     @jax.jit
     def attend(q, k, v, segments, index):
-        return layers.attention(q, k, v, layers.attention_mask(segments, segments, index, index))
+        return layers.attention(q, k, v, layers.attention_mask(segments, segments, index, index), causal_block)
 
     got = attend(q, k, v, segments, index)
     np.testing.assert_allclose(got, numpy_attention(q, k, v, segments), rtol=1e-4, atol=1e-5)
