@@ -58,7 +58,11 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.batch_size = 16        # global, across all devices and processes
     c.seq_len = 256
     c.model = model_config(model)
-    c.data = dict(source="synthetic", tasks="reverse,add,sort,copy,lookup", tokenizer="byte")
+    c.data = dict(
+        source="synthetic", tasks="reverse,add,sort,copy,lookup", tokenizer="byte",
+        format="text",  # text: documents as plain text | chat: (prompt, response) through the chat template
+    )
+    c.init_from = ""         # a workdir whose latest checkpoint's parameters start this run (fresh optimizer)
     c.optim = dict(
         lr=3e-3, warmup_steps=30, schedule="cosine",  # cosine | linear | constant (after warmup)
         min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
@@ -102,6 +106,7 @@ CHOICES = {
     "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
+    "data.format": ("text", "chat"),
 }
 
 
