@@ -119,9 +119,27 @@ REMAT = {
 }
 
 
+class Cache(NamedTuple):
+    """Keys and values of every layer for S slots, filled left to right; `index` slots are in use. A slot's
+    segment id 0 means empty or padding, which no query attends to."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg, batch: int, slots: int) -> Cache:
+    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
+                 jnp.zeros((), jnp.int32))
+
+
 def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-            cfg, constrain: Constrain = no_constrain) -> tuple[jax.Array, jax.Array]:
-    """Returns float32 logits_BTV and the final (normed) hidden states h_BTD.
+            cfg, constrain: Constrain = no_constrain, cache: Cache | None = None):
+    """Returns float32 logits_BTV and the final (normed) hidden states h_BTD, and the updated cache if one
+    was given (the tokens then fill slots index .. index+T and attend to everything cached before them).
 
     Tokens attend causally within their own segment, so documents packed in one row never see each other.
     """
@@ -131,19 +149,32 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     if cfg.pos == "learned":
         x_BTD = x_BTD + p["pos_embed"][positions_BT]
     x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
-    index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
+    B, T = tokens_BT.shape
+    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if cache is None:
+        mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT)
+    else:
+        kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
+        kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
+        mask_B1TS = layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT + cache.index, kv_index_BS)
     freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
                                    cfg.rope_high_freq_factor, cfg.rope_original_max_len)
 
-    def block(x_BTD, w):
+    def block(x_BTD, w_and_cache):
+        w, kv_cache = w_and_cache
         h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
         q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
         if cfg.use_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
         if cfg.pos == "rope":
             q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
-        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
+        if kv_cache is None:
+            o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
+        else:
+            kv_cache = tuple(constrain(jax.lax.dynamic_update_slice(c, new, (0, cache.index, 0, 0)),
+                                       ("batch", "seq", "kv_heads", "head_dim"))
+                             for c, new in zip(kv_cache, (k_BTKH, v_BTKH), strict=True))
+            o_BTNH = layers.attention(q_BTNH, *kv_cache, mask_B1TS)
         o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
         x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.use_bias else o_BTD), ("batch", "seq", "act_embed"))
         h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
@@ -152,12 +183,16 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         else:
             zero = jnp.zeros((), dtype)
             m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
-        return constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed")), None
+        return constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed")), kv_cache
 
     if REMAT[cfg.remat] is not None:
         block = jax.checkpoint(block, policy=REMAT[cfg.remat], prevent_cse=False)
-    x_BTD, _ = jax.lax.scan(block, x_BTD, p["layers"])
+    kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+    x_BTD, kv = jax.lax.scan(block, x_BTD, (p["layers"], kv))
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
     unembed_DV = p["embed"].T if cfg.tie_embeddings else p["unembed"]
-    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ("batch", "seq", "vocab")), h_BTD
+    logits_BTV = constrain(jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32),
+                           ("batch", "seq", "vocab"))
+    if cache is None:
+        return logits_BTV, h_BTD
+    return logits_BTV, h_BTD, Cache(*kv, kv_segment_BS, cache.index + T)

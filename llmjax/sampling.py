@@ -1,0 +1,95 @@
+"""Generation for a batch of prompts: one prefill over the left-padded prompts, then a jitted decode loop
+(`jax.lax.while_loop`) over a preallocated KV cache, greedy or temperature / top-k / top-p sampling, each row
+stopping at its own EOS.
+
+Returned log-probs are the model's own (log-softmax of the raw logits, before temperature and filtering):
+the numbers a teacher-forced forward pass gives for the same tokens, as PPO and DPO need.
+"""
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.models import transformer
+from llmjax.sharding import Constrain, no_constrain
+
+
+def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Logits of the sampling distribution: tempered, then all but the top k, and all beyond the smallest
+    set whose probability reaches top_p, set to -inf (the most likely token always stays)."""
+    logits = logits_BV / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+        before = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1) - jax.nn.softmax(sorted_BV, axis=-1)
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits_BV, key, temperature, top_k, top_p):
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.Array, key: jax.Array, cfg, *,
+             max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, constrain: Constrain = no_constrain) -> dict[str, jax.Array]:
+    """Continues left-padded prompts (row b's prompt fills its last lengths_B[b] slots).
+
+    Returns tokens_BN (pad after EOS), logprobs_BN (0 after EOS) and lengths_B (tokens up to and including
+    EOS). Jit it with the sampling settings static, e.g. through `sampler`.
+    """
+    B, P = prompts_BP.shape
+    slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])  # negative on padding
+    segment_BP = (slot_BP >= 0).astype(jnp.int32)
+    cache = transformer.init_cache(cfg, B, P + max_new_tokens)
+    logits_BPV, _, cache = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg,
+                                               constrain, cache)
+    out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+    init = (0, logits_BPV[:, -1], cache, jnp.zeros(B, bool), out_BN, jnp.zeros((B, max_new_tokens)), key)
+
+    def cond(carry):
+        i, _, _, done_B, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, logits_BV, cache, done_B, out_BN, logp_BN, key = carry
+        key, sub = jax.random.split(key)
+        token_B = jnp.where(done_B, pad_id, _choose(logits_BV, sub, temperature, top_k, top_p))
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
+        out_BN = out_BN.at[:, i].set(token_B)
+        logp_BN = logp_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+        done_B = done_B | (token_B == eos_id)
+        logits_B1V, _, cache = transformer.forward(params, token_B[:, None], (lengths_B + i)[:, None],
+                                                   (~done_B).astype(jnp.int32)[:, None], cfg, constrain, cache)
+        return i + 1, logits_B1V[:, 0], cache, done_B, out_BN, logp_BN, key
+
+    _, _, _, _, out_BN, logp_BN, _ = jax.lax.while_loop(cond, body, init)
+    ended = out_BN == eos_id
+    lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, max_new_tokens)
+    return {"tokens": out_BN, "logprobs": logp_BN, "lengths": lengths.astype(jnp.int32)}
+
+
+def sampler(cfg, *, max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+            top_p: float = 1.0, constrain: Constrain = no_constrain) -> Callable:
+    """generate, jitted once for these settings: fn(params, prompts_BP, lengths_B, key) -> dict."""
+    return jax.jit(partial(generate, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                           temperature=temperature, top_k=top_k, top_p=top_p, constrain=constrain))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (prompts_BP, lengths_B), padded on the left to a multiple of `multiple` (fewer shapes,
+    fewer compilations)."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = -(-max(lengths) // multiple) * multiple
+    out = np.full((len(prompts), width), pad_id, np.int32)
+    for row, p in zip(out, prompts, strict=True):
+        row[width - len(p):] = p
+    return out, lengths

@@ -1,0 +1,114 @@
+"""Generation: the KV cache changes nothing but speed, log-probs are the model's, filters hold, EOS stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from llmjax import optim, sampling, sharding
+from llmjax.models import transformer
+from llmjax.train import state
+
+PROMPTS = [[1, 50, 60, 70, 80, 90, 100], [1, 40], [1, 33, 44, 55, 66]]
+N_NEW = 12
+
+
+def setup(mesh_cfg, devices):
+    cfg = tiny_config()
+    cfg.mesh = mesh_cfg
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    params = state.create(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model))).params
+    return cfg, params, sharding.make_constrain(mesh, cfg.rules)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return setup(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def recompute_greedy(cfg, params, prompt, n):
+    """No cache: the whole sequence through the model for every new token."""
+    fwd = jax.jit(lambda p, t: transformer.forward(p, t, jnp.arange(t.shape[1])[None], jnp.ones_like(t), cfg.model)[0])
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(jnp.argmax(fwd(params, jnp.array([tokens]))[0, -1])))
+    return tokens[len(prompt):]
+
+
+def test_greedy_cache_equals_recompute(single):
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    for row, prompt in enumerate(PROMPTS):
+        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
+    np.testing.assert_array_equal(out["lengths"], N_NEW)
+
+
+def test_greedy_sharded_equals_single(single):
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS + [[1, 7, 8]])  # 4 rows: divisible by fsdp=4
+    ref = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    cfg_s, params_s, constrain = setup(dict(data=1, fsdp=4, tensor=2), jax.devices())
+    out = sampling.sampler(cfg_s.model, max_new_tokens=N_NEW, eos_id=-1, constrain=constrain)(
+        params_s, prompts, lengths, jax.random.key(0))
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=1e-5, atol=1e-6)
+
+
+def test_logprobs_equal_teacher_forcing(single):
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=1.0)(
+        params, prompts, lengths, jax.random.key(1))
+    for row, prompt in enumerate(PROMPTS):
+        seq = jnp.array([prompt + out["tokens"][row].tolist()])
+        logits = transformer.forward(params, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), cfg.model)[0]
+        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
+        want = jnp.take_along_axis(logp, seq[0, len(prompt):, None], axis=-1)[:, 0]
+        np.testing.assert_allclose(out["logprobs"][row], want, rtol=1e-4, atol=1e-5)
+
+
+def test_eos_stops_each_row(single):
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    greedy = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    eos = int(greedy["tokens"][0, 3])
+    first = [int(np.argmax(r == eos)) + 1 if (r == eos).any() else N_NEW for r in greedy["tokens"]]
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=eos, pad_id=0)(params, prompts, lengths,
+                                                                                 jax.random.key(0))
+    np.testing.assert_array_equal(out["lengths"], first)
+    for row, n in enumerate(first):
+        assert out["tokens"][row, :n].tolist() == greedy["tokens"][row, :n].tolist()
+        assert (out["tokens"][row, n:] == 0).all() and (out["logprobs"][row, n:] == 0).all()
+
+
+def test_top_k_one_is_greedy(single):
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    greedy = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    top1 = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=1.5, top_k=1)(
+        params, prompts, lengths, jax.random.key(5))
+    np.testing.assert_array_equal(top1["tokens"], greedy["tokens"])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (8, 0.3)])
+def test_filters_keep_only_allowed_tokens(top_k, top_p):
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
+    probs = np.asarray(jax.nn.softmax(logits / 0.7))
+    allowed = np.ones_like(probs, bool)
+    for b in range(4):
+        order = np.argsort(-probs[b])
+        if top_k:
+            allowed[b, order[top_k:]] = False
+        if top_p < 1:
+            p = probs[b] * allowed[b]
+            p = p / p.sum()
+            cum_before = np.cumsum(p[order]) - p[order]
+            allowed[b, order[cum_before >= top_p]] = False
+    keys = jax.random.split(jax.random.key(1), 2000)
+    filtered = sampling.filter_logits(logits, 0.7, top_k, top_p)
+    draws = np.asarray(jax.vmap(lambda k: jax.random.categorical(k, filtered))(keys))  # [2000, 4]
+    for b in range(4):
+        assert set(draws[:, b]) <= set(np.flatnonzero(allowed[b]))
+        assert np.argmax(probs[b]) in set(draws[:, b])
