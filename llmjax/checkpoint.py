@@ -9,9 +9,14 @@ import json
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
+from llmjax import optim
 from llmjax.config import ConfigError
+from llmjax.models import transformer
+from llmjax.train import state as state_lib
 
 
 def manager(workdir: str, cfg) -> ocp.CheckpointManager:
@@ -45,3 +50,31 @@ def claim_workdir(workdir: str, cfg) -> None:
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _param_shapes(model) -> tuple:
+    return model.param_dtype, jax.tree.map(lambda s: s.shape, transformer.specs(model), is_leaf=transformer.is_spec)
+
+
+def load_params(workdir: str, mesh: Mesh, model=None) -> transformer.Params:
+    """The parameters of the latest checkpoint in `workdir`, on `mesh` (sharded by that run's rules). With
+    `model`, first checks that its parameters have the same shapes as the run's."""
+    cfg = run_config(workdir)
+    if model is not None and _param_shapes(cfg.model) != _param_shapes(model):
+        raise ConfigError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
+                          f"config's {model.name!r}; start from a run of the same model")
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    if mngr.latest_step() is None:
+        raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
+    target = state_lib.abstract(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model)))
+    return restore(mngr, target).params

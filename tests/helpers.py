@@ -12,6 +12,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     cfg.optim.warmup_steps = 2
     cfg.checkpoint.every, cfg.log_every = 5, 5
     cfg.peak_flops = 1e12  # skip measuring the matmul rate
+    cfg.eval_every = 0     # evaluation compiles a sampler; the tests that want it turn it on
     for key, value in overrides.items():
         node = cfg
         *path, last = key.split(".")

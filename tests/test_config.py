@@ -118,7 +118,8 @@ def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
 
 def test_cli_good_run(tmp_path):
     args = [f"{PRETRAIN}:model=tiny,steps=3", "--config.batch_size=8", "--config.seq_len=32",
-            "--config.optim.warmup_steps=1", "--config.checkpoint.every=2", "--config.peak_flops=1e12"]
+            "--config.optim.warmup_steps=1", "--config.checkpoint.every=2", "--config.peak_flops=1e12",
+            "--config.eval_every=0"]
     p = cli(args, tmp_path)
     _, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr

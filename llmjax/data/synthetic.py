@@ -1,49 +1,94 @@
-"""Packed pretraining batches of the synthetic tasks.
+"""Packed training batches of the synthetic tasks, as plain text (pretraining) or chat (SFT).
 
 A row is a pure function of (seed, step, row index): training resumes exactly from a step number, and each
 process of a multi-process run builds only its own rows yet gets the very rows a single process would.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
+from llmjax.data import chat
 from llmjax.data import tasks as tasks_lib
-from llmjax.data.tokenizer import ByteTokenizer
+from llmjax.data.tokenizer import ByteTokenizer, get_tokenizer
+from llmjax.sharding import global_batch, process_rows
+
+Render = Callable[[ByteTokenizer, tasks_lib.Example], tuple[list[int], list[float]]]
+
+
+def _text(tokenizer: ByteTokenizer, example: tasks_lib.Example) -> tuple[list[int], list[float]]:
+    """Every token is a target except the bos, which nothing earlier in the row can predict."""
+    ids = tokenizer.encode(example.text, bos=True, eos=True)
+    return ids, [0.0] + [1.0] * (len(ids) - 1)
+
+
+def _chat(tokenizer: ByteTokenizer, example: tasks_lib.Example) -> tuple[list[int], list[float]]:
+    return chat.render(tokenizer, example.prompt, example.answer)
+
+
+FORMATS: dict[str, Render] = {"text": _text, "chat": _chat}
 
 
 def _pack_row(
-    rng: np.random.Generator, length: int, tasks: Sequence[str], tokenizer: ByteTokenizer
-) -> tuple[list[int], np.ndarray, np.ndarray]:
+    rng: np.random.Generator, length: int, tasks: Sequence[str], tokenizer: ByteTokenizer, render: Render
+) -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
     """Concatenates whole documents until `length` tokens are filled, truncating the last one."""
     tokens: list[int] = []
+    weights: list[float] = []
     lengths: list[int] = []
     while len(tokens) < length:
-        doc = tokenizer.encode(tasks_lib.sample(rng, tasks).text, bos=True, eos=True)
-        tokens += doc
-        lengths.append(len(doc))
+        ids, w = render(tokenizer, tasks_lib.sample(rng, tasks))
+        tokens += ids
+        weights += w
+        lengths.append(len(ids))
     segment_ids = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     positions = np.arange(len(tokens)) - starts
-    return tokens[:length], segment_ids[:length], positions[:length]
+    return tokens[:length], weights[:length], segment_ids[:length], positions[:length]
 
 
 def make_batch(
-    *, seed: int, step: int, rows: range, seq_len: int, tasks: Sequence[str], tokenizer: ByteTokenizer
+    *, seed: int, step: int, rows: range, seq_len: int, tasks: Sequence[str], tokenizer: ByteTokenizer,
+    format: str = "text",
 ) -> dict[str, np.ndarray]:
-    """Rows `rows` of the global batch for `step`, each seq_len tokens of packed bos/eos-delimited documents.
+    """Rows `rows` of the global batch for `step`, each seq_len tokens of packed bos-led documents.
 
-    `segment_ids` (from 1; 0 is left for padding) and `positions` describe the input tokens, and
-    `loss_mask` is 0 where the target starts a new document, as it cannot be predicted from the previous one.
+    `format` is "text" (whole examples as documents) or "chat" (prompt and answer through the chat template).
+    `segment_ids` (from 1; 0 is left for padding) and `positions` describe the input tokens. `loss_mask` is
+    each target's weight from its document's rendering: a document's first token (bos) always weighs 0, so a
+    masked-in target always belongs to the same document as its input, and no target is shifted or lost.
     """
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; valid choices: {sorted(FORMATS)}")
     tokens, segment_ids, positions = (np.empty((len(rows), seq_len + 1), np.int32) for _ in range(3))
+    weights = np.empty((len(rows), seq_len + 1), np.float32)
     for i, r in enumerate(rows):
         rng = np.random.default_rng([seed, step, r])
-        tokens[i], segment_ids[i], positions[i] = _pack_row(rng, seq_len + 1, tasks, tokenizer)
+        tokens[i], weights[i], segment_ids[i], positions[i] = _pack_row(
+            rng, seq_len + 1, tasks, tokenizer, FORMATS[format])
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": segment_ids[:, :-1],
         "positions": positions[:, :-1],
-        "loss_mask": (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(np.float32),
+        "loss_mask": weights[:, 1:],
     }
+
+
+def batches(cfg, sharding: NamedSharding, seed: int | None = None,
+            format: str | None = None) -> Callable[[int], dict[str, jax.Array]]:
+    """step -> the global batch of cfg's corpus as jax.Arrays; each process generates only the rows its
+    devices hold. `seed` and `format` default to cfg's (evaluation passes a held-out seed)."""
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    names = cfg.data.tasks.split(",")
+    rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
+    seed = cfg.seed if seed is None else seed
+
+    def get(step: int) -> dict[str, jax.Array]:
+        local = make_batch(seed=seed, step=step, rows=rows, seq_len=cfg.seq_len, tasks=names, tokenizer=tokenizer,
+                           format=format or cfg.data.format)
+        return global_batch(local, sharding, cfg.batch_size)
+
+    return get

@@ -60,6 +60,7 @@ class Task(NamedTuple):
     batches: Callable[[int], dict]
     batch_sharding: NamedSharding
     flops_per_token: float
+    evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """The step compiled once with the state's shardings, the state donated."""
@@ -68,10 +69,15 @@ class Task(NamedTuple):
 
 
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
-    """Trains from the latest checkpoint in `workdir` (or from scratch) to cfg.steps."""
+    """Trains to cfg.steps from the latest checkpoint in `workdir`, else from the parameters of the run in
+    cfg.init_from, else from scratch."""
     checkpoint.claim_workdir(workdir, cfg)
     mngr = checkpoint.manager(workdir, cfg)
-    if mngr.latest_step() is None:
+    if mngr.latest_step() is None and cfg.init_from:
+        params = checkpoint.load_params(cfg.init_from, task.mesh, cfg.model)
+        state = state_lib.from_params(cfg, task.mesh, task.tx, params)
+        log.info("starting from the parameters of %s", cfg.init_from)
+    elif mngr.latest_step() is None:
         state = state_lib.create(cfg, task.mesh, task.tx)
     else:
         state = checkpoint.restore(mngr, state_lib.abstract(cfg, task.mesh, task.tx))
@@ -109,6 +115,11 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})
                 log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
                 pending, t_last = [], now
+            if task.evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                row = {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
+                writer.write(done, row)
+                log.info("eval at step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                t_last = time.perf_counter()  # evaluation time is not training time
         if mngr.latest_step() != int(state.step):
             checkpoint.save(mngr, int(state.step), state)
         mngr.wait_until_finished()

@@ -5,13 +5,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
 
 from llmjax import losses, metrics, optim
 from llmjax.data import synthetic
-from llmjax.data.tokenizer import get_tokenizer
+from llmjax.evaluate import make_evaluator
 from llmjax.models import transformer
-from llmjax.sharding import Constrain, batch_sharding, global_batch, make_constrain, make_mesh, process_rows
+from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
 from llmjax.train import loop
 from llmjax.train.state import TrainState
 
@@ -61,29 +60,17 @@ def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule,
     return step
 
 
-def synthetic_batches(cfg, sharding: NamedSharding) -> Callable[[int], Batch]:
-    """Batch `step` of the built-in corpus; each process generates only the rows its devices hold."""
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    task_names = cfg.data.tasks.split(",")
-    rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
-
-    def get(step: int) -> Batch:
-        local = synthetic.make_batch(seed=cfg.seed, step=step, rows=rows, seq_len=cfg.seq_len,
-                                     tasks=task_names, tokenizer=tokenizer)
-        return global_batch(local, sharding, cfg.batch_size)
-
-    return get
-
-
 def task(cfg) -> loop.Task:
     mesh = make_mesh(cfg.mesh)
     tx = optim.make(cfg, transformer.specs(cfg.model))
-    step = make_step(cfg, tx, optim.schedule(cfg), make_constrain(mesh, cfg.rules))
     sharding = batch_sharding(mesh, cfg.rules)
     m = cfg.model
     fpt = metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len,
                                   m.n_heads * m.head_dim)
-    return loop.Task(mesh, tx, step, synthetic_batches(cfg, sharding), sharding, fpt)
+    constrain = make_constrain(mesh, cfg.rules)
+    step = make_step(cfg, tx, optim.schedule(cfg), constrain)
+    evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
+    return loop.Task(mesh, tx, step, synthetic.batches(cfg, sharding), sharding, fpt, evaluate)
 
 
 def train(cfg, workdir: str) -> TrainState:

@@ -47,3 +47,10 @@ def abstract(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
 
 def create(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     return _init(cfg, mesh, tx)(jax.random.key(cfg.seed))
+
+
+def from_params(cfg, mesh: Mesh, tx: optax.GradientTransformation, params: transformer.Params) -> TrainState:
+    """Step 0 with given parameters (fine-tuning from another run) and a fresh optimizer state."""
+    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                    out_shardings=shardings(cfg, mesh, tx))
+    return fresh(params)

@@ -13,6 +13,7 @@ import pytest
 from helpers import tiny_config
 
 from llmjax import optim, sharding
+from llmjax.data import synthetic
 from llmjax.models import transformer
 from llmjax.train import pretrain, state
 
@@ -30,7 +31,7 @@ def loss_and_grads(cfg, devices):
     tx = optim.make(cfg, transformer.specs(cfg.model))
     params = state.create(cfg, mesh, tx).params
     batch_sh = sharding.batch_sharding(mesh, cfg.rules)
-    batch = pretrain.synthetic_batches(cfg, batch_sh)(0)
+    batch = synthetic.batches(cfg, batch_sh)(0)
     constrain = sharding.make_constrain(mesh, cfg.rules)
     fn = jax.jit(lambda p, b: pretrain.grads(p, b, cfg, constrain))
     return jax.device_get(fn(params, batch))
@@ -69,11 +70,11 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     pretrain.train(cfg, straight)
 
     def preempt_after_10(cfg, sharding):
-        get = synthetic_batches(cfg, sharding)
+        get = batches(cfg, sharding)
         return lambda step: (step == 9 and os.kill(os.getpid(), signal.SIGTERM)) or get(step)
 
-    synthetic_batches = pretrain.synthetic_batches
-    monkeypatch.setattr(pretrain, "synthetic_batches", preempt_after_10)
+    batches = synthetic.batches
+    monkeypatch.setattr(synthetic, "batches", preempt_after_10)
     pretrain.train(cfg, split)
     assert sorted(os.listdir(os.path.join(split, "checkpoints")), key=int) == ["5", "10"]
     monkeypatch.undo()
