@@ -1,5 +1,6 @@
-"""Benchmarks that write JSON: python -m llmjax.bench train --config=configs/pretrain.py[:model=small]
-[--steps=20] [--out=bench_train.json].
+"""Benchmarks that write JSON:
+  python -m llmjax.bench train --config=configs/pretrain.py[:model=small] [--steps=16] [--out=bench_train.json]
+  python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
 matmul rate (JAX's, and NumPy's BLAS on the host), so numbers compare across machines and runs.
@@ -9,12 +10,14 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import metrics
+from llmjax import metrics, sampling
 from llmjax.config import run_main, validate
 from llmjax.models import transformer
 from llmjax.train import pretrain, state
@@ -70,7 +73,44 @@ def bench_train(cfg) -> dict:
     return out
 
 
-BENCHES = {"train": bench_train}
+def _timed(fn, *args) -> tuple[float, object]:
+    """Seconds of a second call (the first compiles), and its result."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t, out
+
+
+def bench_generate(cfg, prompts: int = 8, prompt_len: int = 16, new: int = 256) -> dict:
+    """Greedy decoding of `new` tokens for a batch of prompts: with the KV cache (prefill, then one token per
+    step) against recomputing the whole sequence for every token. Both must produce the same tokens."""
+    m = cfg.model
+    params = jax.jit(partial(transformer.init, m))(jax.random.key(0))
+    tokens_BP = jax.random.randint(jax.random.key(1), (prompts, prompt_len), 6, m.vocab_size)
+    lengths_B = jnp.full((prompts,), prompt_len, jnp.int32)
+    cached = sampling.sampler(m, max_new_tokens=new, eos_id=-1)
+
+    @jax.jit
+    def recompute(params, tokens_BP):
+        L = prompt_len + new
+        buf_BL = jnp.zeros((prompts, L), jnp.int32).at[:, :prompt_len].set(tokens_BP)
+        positions_BL = jnp.broadcast_to(jnp.arange(L), (prompts, L))
+
+        def body(i, buf_BL):  # causal attention: slots after i are never seen
+            logits_BLV = transformer.forward(params, buf_BL, positions_BL, jnp.ones_like(buf_BL), m)[0]
+            return buf_BL.at[:, prompt_len + i].set(jnp.argmax(logits_BLV[:, prompt_len + i - 1], axis=-1))
+
+        return jax.lax.fori_loop(0, new, body, buf_BL)[:, prompt_len:]
+
+    cache_s, out = _timed(cached, params, tokens_BP, lengths_B, jax.random.key(0))
+    recompute_s, ref = _timed(recompute, params, tokens_BP)
+    return {"model": m.name, "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new,
+            "same_tokens": bool((out["tokens"] == ref).all()),
+            "cache_tokens_per_s": prompts * new / cache_s, "recompute_tokens_per_s": prompts * new / recompute_s,
+            "speedup": recompute_s / cache_s}
+
+
+BENCHES = {"train": bench_train, "generate": bench_generate}
 
 
 def main(argv: list[str]) -> None:
