@@ -36,6 +36,7 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     names = cfg.data.tasks.split(",")
     get = synthetic.batches(cfg, batch_sharding(mesh, cfg.rules), seed=cfg.seed + HELD_OUT, format=fmt)
     eval_batches = [get(i) for i in range(batches)]
+
     def summed_ce(params, b):
         logits = transformer.forward(params, b["inputs"], b["positions"], b["segment_ids"], cfg.model, constrain)[0]
         return losses.cross_entropy(logits, b["targets"], b["loss_mask"], normalizer=1.0)[0]

@@ -60,7 +60,7 @@ def test_grad_accumulation_equals_one_batch(reference):
 
 def losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+        return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
@@ -90,3 +90,6 @@ def test_default_run_learns(tmp_path):
                     f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     loss = losses(str(tmp_path))
     assert loss[100] < 0.5 * loss[1], loss
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [row for row in map(json.loads, f) if "eval/perplexity" in row]
+    assert [row["step"] for row in evals] == [100] and 0 <= evals[0]["eval/accuracy"] <= 1
