@@ -24,11 +24,11 @@ log = logging.getLogger("llmjax")
 
 
 def peak_flops(cfg) -> float:
-    """Whole-job peak FLOP/s for MFU: cfg.peak_flops per device, else this machine's measured float32 matmul
-    rate (on the CPU, fake devices share the cores, so the rate counts once per process)."""
+    """Whole-job peak FLOP/s for MFU: cfg.peak_flops per device, else this machine's measured matmul rate in
+    the compute dtype (on the CPU, fake devices share the cores, so the rate counts once per process)."""
     if cfg.peak_flops:
         return cfg.peak_flops * jax.device_count()
-    rate = metrics.matmul_flops_per_s("jax", n=1024, seconds=0.3)
+    rate = metrics.matmul_flops_per_s("jax", n=2048, seconds=0.5, dtype=cfg.model.compute_dtype)
     return rate * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
 
 
