@@ -1,5 +1,8 @@
 """Small configs and runners shared by the tests."""
 
+import json
+import os
+
 import ml_collections
 
 from llmjax import config
@@ -20,3 +23,13 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
             node = node[part]
         node[last] = value
     return cfg
+
+
+def metric_rows(workdir) -> list[dict]:
+    """The rows a run wrote to metrics.jsonl (training rows carry "loss", evaluation rows "eval/...")."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metric_rows(workdir) if "loss" in row}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import tiny_config
+from helpers import metric_rows, tiny_config
 
 from configs import pretrain as pretrain_config
 from llmjax import config
@@ -126,8 +126,7 @@ def test_cli_good_run(tmp_path):
     with open(tmp_path / "config.json") as f:
         saved = json.load(f)
     assert saved["model"]["name"] == "tiny" and saved["steps"] == 3 and saved["optim"]["warmup_steps"] == 1
-    with open(tmp_path / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+    rows = metric_rows(tmp_path)
     assert rows[-1]["step"] == 3 and all(row["loss"] > 0 for row in rows)
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     assert {"2", "3"} <= set(os.listdir(tmp_path / "checkpoints"))

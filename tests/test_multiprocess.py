@@ -1,13 +1,13 @@
 """Two JAX processes of 4 CPU devices each (JAX's multi-process runtime, gloo collectives) train exactly
 like one process of 8 devices: each process loads only its rows of the batch, the losses agree."""
 
-import json
 import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
+from helpers import losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/pretrain.py:model=tiny,steps=3", "--config.batch_size=8", "--config.seq_len=32",
@@ -20,11 +20,6 @@ def launch(workdir, devices, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [row["loss"] for row in map(json.loads, f)]
-
-
 def test_two_processes_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -35,5 +30,7 @@ def test_two_processes_equal_one(tmp_path):
     for p in [*multi, single]:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
-    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5)
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    np.testing.assert_allclose(list(multi.values()), list(single.values()), rtol=1e-5)
     assert os.listdir(tmp_path / "multi" / "checkpoints") == ["3"]

@@ -1,7 +1,6 @@
 """The pretraining step: sharded equals unsharded, accumulation equals one big batch, resume is exact, and
 the default run learns."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import losses, metric_rows, tiny_config
 
 from llmjax import optim, sharding
 from llmjax.data import synthetic
@@ -58,11 +57,6 @@ def test_grad_accumulation_equals_one_batch(reference):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, reference[2])
 
 
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
-
-
 def test_resume_is_exact(tmp_path, monkeypatch):
     """20 steps straight == 10 steps, a SIGTERM (preemption: save and stop), then resume to 20."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -90,6 +84,5 @@ def test_default_run_learns(tmp_path):
                     f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     loss = losses(str(tmp_path))
     assert loss[100] < 0.5 * loss[1], loss
-    with open(tmp_path / "metrics.jsonl") as f:
-        evals = [row for row in map(json.loads, f) if "eval/perplexity" in row]
+    evals = [row for row in metric_rows(tmp_path) if "eval/perplexity" in row]
     assert [row["step"] for row in evals] == [100] and 0 <= evals[0]["eval/accuracy"] <= 1

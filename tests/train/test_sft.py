@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import metric_rows, tiny_config
 
 from llmjax import sharding
 from llmjax.evaluate import make_evaluator
@@ -47,8 +47,7 @@ def sft_run(tmp_path_factory):
     task = pretrain.task(cfg)
     before = make_evaluator(cfg, task.mesh, n=32)(state.create(cfg, task.mesh, task.tx).params)
     pretrain.train(cfg, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        after = [row for row in map(json.loads, f) if "eval/accuracy" in row][-1]
+    after = [row for row in metric_rows(workdir) if "eval/accuracy" in row][-1]
     return workdir, before, after
 
 
