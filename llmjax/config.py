@@ -15,6 +15,7 @@ import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 
+from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import presets
 
 
@@ -128,6 +129,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                 "max_seq_len"):
         if m[key] <= 0:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
+    try:
+        vocab = get_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if vocab > m.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                          f"{m.vocab_size}; set --config.model.vocab_size={vocab} (or more)")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
                           "grouped-query attention needs whole groups")

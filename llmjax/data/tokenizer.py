@@ -1,12 +1,37 @@
-"""Tokenizers: a byte-level one that needs no training or files, so every stage runs out of the box."""
+"""Tokenizers: a byte-level one that needs no training or files, so every stage runs out of the box, and
+sentencepiece models (BPE or unigram) trained here with the same special tokens at the same ids.
 
-from collections.abc import Sequence
+    python -m llmjax.data.tokenizer train --input=docs/,more.jsonl --vocab_size=8000 --model_type=bpe --out=tok.model
+    python -m llmjax.data.tokenizer train --input=synthetic --vocab_size=1000 --out=tok.model
+"""
+
+import io
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+
+from llmjax.data import tasks
 
 # Specials come first so their ids never depend on the byte table; the chat markers are reserved for SFT.
 SPECIAL_TOKENS = ("pad", "bos", "eos", "<|user|>", "<|assistant|>", "<|end|>")
 _OFFSET = len(SPECIAL_TOKENS)
+_MARKERS = SPECIAL_TOKENS[3:]
+_TRAIN_HINT = "python -m llmjax.data.tokenizer train --input=... --out=tok.model"
+
+
+def _check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids
 
 
 class ByteTokenizer:
@@ -27,20 +52,161 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Drops special tokens, so a generated sequence decodes to its text alone."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 1:
-            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        ids = _check_ids(ids, self.vocab_size)
         data = (ids[ids >= _OFFSET] - _OFFSET).astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
 
 
-_TOKENIZERS = {"byte": ByteTokenizer}
+class SentencePieceTokenizer:
+    """A sentencepiece .model behind ByteTokenizer's interface.
+
+    Any model loads if it has pad, bos and eos ids and the chat markers as pieces (control or user-defined
+    symbols), because the chat template and the samplers need them; `train` makes such models.
+    """
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model {path!r} does not exist; train one with {_TRAIN_HINT}")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except RuntimeError as e:
+            raise ValueError(f"tokenizer model {path!r} is not a sentencepiece model ({e})") from None
+        ids = {"pad": self._sp.pad_id(), "bos": self._sp.bos_id(), "eos": self._sp.eos_id()}
+        ids |= {marker: self._sp.piece_to_id(marker) for marker in _MARKERS}  # an unknown piece maps to unk
+        missing = [token for token, i in ids.items() if i < 0 or i == self._sp.unk_id()]
+        if missing:
+            raise ValueError(f"tokenizer model {path!r} lacks the special tokens {missing}; retrain it with "
+                             f"{_TRAIN_HINT}, which adds pad/bos/eos and the chat markers")
+        self._special_ids = ids
+        self._specials = np.array(list(ids.values()))
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.vocab_size = self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self._special_ids)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self._sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Drops special tokens, so a generated sequence decodes to its text alone."""
+        ids = _check_ids(ids, self.vocab_size)
+        return self._sp.decode(ids[~np.isin(ids, self._specials)].tolist())
 
 
-def get_tokenizer(name: str) -> ByteTokenizer:
-    """Builds a tokenizer from its config name."""
-    if name not in _TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; valid choices: {sorted(_TOKENIZERS)}")
-    return _TOKENIZERS[name]()
+Tokenizer = ByteTokenizer | SentencePieceTokenizer
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """Builds a tokenizer from its config name: "byte", or the path of a sentencepiece .model file."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name.endswith(".model"):
+        return SentencePieceTokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r}; valid choices: 'byte' or the path of a sentencepiece .model file")
+
+
+def _files(inputs: Sequence[str]) -> list[Path]:
+    """Named files whatever their suffix; in directories, every .txt and .jsonl file below them."""
+    files = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"tokenizer training input {str(path)!r} does not exist")
+    if not files:
+        raise ValueError(f"no .txt or .jsonl files in {list(inputs)}")
+    return files
+
+
+def _lines(inputs: Sequence[str]) -> Iterator[str]:
+    """The inputs' non-empty lines: sentencepiece trains on lines, so a .jsonl document's "text" is split too."""
+    for path in _files(inputs):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if path.suffix != ".jsonl":
+                    if line := line.rstrip("\r\n"):
+                        yield line
+                elif line.strip():
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError:
+                        doc = None
+                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                        raise ValueError(f"{path}:{n}: a .jsonl line must be an object with a string \"text\" field")
+                    yield from filter(None, doc["text"].splitlines())
+
+
+def train(inputs: Sequence[str], vocab_size: int, model_type: str, out: str) -> str:
+    """Trains a sentencepiece model on the text of `inputs` (files or directories of .txt and .jsonl files
+    with a "text" field) and writes it to `out`, a .model path; returns `out`.
+
+    The ids match ByteTokenizer's: pad=0, bos=1, eos=2 and the chat markers 3..5 (control symbols, so text
+    that spells "<|end|>" never encodes to the marker, as with bytes); unk is 6. Byte fallback makes every
+    string encodable, and identity normalization with whitespace kept as is makes decode(encode(s)) == s.
+    Digits are split so arithmetic sees one token per digit.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type={model_type!r} is not one of ('bpe', 'unigram')")
+    if not out.endswith(".model"):
+        raise ValueError(f"out={out!r} must end in .model, the suffix get_tokenizer loads")
+    model = io.BytesIO()
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(inputs), model_writer=model, logstream=quiet,
+            vocab_size=vocab_size, model_type=model_type, pad_id=0, bos_id=1, eos_id=2, unk_id=len(SPECIAL_TOKENS),
+            control_symbols=list(_MARKERS),  # sentencepiece fills the free ids 3, 4, 5 in this order
+            byte_fallback=True, character_coverage=0.9995, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            input_sentence_size=5_000_000, shuffle_input_sentence=True,  # a sample bounds memory on big corpora
+        )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_bytes(model.getvalue())
+    return out
+
+
+def write_synthetic_corpus(path: str, n: int = 100_000, seed: int = 0) -> str:
+    """Writes n synthetic task documents, one per line, so a tokenizer can be trained without external data."""
+    rng = np.random.default_rng(seed)
+    names = list(tasks.TASKS)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(tasks.sample(rng, names).text + "\n" for _ in range(n))
+    return path
+
+
+def _train_cli(inputs: str, vocab_size: int, model_type: str, out: str) -> str:
+    """Trains from the CLI's comma-separated --input (or the synthetic corpus) and returns a summary line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [p for p in inputs.split(",") if p]
+        if inputs == "synthetic":
+            paths = [write_synthetic_corpus(os.path.join(tmp, "synthetic.txt"))]
+        tok = SentencePieceTokenizer(train(paths, vocab_size, model_type, out))
+        sample = list(itertools.islice(_lines(paths), 10_000))
+    per_char = sum(len(tok.encode(line)) for line in sample) / max(1, sum(map(len, sample)))
+    return f"wrote {out}: vocab size {tok.vocab_size}, {per_char:.3f} tokens per character on {len(sample)} input lines"
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from llmjax.config import ConfigError, run_main
+
+    _INPUT = flags.DEFINE_string("input", None, "comma-separated files or directories (.txt, .jsonl with a 'text' "
+                                 "field), or 'synthetic' for the built-in task corpus", required=True)
+    _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "pieces in the model, specials and 256 bytes included")
+    _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "sentencepiece algorithm")
+    _OUT = flags.DEFINE_string("out", None, "where to write the .model file", required=True)
+
+    def main(argv: list[str]) -> None:
+        if argv[1:] != ["train"]:
+            raise ConfigError(f"expected the command 'train', got {argv[1:]}; run {_TRAIN_HINT}")
+        try:
+            print(_train_cli(_INPUT.value, _VOCAB_SIZE.value, _MODEL_TYPE.value, _OUT.value))
+        except (OSError, ValueError, RuntimeError) as e:
+            # Bad inputs and sentencepiece's complaints; errors raised while it reads lines carry a traceback below.
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+    run_main(main)
