@@ -39,14 +39,14 @@ def bench_train(cfg) -> dict:
     step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
     batches = [task.batches(i) for i in range(_STEPS.value)]
     t = time.perf_counter()
-    train_state, m = step(train_state, batches[0])
+    train_state, m = step(train_state, batches[0], *task.frozen)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     dtype, on_cpu = cfg.model.compute_dtype, jax.default_backend() == "cpu"
     times, jax_rates, np_rates = [], [], []
     for i, batch in enumerate(batches):
         t = time.perf_counter()
-        train_state, m = step(train_state, batch)
+        train_state, m = step(train_state, batch, *task.frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
         if i % 3 == 2:

@@ -16,6 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.losses import DPO_LOSSES
 from llmjax.models import presets
 
 
@@ -158,6 +159,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
         raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
                           "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
+    if "dpo" in cfg:
+        if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
+            raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
+                              f"{DPO_LOSSES} and a reference from ('live', 'precomputed')")
+        if not cfg.init_from:
+            raise ConfigError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:

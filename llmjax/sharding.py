@@ -67,8 +67,8 @@ def make_constrain(mesh: Mesh, rules: Mapping[str, str]) -> Constrain:
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, str]) -> NamedSharding:
-    """Rows of a [batch, seq] array split over the data-parallel axes."""
-    return named(("batch", "seq"), rules, mesh)
+    """Rows of any [batch, ...] array split over the data-parallel axes (one sharding for a whole batch tree)."""
+    return named(("batch",), rules, mesh)
 
 
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> range:

@@ -80,5 +80,5 @@ def test_spec_replicates_indivisible_dims(cfg, mesh):
 
 def test_batch_spec_and_process_rows(cfg, mesh):
     batch = sharding.batch_sharding(mesh, cfg.rules)
-    assert batch.spec == P(("data", "fsdp"), None)
+    assert batch.spec == P(("data", "fsdp"))
     assert sharding.process_rows(batch, (8, 64)) == range(0, 8)

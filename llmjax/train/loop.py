@@ -32,6 +32,12 @@ def peak_flops(cfg) -> float:
     return rate * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
 
 
+def tokens_in(batch: dict) -> int:
+    """Input tokens of a batch: every `inputs` array in it (a preference batch holds two per pair)."""
+    return sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(batch)
+               if getattr(path[-1], "key", None) == "inputs")
+
+
 class _Preemption:
     """SIGTERM on a single process, or the multi-host preemption sync point, asks the loop to save and stop."""
 
@@ -61,11 +67,13 @@ class Task(NamedTuple):
     batch_sharding: NamedSharding
     flops_per_token: float
     evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
+    frozen: tuple = ()  # extra step arguments that never change, e.g. a frozen reference model's parameters
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
-        """The step compiled once with the state's shardings, the state donated."""
-        return jax.jit(self.step, in_shardings=(state_sh, self.batch_sharding), out_shardings=(state_sh, None),
-                       donate_argnums=0)
+        """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
+        return jax.jit(self.step, in_shardings=(state_sh, self.batch_sharding, *frozen_sh),
+                       out_shardings=(state_sh, None), donate_argnums=0)
 
 
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
@@ -85,7 +93,6 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     preempted = _Preemption(mngr)
     pending, t_last = [], time.perf_counter()
     writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -96,7 +103,8 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
             if preempted(step):
                 log.warning("preempted at step %d: saving and stopping", step)
                 break
-            state, m = step_fn(state, task.batches(step))
+            batch = task.batches(step)
+            state, m = step_fn(state, batch, *task.frozen)
             pending.append(m)
             done = step + 1
             if done % cfg.checkpoint.every == 0:
@@ -109,7 +117,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 if done == start + 1:  # the first step includes compilation
                     row["compile_s"] = now - t_last
                 else:
-                    row["tokens_per_s"] = tokens_per_step * len(pending) / (now - t_last)
+                    row["tokens_per_s"] = tokens_in(batch) * len(pending) / (now - t_last)
                     row["mfu"] = metrics.mfu(row["tokens_per_s"], task.flops_per_token, peak)
                 writer.write(done, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})

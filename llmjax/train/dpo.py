@@ -1,0 +1,121 @@
+"""DPO and its relatives: the policy learns from preference pairs, kept near a frozen reference.
+
+The policy starts from an SFT checkpoint (cfg.init_from) and the reference is the same checkpoint. Reference
+log-probs come either live (the reference is a frozen argument of every step) or precomputed once in a pass
+over the run's batches and stored in the workdir, so the reference need not stay in memory or be run again.
+"""
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from llmjax import checkpoint, losses, metrics, optim
+from llmjax.data import preference
+from llmjax.evaluate import make_evaluator
+from llmjax.models import transformer
+from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, process_rows
+from llmjax.train import loop
+from llmjax.train.pretrain import Batch
+from llmjax.train.state import TrainState
+
+
+def sequence_logps(params, rows: Batch, cfg, constrain: Constrain, segments: int = 1) -> jax.Array:
+    """Sum of response-token log-probs per row ([B]), or per segment of packed rows ([segments, B])."""
+    logits = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
+                                 constrain)[0]
+    logp_BT = losses.sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
+    if segments == 1:
+        return jnp.sum(logp_BT, axis=-1)
+    return jnp.stack([jnp.sum(logp_BT * (rows["segment_ids"] == s), axis=-1) for s in range(1, segments + 1)])
+
+
+def pair_logps(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array]:
+    """(chosen_B, rejected_B) sequence log-probs, from two rows per pair or one packed row."""
+    if "packed" in batch:
+        chosen, rejected = sequence_logps(params, batch["packed"], cfg, constrain, segments=2)
+        return chosen, rejected
+    return tuple(sequence_logps(params, batch[k], cfg, constrain) for k in ("chosen", "rejected"))
+
+
+def response_lengths(batch: dict) -> tuple[jax.Array, jax.Array]:
+    if "packed" in batch:
+        rows = batch["packed"]
+        return tuple(jnp.sum(rows["loss_mask"] * (rows["segment_ids"] == s), axis=-1) for s in (1, 2))
+    return tuple(jnp.sum(batch[k]["loss_mask"], axis=-1) for k in ("chosen", "rejected"))
+
+
+def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> tuple[jax.Array, dict]:
+    policy_chosen, policy_rejected = pair_logps(params, batch, cfg, constrain)
+    if reference is None:
+        ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
+    else:
+        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_logps(reference, batch, cfg, constrain))
+    chosen_len, rejected_len = response_lengths(batch)
+    d = cfg.dpo
+    loss, aux = losses.dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind=d.loss, beta=d.beta,
+                           label_smoothing=d.label_smoothing, chosen_len_B=chosen_len,
+                           rejected_len_B=rejected_len, simpo_gamma=d.simpo_gamma)
+    return loss, aux | {"logp_chosen": jnp.mean(policy_chosen), "logp_rejected": jnp.mean(policy_rejected)}
+
+
+def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule, constrain: Constrain) -> Callable:
+    """step(state, batch[, reference_params]) -> (state, metrics)."""
+    def step(state: TrainState, batch: dict, reference=None) -> tuple[TrainState, dict]:
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg, constrain, reference)
+        updates, opt_state = tx.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics_ = {"loss": loss, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics_
+
+    return step
+
+
+def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict], sharding,
+                         constrain: Constrain) -> Callable[[int], dict]:
+    """Reference log-probs of every batch of the run, computed once into workdir/reference_logps.npz; returns
+    the batches with them attached as ref_chosen / ref_rejected."""
+    path = os.path.join(workdir, "reference_logps.npz")
+    if not os.path.exists(path):
+        fn = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain))
+        logps = [multihost_utils.process_allgather(fn(reference, get(s)), tiled=True) for s in range(cfg.steps)]
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            np.savez(path + ".tmp.npz", ref_chosen=np.stack([c for c, _ in logps]),
+                     ref_rejected=np.stack([r for _, r in logps]))
+            os.replace(path + ".tmp.npz", path)  # never a half-written file under the real name
+        multihost_utils.sync_global_devices("reference_logps")
+    stored = dict(np.load(path))
+    rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
+
+    def with_reference(step: int) -> dict:
+        return get(step) | {k: jax.make_array_from_process_local_data(sharding, v[step][rows.start:rows.stop],
+                                                                      (cfg.batch_size,)) for k, v in stored.items()}
+
+    return with_reference
+
+
+def task(cfg, workdir: str) -> loop.Task:
+    mesh = make_mesh(cfg.mesh)
+    tx = optim.make(cfg, transformer.specs(cfg.model))
+    constrain = make_constrain(mesh, cfg.rules)
+    sharding = batch_sharding(mesh, cfg.rules)
+    get = preference.batches(cfg, sharding, packed=cfg.dpo.packed)
+    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model)
+    if cfg.dpo.reference == "precomputed":
+        batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()
+    else:
+        batches, frozen = get, (reference,)
+    m = cfg.model
+    fpt = metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
+    evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
+    step = make_step(cfg, tx, optim.schedule(cfg), constrain)
+    return loop.Task(mesh, tx, step, batches, sharding, fpt, evaluate, frozen)
+
+
+def train(cfg, workdir: str) -> TrainState:
+    return loop.run(cfg, workdir, task(cfg, workdir))
