@@ -1,14 +1,18 @@
 """Benchmarks that write JSON:
   python -m llmjax.bench train --config=configs/pretrain.py[:model=small] [--steps=16] [--out=bench_train.json]
   python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
+  python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
 matmul rate (JAX's, and NumPy's BLAS on the host), so numbers compare across machines and runs.
 """
 
+import copy
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from functools import partial
 
@@ -17,10 +21,11 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import metrics, sampling
+from llmjax import checkpoint, metrics, optim, sampling
 from llmjax.config import run_main, validate
 from llmjax.models import transformer
-from llmjax.train import pretrain, state
+from llmjax.sharding import make_mesh
+from llmjax.train import dpo, pretrain, state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to benchmark.",
                                           lock_config=True)
@@ -110,7 +115,41 @@ def bench_generate(cfg, prompts: int = 8, prompt_len: int = 16, new: int = 256) 
             "speedup": recompute_s / cache_s}
 
 
-BENCHES = {"train": bench_train, "generate": bench_generate}
+def bench_dpo(cfg) -> dict:
+    """Pairs/s of the DPO step with the reference run live each step against precomputed log-probs (whose
+    one-off pass over the run's batches is reported apart). Starts from a fresh model saved as the SFT run."""
+    cfg = copy.deepcopy(cfg)
+    cfg.steps = _STEPS.value + 1
+    out = {"model": cfg.model.name, "pairs_per_step": cfg.batch_size, "loss": cfg.dpo.loss}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.init_from = os.path.join(tmp, "sft")
+        mesh = make_mesh(cfg.mesh)
+        checkpoint.claim_workdir(cfg.init_from, cfg)
+        mngr = checkpoint.manager(cfg.init_from, cfg)
+        checkpoint.save(mngr, 0, state.create(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model))))
+        mngr.wait_until_finished()
+        for reference in ("live", "precomputed"):
+            cfg.dpo.reference = reference
+            t = time.perf_counter()
+            task = dpo.task(cfg, os.path.join(tmp, reference))
+            setup_s = time.perf_counter() - t
+            train_state = state.create(cfg, task.mesh, task.tx)
+            step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
+            batches = [task.batches(i) for i in range(cfg.steps)]
+            times = []
+            for batch in batches:
+                t = time.perf_counter()
+                train_state, m = step(train_state, batch, *task.frozen)
+                jax.block_until_ready(m)
+                times.append(time.perf_counter() - t)
+            step_s = statistics.median(times[1:])
+            out |= {f"{reference}_pairs_per_s": cfg.batch_size / step_s, f"{reference}_step_s": step_s,
+                    f"{reference}_setup_s": setup_s}
+    out["precomputed_speedup"] = out["live_step_s"] / out["precomputed_step_s"]
+    return out
+
+
+BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo}
 
 
 def main(argv: list[str]) -> None:
