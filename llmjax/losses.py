@@ -48,7 +48,7 @@ DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "simpo")
 def dpo(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: jax.Array,
         ref_rejected_B: jax.Array, *, kind: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
         chosen_len_B: jax.Array | None = None, rejected_len_B: jax.Array | None = None,
-        simpo_gamma: float = 0.5) -> tuple[jax.Array, dict]:
+        simpo_gamma: float = 0.5, nll_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """The DPO family on sequence log-probs (sums over response tokens), mean over pairs.
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)):
@@ -58,6 +58,8 @@ def dpo(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: 
       hinge    max(0, 1 - beta h)                                     SLiC-HF, Zhao et al. 2023
       simpo    -log sigmoid(beta (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma)   SimPO, Meng et al.
                2024: reference-free and length-normalised (ref log-probs are ignored)
+    nll_weight > 0 adds nll_weight * -log pi(y_w)/|y_w| (RPO, Pang et al. 2024), which keeps the chosen
+    answer's likelihood from falling along with the rejected one's.
     Metrics: implicit rewards beta * (log pi - log ref), their accuracy and margin, and the KL estimate
     mean(log pi - log ref) over chosen and rejected sequences.
     """
@@ -77,6 +79,8 @@ def dpo(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: 
                                      - simpo_gamma)
     else:
         raise ValueError(f"unknown DPO loss {kind!r}; choose one of {DPO_LOSSES}")
+    if nll_weight:
+        loss_B = loss_B - nll_weight * policy_chosen_B / chosen_len_B
     chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
     aux = {"reward_chosen": jnp.mean(chosen_reward), "reward_rejected": jnp.mean(rejected_reward),
            "reward_accuracy": jnp.mean(chosen_reward > rejected_reward),

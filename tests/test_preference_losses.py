@@ -37,6 +37,12 @@ def test_dpo_family_matches_numpy(kind, beta):
     np.testing.assert_allclose(aux["reward_accuracy"], np.mean(rc > rr))
 
 
+def test_nll_term_is_rpo():
+    args = tuple(map(jnp.asarray, (PC, PR, RC, RR)))
+    got = losses.dpo(*args, beta=0.1, nll_weight=0.7, chosen_len_B=jnp.asarray(LC), rejected_len_B=jnp.asarray(LR))[0]
+    np.testing.assert_allclose(got, reference("sigmoid", 0.1) + 0.7 * np.mean(-PC / LC), rtol=2e-5)
+
+
 def test_cdpo_without_smoothing_is_dpo():
     args = tuple(map(jnp.asarray, (PC, PR, RC, RR)))
     np.testing.assert_allclose(losses.dpo(*args, kind="cdpo", label_smoothing=0.0)[0],

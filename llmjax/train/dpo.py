@@ -59,7 +59,7 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
     d = cfg.dpo
     loss, aux = losses.dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind=d.loss, beta=d.beta,
                            label_smoothing=d.label_smoothing, chosen_len_B=chosen_len,
-                           rejected_len_B=rejected_len, simpo_gamma=d.simpo_gamma)
+                           rejected_len_B=rejected_len, simpo_gamma=d.simpo_gamma, nll_weight=d.nll_weight)
     return loss, aux | {"logp_chosen": jnp.mean(policy_chosen), "logp_rejected": jnp.mean(policy_rejected)}
 
 

@@ -15,7 +15,8 @@ from llmjax.train import dpo, pretrain
 def dpo_config(init_from, **overrides):
     cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "seq_len": 96, "init_from": init_from,
                          "trainer": "dpo", **overrides})
-    cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, reference="live", packed=False)
+    cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, nll_weight=0.0, reference="live",
+                   packed=False)
     return cfg
 
 
