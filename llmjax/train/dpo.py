@@ -24,29 +24,24 @@ from llmjax.train.pretrain import Batch
 from llmjax.train.state import TrainState
 
 
-def sequence_logps(params, rows: Batch, cfg, constrain: Constrain, segments: int = 1) -> jax.Array:
-    """Sum of response-token log-probs per row ([B]), or per segment of packed rows ([segments, B])."""
-    logits = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
-                                 constrain)[0]
-    logp_BT = losses.sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
-    if segments == 1:
-        return jnp.sum(logp_BT, axis=-1)
-    return jnp.stack([jnp.sum(logp_BT * (rows["segment_ids"] == s), axis=-1) for s in range(1, segments + 1)])
+def _per_sequence(batch: dict, values: Callable[[Batch], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(chosen_B, rejected_B) sums of per-token values, from two rows per pair or one packed row whose
+    segment 1 is the chosen sequence and segment 2 the rejected one."""
+    if "packed" in batch:
+        rows = batch["packed"]
+        v_BT = values(rows)
+        return tuple(jnp.sum(v_BT * (rows["segment_ids"] == s), axis=-1) for s in (1, 2))
+    return tuple(jnp.sum(values(batch[k]), axis=-1) for k in ("chosen", "rejected"))
 
 
 def pair_logps(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array]:
-    """(chosen_B, rejected_B) sequence log-probs, from two rows per pair or one packed row."""
-    if "packed" in batch:
-        chosen, rejected = sequence_logps(params, batch["packed"], cfg, constrain, segments=2)
-        return chosen, rejected
-    return tuple(sequence_logps(params, batch[k], cfg, constrain) for k in ("chosen", "rejected"))
+    """Sequence log-probs (sums over response tokens) of the chosen and rejected answers."""
+    def logp_BT(rows: Batch) -> jax.Array:
+        logits = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
+                                     constrain)[0]
+        return losses.sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
 
-
-def response_lengths(batch: dict) -> tuple[jax.Array, jax.Array]:
-    if "packed" in batch:
-        rows = batch["packed"]
-        return tuple(jnp.sum(rows["loss_mask"] * (rows["segment_ids"] == s), axis=-1) for s in (1, 2))
-    return tuple(jnp.sum(batch[k]["loss_mask"], axis=-1) for k in ("chosen", "rejected"))
+    return _per_sequence(batch, logp_BT)
 
 
 def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> tuple[jax.Array, dict]:
@@ -55,7 +50,7 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
         ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
     else:
         ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_logps(reference, batch, cfg, constrain))
-    chosen_len, rejected_len = response_lengths(batch)
+    chosen_len, rejected_len = _per_sequence(batch, lambda rows: rows["loss_mask"])
     d = cfg.dpo
     loss, aux = losses.dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind=d.loss, beta=d.beta,
                            label_smoothing=d.label_smoothing, chosen_len_B=chosen_len,
