@@ -2,6 +2,7 @@
   python -m llmjax.bench train --config=configs/pretrain.py[:model=small] [--steps=16] [--out=bench_train.json]
   python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
   python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
+  python -m llmjax.bench data --config=configs/pretrain.py  (grain pipeline tokens/s vs training tokens/s)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
 matmul rate (JAX's, and NumPy's BLAS on the host), so numbers compare across machines and runs.
@@ -18,11 +19,14 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from llmjax import checkpoint, metrics, optim, sampling
 from llmjax.config import run_main, validate
+from llmjax.data import pipeline, tasks
+from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
 from llmjax.train import dpo, pretrain, state
@@ -149,7 +153,25 @@ def bench_dpo(cfg) -> dict:
     return out
 
 
-BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo}
+def bench_data(cfg, records: int = 20_000) -> dict:
+    """Tokens/s of the grain pipeline (shuffle, tokenize, pack, batch) over task documents held in memory,
+    next to the train step's tokens/s for the same config: input must never be the bottleneck."""
+    rng = np.random.default_rng(0)
+    docs = [{"text": tasks.sample(rng, cfg.data.tasks.split(",")).text} for _ in range(records)]
+    it = pipeline.make_iterator(docs, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+    next(it)
+    t, tokens = time.perf_counter(), 0
+    while time.perf_counter() - t < 5.0:
+        tokens += next(it)["inputs"].size
+    pipeline_tokens_per_s = tokens / (time.perf_counter() - t)
+    train = bench_train(cfg)
+    return {"records": records, "tokenizer": cfg.data.tokenizer, "pipeline_tokens_per_s": pipeline_tokens_per_s,
+            "train_tokens_per_s": train["tokens_per_s"],
+            "pipeline_over_train": pipeline_tokens_per_s / train["tokens_per_s"]}
+
+
+BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "data": bench_data}
 
 
 def main(argv: list[str]) -> None:
