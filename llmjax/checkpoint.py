@@ -8,6 +8,7 @@ whose model differs refuses to touch it.
 import json
 import os
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -25,15 +26,22 @@ def manager(workdir: str, cfg) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> bool:
-    """Starts an asynchronous save of `state` as `step` (the loop decides when)."""
-    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> bool:
+    """Starts an asynchronous save of `state` (and a grain iterator's position) as `step`."""
+    args = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
-    """Restores onto `target`'s shardings (a tree of jax.ShapeDtypeStruct), whatever mesh wrote it."""
+def restore(mngr: ocp.CheckpointManager, target, step: int | None = None, data_iterator=None):
+    """Restores onto `target`'s shardings (a tree of jax.ShapeDtypeStruct), whatever mesh wrote it; a given
+    grain iterator is moved to where the saved one was."""
     step = mngr.latest_step() if step is None else step
-    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    args = {"state": ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return mngr.restore(step, args=ocp.args.Composite(**args)).state
 
 
 def claim_workdir(workdir: str, cfg) -> None:

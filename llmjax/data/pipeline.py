@@ -14,14 +14,17 @@ token: each chunk's first token is context only, so every target of the document
 and none is lost at a cut. Positions restart at 0 in each chunk, as attention never crosses segments.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
-from llmjax.data import chat
-from llmjax.data.tokenizer import Tokenizer
+from llmjax.data import chat, sources
+from llmjax.data.tokenizer import Tokenizer, get_tokenizer
+from llmjax.sharding import global_batch
 
 Record = dict[str, Any]
 Document = dict[str, np.ndarray]  # "tokens" (int32) and "weights" (float32, each token's weight as a target)
@@ -117,3 +120,13 @@ def make_iterator(
         padding_struct={"tokens": tokenizer.pad_id, "weights": 0.0})
     # No prefetch thread: jax dispatches steps asynchronously, so the next batch is built while the device computes.
     return iter(packed.batch(rows, drop_remainder=True).map(_to_batch))
+
+
+def batches(cfg, sharding: NamedSharding) -> tuple[grain.DatasetIterator, Callable[[int], dict[str, jax.Array]]]:
+    """The iterator over cfg.data.source's train split (files:PATH or tfds:NAME) and step -> global batch.
+    Batches come in order whatever the step: resuming restores the iterator from the checkpoint."""
+    records = sources.load(cfg.data.source, cfg.data.data_dir, "train")
+    it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
+                       batch_size=cfg.batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
+    return it, lambda step: global_batch(next(it), sharding, cfg.batch_size)

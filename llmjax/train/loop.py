@@ -68,6 +68,7 @@ class Task(NamedTuple):
     flops_per_token: float
     evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
     frozen: tuple = ()  # extra step arguments that never change, e.g. a frozen reference model's parameters
+    data_iterator: object = None  # a grain iterator behind `batches`, saved and restored with the checkpoints
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
@@ -88,7 +89,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     elif mngr.latest_step() is None:
         state = state_lib.create(cfg, task.mesh, task.tx)
     else:
-        state = checkpoint.restore(mngr, state_lib.abstract(cfg, task.mesh, task.tx))
+        state = checkpoint.restore(mngr, state_lib.abstract(cfg, task.mesh, task.tx), data_iterator=task.data_iterator)
         log.info("resumed from %s at step %d", workdir, mngr.latest_step())
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
@@ -108,7 +109,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
             pending.append(m)
             done = step + 1
             if done % cfg.checkpoint.every == 0:
-                checkpoint.save(mngr, done, state)
+                checkpoint.save(mngr, done, state, task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
                 fetched = jax.device_get(pending)
@@ -129,7 +130,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 log.info("eval at step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
                 t_last = time.perf_counter()  # evaluation time is not training time
         if mngr.latest_step() != int(state.step):
-            checkpoint.save(mngr, int(state.step), state)
+            checkpoint.save(mngr, int(state.step), state, task.data_iterator)
         mngr.wait_until_finished()
     finally:
         preempted.close()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax import losses, metrics, optim
-from llmjax.data import synthetic
+from llmjax.data import pipeline, synthetic
 from llmjax.evaluate import make_evaluator
 from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
@@ -70,7 +70,11 @@ def task(cfg) -> loop.Task:
     constrain = make_constrain(mesh, cfg.rules)
     step = make_step(cfg, tx, optim.schedule(cfg), constrain)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
-    return loop.Task(mesh, tx, step, synthetic.batches(cfg, sharding), sharding, fpt, evaluate)
+    if cfg.data.source == "synthetic":
+        iterator, batches = None, synthetic.batches(cfg, sharding)
+    else:
+        iterator, batches = pipeline.batches(cfg, sharding)
+    return loop.Task(mesh, tx, step, batches, sharding, fpt, evaluate, data_iterator=iterator)
 
 
 def train(cfg, workdir: str) -> TrainState:
