@@ -62,7 +62,8 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.model = model_config(model)
     c.data = dict(
         source="synthetic",  # synthetic (the built-in tasks) | files:PATH (txt/jsonl) | tfds:NAME (in data_dir)
-        data_dir="~/tensorflow_datasets", tasks="reverse,add,sort,copy,lookup", tokenizer="byte",
+        data_dir="~/tensorflow_datasets", validation=0.01,  # files: the fraction held out for evaluation
+        tasks="reverse,add,sort,copy,lookup", tokenizer="byte",
         format="text",  # text: documents as plain text | chat: (prompt, response) through the chat template
     )
     c.init_from = ""         # a workdir whose latest checkpoint's parameters start this run (fresh optimizer)
@@ -163,9 +164,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     scheme, _, rest = cfg.data.source.partition(":")
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
         raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
-    if cfg.data.source != "synthetic" and cfg.eval_every:
-        raise ConfigError(f"data.source={cfg.data.source!r}: evaluation (its validation split's perplexity) is not "
-                          "built yet for files/tfds sources; set --config.eval_every=0")
     if "dpo" in cfg:
         if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
             raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "

@@ -14,8 +14,8 @@ import numpy as np
 from absl import flags
 
 from llmjax import checkpoint, losses, sampling
-from llmjax.config import run_main
-from llmjax.data import chat, synthetic, tasks
+from llmjax.config import ConfigError, run_main
+from llmjax.data import chat, pipeline, synthetic, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, no_constrain
@@ -30,12 +30,21 @@ def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
 
 def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, batches: int = 4,
                    fmt: str | None = None) -> Callable[[transformer.Params], dict[str, float]]:
-    """fn(params) -> {perplexity, accuracy, accuracy/<task>} on held-out data, compiled once."""
+    """fn(params) -> {perplexity, accuracy, accuracy/<task>} on held-out data, compiled once. For a files or
+    tfds source: the perplexity of its validation split alone (the task checkers only know synthetic tasks)."""
     fmt = fmt or cfg.data.format
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     names = cfg.data.tasks.split(",")
-    get = synthetic.batches(cfg, batch_sharding(mesh, cfg.rules), seed=cfg.seed + HELD_OUT, format=fmt)
-    eval_batches = [get(i) for i in range(batches)]
+    sharding = batch_sharding(mesh, cfg.rules)
+    if cfg.data.source == "synthetic":
+        get = synthetic.batches(cfg, sharding, seed=cfg.seed + HELD_OUT, format=fmt)
+        eval_batches = [get(i) for i in range(batches)]
+    else:
+        try:
+            eval_batches = pipeline.validation_batches(cfg, sharding, batches)
+        except ValueError as e:
+            raise ConfigError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
+                              "--config.data.validation or set --config.eval_every=0") from None
 
     def summed_ce(params, b):
         logits = transformer.forward(params, b["inputs"], b["positions"], b["segment_ids"], cfg.model, constrain)[0]
@@ -51,6 +60,8 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     def evaluate(params) -> dict[str, float]:
         total = sum(float(loss(params, b)) for b in eval_batches)
         tokens = sum(float(b["loss_mask"].sum()) for b in eval_batches)
+        if cfg.data.source != "synthetic":
+            return {"perplexity": math.exp(total / tokens)}
         out = jax.device_get(generate(params, prompts, lengths, jax.random.key(0)))
         correct = {name: [] for name in names}
         for ex, toks, length in zip(examples, out["tokens"], out["lengths"], strict=True):

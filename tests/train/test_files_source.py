@@ -1,6 +1,7 @@
-"""Training on a folder of text files: tfds array_record + grain, with the iterator resumed exactly."""
+"""Training on a folder of text files: tfds array_record + grain, with the iterator resumed exactly and the
+validation split evaluated."""
 
-from helpers import losses, tiny_config
+from helpers import losses, metric_rows, tiny_config
 
 from llmjax.train import pretrain
 
@@ -15,8 +16,8 @@ def test_files_source_resumes_exactly(tmp_path):
 
     def cfg(steps):  # a constant learning rate, so a 3-step run is the first half of a 6-step one
         return tiny_config(steps=steps, log_every=1, **{
-            "data.source": f"files:{corpus}", "data.data_dir": str(tmp_path / "tfds"), "checkpoint.every": 3,
-            "optim.schedule": "constant", "optim.warmup_steps": 0})
+            "data.source": f"files:{corpus}", "data.data_dir": str(tmp_path / "tfds"), "data.validation": 0.2,
+            "checkpoint.every": 3, "eval_every": 3, "optim.schedule": "constant", "optim.warmup_steps": 0})
 
     pretrain.train(cfg(6), str(tmp_path / "straight"))
     pretrain.train(cfg(3), str(tmp_path / "split"))
@@ -25,3 +26,6 @@ def test_files_source_resumes_exactly(tmp_path):
     assert sorted(straight) == list(range(1, 7))
     assert losses(tmp_path / "split") == straight
     assert straight[6] < straight[1]
+    rows = metric_rows(tmp_path / "straight")
+    perplexity = {row["step"]: row["eval/perplexity"] for row in rows if "eval/perplexity" in row}
+    assert sorted(perplexity) == [3, 6] and perplexity[6] < perplexity[3]  # the held-out validation split
