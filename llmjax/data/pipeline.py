@@ -122,25 +122,24 @@ def make_iterator(
     return iter(packed.batch(rows, drop_remainder=True).map(_to_batch))
 
 
-def _options(cfg) -> dict:
-    return {"validation": cfg.data.validation} if cfg.data.source.startswith("files:") else {}
+def _iterator(cfg, split: str) -> grain.DatasetIterator:
+    """This process's batches of `split` of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME)."""
+    options = {"validation": cfg.data.validation} if cfg.data.source.startswith("files:") else {}
+    records = sources.load(cfg.data.source, cfg.data.data_dir, split, **options)
+    return make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
+                         batch_size=cfg.batch_size, process_index=jax.process_index(),
+                         process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
 
 
 def batches(cfg, sharding: NamedSharding) -> tuple[grain.DatasetIterator, Callable[[int], dict[str, jax.Array]]]:
-    """The iterator over cfg.data.source's train split (files:PATH or tfds:NAME) and step -> global batch.
-    Batches come in order whatever the step: resuming restores the iterator from the checkpoint."""
-    records = sources.load(cfg.data.source, cfg.data.data_dir, "train", **_options(cfg))
-    it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
-                       batch_size=cfg.batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
+    """The iterator over the source's train split and step -> global batch. Batches come in order whatever the
+    step: resuming restores the iterator from the checkpoint."""
+    it = _iterator(cfg, "train")
     return it, lambda step: global_batch(next(it), sharding, cfg.batch_size)
 
 
 def validation_batches(cfg, sharding: NamedSharding, n: int) -> list[dict[str, jax.Array]]:
     """n global batches of the source's validation split, in a fixed order (repeated if the split is smaller,
     so every process takes the same number of batches)."""
-    records = sources.load(cfg.data.source, cfg.data.data_dir, "validation", **_options(cfg))
-    it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
-                       batch_size=cfg.batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
+    it = _iterator(cfg, "validation")
     return [global_batch(next(it), sharding, cfg.batch_size) for _ in range(n)]

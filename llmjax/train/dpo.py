@@ -14,13 +14,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from llmjax import checkpoint, losses, metrics, optim
+from llmjax import checkpoint, losses, optim
 from llmjax.data import preference
 from llmjax.evaluate import make_evaluator
 from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, process_rows
 from llmjax.train import loop
-from llmjax.train.pretrain import Batch
+from llmjax.train.pretrain import Batch, flops_per_token
 from llmjax.train.state import TrainState
 
 
@@ -105,11 +105,9 @@ def task(cfg, workdir: str) -> loop.Task:
         batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()
     else:
         batches, frozen = get, (reference,)
-    m = cfg.model
-    fpt = metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
     step = make_step(cfg, tx, optim.schedule(cfg), constrain)
-    return loop.Task(mesh, tx, step, batches, sharding, fpt, evaluate, frozen)
+    return loop.Task(mesh, tx, step, batches, sharding, flops_per_token(cfg), evaluate, frozen)
 
 
 def train(cfg, workdir: str) -> TrainState:

@@ -60,13 +60,16 @@ def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule,
     return step
 
 
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token of cfg's model at cfg's sequence length (the convention in llmjax.metrics)."""
+    m = cfg.model
+    return metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
+
+
 def task(cfg) -> loop.Task:
     mesh = make_mesh(cfg.mesh)
     tx = optim.make(cfg, transformer.specs(cfg.model))
     sharding = batch_sharding(mesh, cfg.rules)
-    m = cfg.model
-    fpt = metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len,
-                                  m.n_heads * m.head_dim)
     constrain = make_constrain(mesh, cfg.rules)
     step = make_step(cfg, tx, optim.schedule(cfg), constrain)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
@@ -74,7 +77,7 @@ def task(cfg) -> loop.Task:
         iterator, batches = None, synthetic.batches(cfg, sharding)
     else:
         iterator, batches = pipeline.batches(cfg, sharding)
-    return loop.Task(mesh, tx, step, batches, sharding, fpt, evaluate, data_iterator=iterator)
+    return loop.Task(mesh, tx, step, batches, sharding, flops_per_token(cfg), evaluate, data_iterator=iterator)
 
 
 def train(cfg, workdir: str) -> TrainState:
