@@ -74,8 +74,9 @@ def _param_shapes(model) -> tuple:
 
 
 def load_params(workdir: str, mesh: Mesh, model=None) -> transformer.Params:
-    """The parameters of the latest checkpoint in `workdir`, on `mesh` (sharded by that run's rules). With
-    `model`, first checks that its parameters have the same shapes as the run's."""
+    """The parameters of the latest checkpoint in `workdir`, on `mesh` (sharded by that run's rules): a
+    language model's, or a reward model's {"trunk", "head"}. With `model`, first checks that the (trunk's)
+    parameters have the same shapes as the run's."""
     cfg = run_config(workdir)
     if model is not None and _param_shapes(cfg.model) != _param_shapes(model):
         raise ConfigError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
@@ -84,5 +85,5 @@ def load_params(workdir: str, mesh: Mesh, model=None) -> transformer.Params:
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     if mngr.latest_step() is None:
         raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
-    target = state_lib.abstract(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model)))
+    target = state_lib.abstract(cfg, mesh, optim.make(cfg, state_lib.param_specs(cfg)))
     return restore(mngr, target).params

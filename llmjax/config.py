@@ -170,6 +170,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                               f"{DPO_LOSSES} and a reference from ('live', 'precomputed')")
         if not cfg.init_from:
             raise ConfigError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
+    if cfg.trainer == "reward" and ("reward" not in cfg or cfg.reward.read not in ("last", "eos")
+                                    or cfg.reward.responses < 2):
+        raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
+                          "ranked per prompt); start from configs/reward.py")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:

@@ -35,11 +35,11 @@ def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array, margin: jax.Array 
     weighted mean over pairs (a ranked list of K gives each of its C(K,2) pairs weight 1/C(K,2))."""
     diff_B = chosen_B - rejected_B
     weight_B = jnp.ones_like(diff_B) if weight_B is None else weight_B
-    loss = jnp.sum(-jax.nn.log_sigmoid(diff_B - margin) * weight_B) / jnp.maximum(jnp.sum(weight_B), 1e-9)
-    aux = {"accuracy": jnp.sum((diff_B > 0) * weight_B) / jnp.maximum(jnp.sum(weight_B), 1e-9),
-           "margin": jnp.mean(diff_B), "reward_mean": jnp.mean(jnp.concatenate([chosen_B, rejected_B])),
-           "reward_std": jnp.std(jnp.concatenate([chosen_B, rejected_B]))}
-    return loss, aux
+
+    def mean(x_B):
+        return jnp.sum(x_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1e-9)
+
+    return mean(-jax.nn.log_sigmoid(diff_B - margin)), {"accuracy": mean(diff_B > 0), "margin": mean(diff_B)}
 
 
 DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "hinge", "simpo")
@@ -87,3 +87,157 @@ def dpo(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: 
            "reward_margin": jnp.mean(chosen_reward - rejected_reward),
            "kl": 0.5 * jnp.mean(chosen_ratio + rejected_ratio)}
     return jnp.mean(loss_B), aux
+
+
+# --- RL: PPO (Schulman et al. 2017) with a KL penalty to a frozen reference (InstructGPT), and GRPO ---------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x where mask is 1; `where`, not a product, so NaN/inf in padding cannot leak in."""
+    m = mask > 0
+    return jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+
+
+def _masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Population variance of x over the masked-in entries."""
+    return _masked_mean(jnp.square(x - _masked_mean(x, mask)), mask)
+
+
+def kl_estimate(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k3") -> jax.Array:
+    """Per-token estimators of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020), with log r = log ref - log pi:
+      k1 = -log r               unbiased, high variance, can be negative
+      k2 = (log r)^2 / 2        biased (little when pi ~ ref), low variance, >= 0
+      k3 = (r - 1) - log r      unbiased and >= 0 (r - 1 is a zero-mean control variate); GRPO's KL term
+    """
+    log_r = ref_logp_BT.astype(jnp.float32) - logp_BT.astype(jnp.float32)
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * jnp.square(log_r)
+    if kind == "k3":
+        return jnp.expm1(log_r) - log_r  # expm1: no float32 cancellation near r = 1
+    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
+
+
+def gae(rewards_BT: jax.Array, values_BT: jax.Array, mask_BT: jax.Array, gamma: float | jax.Array,
+        lam: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), a reverse scan over time:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  returns R_t = A_t + V_t.
+
+    mask_BT is 1 on a row's response tokens (a contiguous run; rows that end early are 0 after their end).
+    The episode ends at the last valid token, so V and A beyond it count as 0; padding (even NaN) never
+    reaches a valid position, and advantages and returns are 0 there.
+    """
+    m_TB = (mask_BT > 0).T
+    r_TB = jnp.where(m_TB, rewards_BT.astype(jnp.float32).T, 0.0)
+    v_TB = jnp.where(m_TB, values_BT.astype(jnp.float32).T, 0.0)
+
+    def step(carry, xs):
+        next_v_B, next_a_B = carry  # both already 0 past a row's end
+        r_B, v_B, m_B = xs
+        a_B = jnp.where(m_B, r_B + gamma * next_v_B - v_B + gamma * lam * next_a_B, 0.0)
+        return (v_B, a_B), a_B
+
+    zeros_B = jnp.zeros(m_TB.shape[1], jnp.float32)
+    _, a_TB = jax.lax.scan(step, (zeros_B, zeros_B), (r_TB, v_TB, m_TB), reverse=True)
+    advantages_BT = a_TB.T
+    return advantages_BT, jnp.where(mask_BT > 0, advantages_BT + v_TB.T, 0.0)
+
+
+def whiten(x_BT: jax.Array, mask_BT: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the masked-in entries (population variance), 0 at padding: PPO's advantage
+    normalisation, which makes the policy step size independent of the reward scale. shift_mean=False
+    only rescales (keeps the mean), as in TRL/InstructGPT's reward whitening."""
+    x = x_BT.astype(jnp.float32)
+    mean, var = _masked_mean(x, mask_BT), _masked_var(x, mask_BT)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask_BT > 0, out, 0.0)
+
+
+def ppo_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: jax.Array, mask_BT: jax.Array,
+                    clip_eps: float = 0.2) -> tuple[jax.Array, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated and averaged over masked-in tokens:
+    -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi / pi_old. The min is a pessimistic bound, so the
+    gradient vanishes where moving r further outside [1 - eps, 1 + eps] would only help the objective.
+
+    aux: clip_frac (fraction of tokens where the clipped term is the one taken), approx_kl = mean k3
+    estimate of KL(pi_old || pi) (the tokens were sampled from pi_old), ratio_mean.
+    """
+    log_ratio = logp_BT.astype(jnp.float32) - old_logp_BT.astype(jnp.float32)
+    ratio = jnp.exp(log_ratio)
+    adv = advantages_BT.astype(jnp.float32)
+    unclipped, clipped = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = _masked_mean(jnp.maximum(unclipped, clipped), mask_BT)
+    aux = {"clip_frac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask_BT),
+           "approx_kl": _masked_mean(jax.lax.stop_gradient(jnp.expm1(log_ratio) - log_ratio), mask_BT),
+           "ratio_mean": _masked_mean(jax.lax.stop_gradient(ratio), mask_BT)}
+    return loss, aux
+
+
+def ppo_value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array,
+                   clip_eps: float = 0.2) -> tuple[jax.Array, dict]:
+    """Clipped value loss (PPO2 baselines; InstructGPT): 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps)
+    - R)^2), masked mean, so one update cannot move the value far from the rollout's estimate.
+    aux: value_clip_frac (fraction of tokens where the clipped error is the larger one)."""
+    v, v_old, ret = (a.astype(jnp.float32) for a in (values_BT, old_values_BT, returns_BT))
+    err, err_clipped = jnp.square(v - ret), jnp.square(jnp.clip(v, v_old - clip_eps, v_old + clip_eps) - ret)
+    loss = 0.5 * _masked_mean(jnp.maximum(err, err_clipped), mask_BT)
+    return loss, {"value_clip_frac": _masked_mean((err_clipped > err).astype(jnp.float32), mask_BT)}
+
+
+def entropy(logits_BTV: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """Mean per-token entropy -sum_v p log p of the softmax (float32), over masked-in tokens: the PPO entropy
+    bonus, and a collapse detector."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return _masked_mean(-jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1), mask_BT)
+
+
+def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """1 - Var(R - V) / Var(R) over masked-in entries: 1 for a perfect critic, 0 for one that predicts the mean,
+    negative for a worse one. 0 when the returns have no variance."""
+    ret = returns_BT.astype(jnp.float32)
+    var_r = _masked_var(ret, mask_BT)
+    ev = 1.0 - _masked_var(ret - values_BT.astype(jnp.float32), mask_BT) / jnp.where(var_r > 0, var_r, 1.0)
+    return jnp.where(var_r > 0, ev, 0.0)
+
+
+def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6, scale: bool = True) -> jax.Array:
+    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2): rows come in consecutive groups
+    of K = group_size samples of one prompt; A = (r - mean_group) / (std_group + eps), the group mean being
+    the baseline that replaces a learned critic. std is the sample (ddof=1) std, as in the TRL/verl/OpenRLHF
+    implementations. scale=False only centres (Dr. GRPO, Liu et al. 2025: dividing by std up-weights
+    near-unanimous groups)."""
+    n = rewards_B.shape[0]
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the batch; got {group_size} for {n} rows")
+    r_GK = rewards_B.astype(jnp.float32).reshape(n // group_size, group_size)
+    adv_GK = r_GK - jnp.mean(r_GK, axis=1, keepdims=True)
+    if scale:
+        adv_GK = adv_GK / (jnp.std(r_GK, axis=1, keepdims=True, ddof=1) + eps)
+    return adv_GK.reshape(n)
+
+
+def adaptive_kl_coef(coef: float | jax.Array, observed_kl: float | jax.Array, target_kl: float,
+                     horizon: float, n_steps: int | jax.Array) -> jax.Array:
+    """Ziegler et al. 2019's proportional KL controller (sec. 2.2): coef * (1 + clip(KL/KL_target - 1, -0.2,
+    0.2) * n_steps / horizon). Raises beta when the policy drifts past the target KL, lowers it below;
+    n_steps is the number of samples (or steps) since the last update."""
+    error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target_kl - 1.0, -0.2, 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def token_rewards(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array,
+                  kl_coef: float | jax.Array) -> jax.Array:
+    """InstructGPT's (Ouyang et al. 2022, eq. 2; Stiennon et al. 2020) per-token reward: -kl_coef * KL_t on every
+    response token, plus the reward model's scalar score at the row's last valid token; 0 at padding."""
+    m = mask_BT > 0
+    t = m.shape[1]
+    last_B = t - 1 - jnp.argmax(m[:, ::-1], axis=1)  # a row with no valid token gets nothing (masked below)
+    at_end_BT = jnp.arange(t)[None, :] == last_B[:, None]
+    rewards = -kl_coef * kl_BT.astype(jnp.float32) + jnp.where(at_end_BT, scores_B.astype(jnp.float32)[:, None], 0.0)
+    return jnp.where(m, rewards, 0.0)

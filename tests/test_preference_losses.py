@@ -61,6 +61,7 @@ def test_bradley_terry_matches_numpy():
     want = np.sum(-log_sigmoid(PC / 10 - PR / 10 - 0.3) * weight) / weight.sum()
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(aux["accuracy"], np.sum((PC > PR) * weight) / weight.sum(), rtol=1e-5)
+    np.testing.assert_allclose(aux["margin"], np.sum((PC - PR) / 10 * weight) / weight.sum(), rtol=1e-5)
 
 
 def test_sequence_logprobs_by_hand():

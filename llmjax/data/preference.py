@@ -1,9 +1,14 @@
-"""Preference pairs of the synthetic tasks: a prompt, its correct answer (chosen) and a corrupted one
-(rejected), through the chat template. Like every synthetic batch, row r of step s is a pure function of
-(seed, s, r), so runs resume exactly and each process builds only its own rows.
+"""Preference data for reward models and DPO: a prompt with responses ranked best first.
 
-A pair is either two rows (`chosen`, `rejected`) or one packed row in which the chosen sequence is
-segment 1 and the rejected one segment 2 (fewer padding tokens; the same log-probs).
+From the synthetic tasks a correct answer beats corrupted ones (each further corruption ranks lower); from a
+files:PATH / tfds:NAME source, the preference records of llmjax.data.sources ({"prompt", "responses"}). Row r
+of step s is a pure function of (seed, s, r) (a files source is read in a seeded shuffle of its records, epoch
+after epoch), so runs resume exactly and each process builds only its own rows.
+
+Layouts, every sequence through the chat template with its loss mask on the response (and eos) only:
+  ranked   {"responses": rows [B, K, T]}: K responses per prompt; a record with fewer leaves empty rows
+  pairs    {"chosen": rows, "rejected": rows} [B, T]: the best and the worst response (DPO)
+  packed   {"packed": rows [B, T]}: chosen as segment 1 and rejected as segment 2 of one row
 """
 
 from collections.abc import Callable, Sequence
@@ -11,18 +16,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llmjax.data import chat, tasks
+from llmjax.data import chat, sources, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.sharding import global_batch, process_rows
 
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+Ranked = Callable[[int, int], tuple[str, list[str]]]  # (step, row) -> (prompt, responses best first)
 
 
 def _fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[float], segment: int) -> int:
     """Writes one rendered sequence into `row` from `start` (next-token layout); returns where it ends."""
     n = len(ids) - 1
-    if start + n > row["inputs"].shape[0]:
-        raise ValueError(f"a preference sequence of {n} tokens does not fit seq_len={row['inputs'].shape[0]}; "
+    if start + n > row["inputs"].shape[-1]:
+        raise ValueError(f"a preference sequence of {n} tokens does not fit seq_len={row['inputs'].shape[-1]}; "
                          "raise --config.seq_len")
     end = start + n
     row["inputs"][start:end], row["targets"][start:end] = ids[:-1], ids[1:]
@@ -31,39 +37,92 @@ def _fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[
     return end
 
 
-def make_pairs(*, seed: int, step: int, rows: range, seq_len: int, names: Sequence[str], tokenizer,
-               packed: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """{"chosen": rows, "rejected": rows} or {"packed": rows}; rows are dicts of [len(rows), seq_len] arrays
-    with the loss mask on the response tokens (and eos) only."""
-    def empty():
-        out = {k: np.zeros((len(rows), seq_len), np.int32) for k in KEYS}
-        out["loss_mask"] = out["loss_mask"].astype(np.float32)
-        return out
+def _empty(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    out = {k: np.zeros(shape, np.int32) for k in KEYS}
+    out["loss_mask"] = out["loss_mask"].astype(np.float32)
+    return out
 
-    parts = {"packed": empty()} if packed else {"chosen": empty(), "rejected": empty()}
-    for i, r in enumerate(rows):
+
+def synthetic(seed: int, names: Sequence[str], k: int) -> Ranked:
+    """The correct answer, then answers with 1, 2, ... k-1 accumulated corruptions (each one a wrong answer
+    not seen before in the list)."""
+    def ranked(step: int, r: int) -> tuple[str, list[str]]:
         rng = np.random.default_rng([seed, step, r])
         example = tasks.sample(rng, names)
-        chosen = chat.render(tokenizer, example.prompt, example.answer)
-        rejected = chat.render(tokenizer, example.prompt, tasks.corrupt(example, rng))
-        if packed:
-            row = {k: v[i] for k, v in parts["packed"].items()}
-            _fill(row, _fill(row, 0, *chosen, segment=1), *rejected, segment=2)
+        check = tasks.TASKS[example.task].check
+        responses = [example.answer]
+        while len(responses) < k:
+            worse = tasks.corrupt(tasks.Example(example.task, example.prompt, responses[-1]), rng)
+            if not check(example.prompt, worse) and worse not in responses:
+                responses.append(worse)
+        return example.prompt, responses
+
+    return ranked
+
+
+def from_records(records: Sequence[dict], seed: int, batch_size: int) -> Ranked:
+    """Preference records in a seeded shuffle, reshuffled each epoch; global row g of the run is record
+    perm_epoch[g mod N]."""
+    n = len(records)
+
+    def ranked(step: int, r: int) -> tuple[str, list[str]]:
+        epoch, i = divmod(step * batch_size + r, n)
+        record = records[int(np.random.default_rng([seed, epoch]).permutation(n)[i])]
+        return record["prompt"], list(record["responses"])
+
+    return ranked
+
+
+def make(ranked: Ranked, *, step: int, rows: range, seq_len: int, tokenizer, layout: str = "pairs", k: int = 2,
+         eos_input: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """One step's rows of this process in `layout` (ranked, pairs or packed; see the module docstring).
+    eos_input feeds each response's eos as an input too (a reward model reading its score at the eos)."""
+    n = len(rows)
+    parts = {"ranked": {"responses": _empty((n, k, seq_len))}, "packed": {"packed": _empty((n, seq_len))},
+             "pairs": {"chosen": _empty((n, seq_len)), "rejected": _empty((n, seq_len))}}[layout]
+    for i, r in enumerate(rows):
+        prompt, responses = ranked(step, r)
+        rendered = []
+        for response in responses:
+            ids, weights = chat.render(tokenizer, prompt, response)
+            rendered.append((ids + [tokenizer.eos_id], weights + [1.0]) if eos_input else (ids, weights))
+        if layout == "ranked":
+            if len(rendered) > k:
+                raise ValueError(f"a record ranks {len(rendered)} responses but reward.responses={k}; raise it")
+            for j, seq in enumerate(rendered):
+                _fill({key: v[i, j] for key, v in parts["responses"].items()}, 0, *seq, segment=1)
+        elif layout == "packed":
+            row = {key: v[i] for key, v in parts["packed"].items()}
+            _fill(row, _fill(row, 0, *rendered[0], segment=1), *rendered[-1], segment=2)
         else:
-            _fill({k: v[i] for k, v in parts["chosen"].items()}, 0, *chosen, segment=1)
-            _fill({k: v[i] for k, v in parts["rejected"].items()}, 0, *rejected, segment=1)
+            _fill({key: v[i] for key, v in parts["chosen"].items()}, 0, *rendered[0], segment=1)
+            _fill({key: v[i] for key, v in parts["rejected"].items()}, 0, *rendered[-1], segment=1)
     return parts
 
 
-def batches(cfg, sharding: NamedSharding, packed: bool = False) -> Callable[[int], dict]:
-    """step -> the global batch of preference pairs; each process builds only the rows its devices hold."""
+def source(cfg, split: str = "train", seed_offset: int = 0, k: int = 2) -> Ranked:
+    """cfg.data.source's ranked responses: the synthetic tasks, or a files/tfds source's preference records
+    (its `split`: train, or validation for held-out metrics)."""
+    seed = cfg.seed + seed_offset
+    if cfg.data.source == "synthetic":
+        return synthetic(seed, cfg.data.tasks.split(","), k)
+    options = {"validation": cfg.data.validation, "kind": "preference"} if cfg.data.source.startswith("files:") else {}
+    records = sources.load(cfg.data.source, cfg.data.data_dir, split, **options)
+    if "responses" not in records[0]:
+        raise ValueError(f"data.source={cfg.data.source!r} holds no preference records (prompt, chosen, rejected "
+                         "or responses); point it at preference data")
+    return from_records(records, seed, cfg.batch_size)
+
+
+def batches(cfg, sharding: NamedSharding, ranked: Ranked, layout: str = "pairs", k: int = 2,
+            eos_input: bool = False) -> Callable[[int], dict]:
+    """step -> the global batch; each process builds only the rows its devices hold."""
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    names = cfg.data.tasks.split(",")
     rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
 
     def get(step: int) -> dict:
-        parts = make_pairs(seed=cfg.seed, step=step, rows=rows, seq_len=cfg.seq_len, names=names,
-                           tokenizer=tokenizer, packed=packed)
+        parts = make(ranked, step=step, rows=rows, seq_len=cfg.seq_len, tokenizer=tokenizer, layout=layout, k=k,
+                     eos_input=eos_input)
         return {name: global_batch(part, sharding, cfg.batch_size) for name, part in parts.items()}
 
     return get

@@ -85,13 +85,16 @@ def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def init(cfg, key: jax.Array) -> Params:
-    """Fresh parameters; jit it with out_shardings so each device creates only its own shard."""
-    tree = specs(cfg)
+def init_tree(tree: Params, key: jax.Array, dtype) -> Params:
+    """Fresh parameters for any tree of ParamSpecs; jit it with out_shardings so each device creates only
+    its own shard."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
-    dtype = jnp.dtype(cfg.param_dtype)
-    return treedef.unflatten([s.init(k, s.shape, dtype) for s, k in zip(leaves, keys, strict=True)])
+    return treedef.unflatten([s.init(k, s.shape, jnp.dtype(dtype)) for s, k in zip(leaves, keys, strict=True)])
+
+
+def init(cfg, key: jax.Array) -> Params:
+    return init_tree(specs(cfg), key, cfg.param_dtype)
 
 
 def param_count(cfg) -> int:

@@ -21,7 +21,7 @@ from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, process_rows
 from llmjax.train import loop
 from llmjax.train.pretrain import Batch, flops_per_token
-from llmjax.train.state import TrainState
+from llmjax.train.state import TrainState, gradient_step
 
 
 def _per_sequence(batch: dict, values: Callable[[Batch], jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -60,14 +60,8 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
 
 def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule, constrain: Constrain) -> Callable:
     """step(state, batch[, reference_params]) -> (state, metrics)."""
-    def step(state: TrainState, batch: dict, reference=None) -> tuple[TrainState, dict]:
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg, constrain, reference)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics_ = {"loss": loss, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics_
-
-    return step
+    return gradient_step(lambda params, batch, reference=None: loss_fn(params, batch, cfg, constrain, reference),
+                         tx, lr)
 
 
 def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict], sharding,
@@ -99,7 +93,7 @@ def task(cfg, workdir: str) -> loop.Task:
     tx = optim.make(cfg, transformer.specs(cfg.model))
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
-    get = preference.batches(cfg, sharding, packed=cfg.dpo.packed)
+    get = preference.batches(cfg, sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
     reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model)
     if cfg.dpo.reference == "precomputed":
         batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()

@@ -1,6 +1,7 @@
 """Train state and its sharded creation: parameters are initialised directly onto the mesh by a jitted
 init with out_shardings, so no host ever holds the full model."""
 
+from collections.abc import Callable
 from functools import partial
 
 import flax.struct
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llmjax.models import transformer
+from llmjax.models import heads, transformer
 from llmjax.sharding import tree_shardings
 
 
@@ -20,16 +21,24 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def _create(model_cfg, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = transformer.init(model_cfg, key)
+def param_specs(cfg) -> transformer.Params:
+    """What a run trains: a language model, or for a reward model a trunk with a scalar head."""
+    return heads.specs(cfg.model) if cfg.trainer == "reward" else transformer.specs(cfg.model)
+
+
+def _fresh(tx: optax.GradientTransformation, params) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _create(cfg, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return _fresh(tx, transformer.init_tree(param_specs(cfg), key, cfg.model.param_dtype))
 
 
 def shardings(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     """Where every leaf of the state lives: parameters (and their Adam moments) by the rules table,
     scalars replicated."""
-    shapes = jax.eval_shape(partial(_create, cfg.model, tx), jax.random.key(0))
-    param_sh = tree_shardings(transformer.specs(cfg.model), cfg.rules, mesh)
+    shapes = jax.eval_shape(partial(_create, cfg, tx), jax.random.key(0))
+    param_sh = tree_shardings(param_specs(cfg), cfg.rules, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh,
                                    transform_non_params=lambda _: replicated)
@@ -37,7 +46,7 @@ def shardings(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
 
 
 def _init(cfg, mesh: Mesh, tx: optax.GradientTransformation):
-    return jax.jit(partial(_create, cfg.model, tx), out_shardings=shardings(cfg, mesh, tx))
+    return jax.jit(partial(_create, cfg, tx), out_shardings=shardings(cfg, mesh, tx))
 
 
 def abstract(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
@@ -50,7 +59,24 @@ def create(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
 
 
 def from_params(cfg, mesh: Mesh, tx: optax.GradientTransformation, params: transformer.Params) -> TrainState:
-    """Step 0 with given parameters (fine-tuning from another run) and a fresh optimizer state."""
-    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                    out_shardings=shardings(cfg, mesh, tx))
-    return fresh(params)
+    """Step 0 with given parameters (fine-tuning from another run) and a fresh optimizer state. A language
+    model's parameters given to a head model become its trunk, under a freshly initialised head."""
+    def start(p, key):
+        if "trunk" in param_specs(cfg) and "trunk" not in p:
+            p = transformer.init_tree(param_specs(cfg), key, cfg.model.param_dtype) | {"trunk": p}
+        return _fresh(tx, p)
+
+    return jax.jit(start, out_shardings=shardings(cfg, mesh, tx))(params, jax.random.key(cfg.seed))
+
+
+def gradient_step(loss: Callable, tx: optax.GradientTransformation, lr: optax.Schedule) -> Callable:
+    """step(state, batch, *frozen) -> (state, metrics) taking one optimizer step on
+    loss(params, batch, *frozen) -> (scalar, aux)."""
+    def step(state: TrainState, batch, *frozen) -> tuple[TrainState, dict]:
+        (value, aux), g = jax.value_and_grad(loss, has_aux=True)(state.params, batch, *frozen)
+        updates, opt_state = tx.update(g, state.opt_state, state.params)
+        metrics = {"loss": value, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step)}
+        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state), metrics
+
+    return step

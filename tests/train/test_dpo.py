@@ -50,8 +50,8 @@ def test_packed_equals_two_rows(sft_dir, tmp_path):
     reference = task.frozen[0]
     policy = jax.tree.map(lambda x: x * 0.99, reference)
     constrain = sharding.make_constrain(task.mesh, cfg.rules)
-    two_rows = preference.batches(cfg, task.batch_sharding)(0)
-    packed = preference.batches(cfg, task.batch_sharding, packed=True)(0)
+    two_rows = preference.batches(cfg, task.batch_sharding, preference.source(cfg))(0)
+    packed = preference.batches(cfg, task.batch_sharding, preference.source(cfg), layout="packed")(0)
     assert int((packed["packed"]["segment_ids"] == 2).sum()) > 0
     want = dpo.loss_fn(policy, two_rows, cfg, constrain, reference)
     got = dpo.loss_fn(policy, packed, cfg, constrain, reference)
@@ -71,7 +71,7 @@ def test_sharded_equals_single_device(sft_dir):
         mesh = sharding.make_mesh(cfg.mesh, devices)
         reference = dpo.checkpoint.load_params(sft_dir, mesh)
         policy = jax.tree.map(lambda x: x * 1.01, reference)
-        batch = preference.batches(cfg, sharding.batch_sharding(mesh, cfg.rules))(0)
+        batch = preference.batches(cfg, sharding.batch_sharding(mesh, cfg.rules), preference.source(cfg))(0)
         constrain = sharding.make_constrain(mesh, cfg.rules)
         grad = jax.jit(jax.value_and_grad(partial(dpo_loss, cfg=cfg, constrain=constrain)))
         results.append(jax.device_get(grad(policy, batch, reference)))
@@ -85,7 +85,8 @@ def test_dpo_learns(sft_dir, tmp_path):
     cfg = dpo_config(sft_dir, steps=60, **{"optim.lr": 1e-3, "optim.warmup_steps": 5})
     task = dpo.task(cfg, str(tmp_path))
     reference = task.frozen[0]
-    batch = preference.batches(dpo_config(sft_dir, seed=12345), task.batch_sharding)(0)
+    held_out = dpo_config(sft_dir, seed=12345)
+    batch = preference.batches(held_out, task.batch_sharding, preference.source(held_out))(0)
     constrain = sharding.make_constrain(task.mesh, cfg.rules)
     final = dpo.train(cfg, str(tmp_path))
     _, aux = dpo.loss_fn(final.params, batch, cfg, constrain, reference)

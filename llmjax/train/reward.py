@@ -1,0 +1,75 @@
+"""Reward modelling: a trunk with a scalar head learns to score preferred responses higher (Bradley-Terry).
+
+Starts from an SFT or pretraining run (cfg.init_from) with a fresh head. Each prompt comes with K responses
+ranked best first (K = 2: a chosen and a rejected one); its C(K,2) pairs each weigh 1/C(K,2), so every prompt
+counts once however long its list (InstructGPT). The score is read from the hidden state at the response's last
+token, or (reward.read=eos) at the eos that ends it, fed as an input.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax import losses, optim
+from llmjax.data import preference
+from llmjax.evaluate import HELD_OUT
+from llmjax.models import heads
+from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
+from llmjax.train import loop
+from llmjax.train.pretrain import flops_per_token
+from llmjax.train.state import TrainState, gradient_step, param_specs
+
+
+def scores(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> jax.Array:
+    """The reward of every sequence of rows [B, K, T] (or [B, T]): scores_BK (scores_B)."""
+    lead = rows["inputs"].shape[:-1]
+    flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)
+    r_N = heads.at_last(heads.values(params, flat, cfg.model, constrain), flat["loss_mask"])
+    return r_N.reshape(lead)
+
+
+def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
+    """Bradley-Terry over every ranked pair (i better than j), margin reward.margin per rank apart."""
+    rows = batch["responses"]
+    r_BK = scores(params, rows, cfg, constrain)
+    valid_BK = jnp.any(rows["loss_mask"] > 0, axis=-1).astype(jnp.float32)
+    n_B = jnp.sum(valid_BK, axis=-1)
+    pairs = list(itertools.combinations(range(r_BK.shape[1]), 2))
+    better, worse = (np.array(idx) for idx in zip(*pairs, strict=True))
+    weight_BP = valid_BK[:, better] * valid_BK[:, worse] / jnp.maximum(n_B * (n_B - 1) / 2, 1)[:, None]
+    margin_P = cfg.reward.margin * (worse - better)
+    loss, aux = losses.bradley_terry(r_BK[:, better].ravel(), r_BK[:, worse].ravel(),
+                                     jnp.broadcast_to(margin_P, weight_BP.shape).ravel(), weight_BP.ravel())
+    count = jnp.maximum(jnp.sum(valid_BK), 1)
+    mean = jnp.sum(r_BK * valid_BK) / count
+    std = jnp.sqrt(jnp.sum(jnp.square(r_BK - mean) * valid_BK) / count)
+    return loss, aux | {"reward_mean": mean, "reward_std": std, "reward_best": jnp.mean(r_BK[:, 0])}
+
+
+def task(cfg) -> loop.Task:
+    mesh = make_mesh(cfg.mesh)
+    tx = optim.make(cfg, param_specs(cfg))
+    constrain = make_constrain(mesh, cfg.rules)
+    sharding = batch_sharding(mesh, cfg.rules)
+    k, eos = cfg.reward.responses, cfg.reward.read == "eos"
+    get = preference.batches(cfg, sharding, preference.source(cfg, k=k), layout="ranked", k=k, eos_input=eos)
+    step = gradient_step(lambda params, batch: loss_fn(params, batch, cfg, constrain), tx, optim.schedule(cfg))
+    evaluate = None
+    if cfg.eval_every:
+        held_out = preference.source(cfg, "validation", HELD_OUT, k)
+        eval_batches = preference.batches(cfg, sharding, held_out, layout="ranked", k=k, eos_input=eos)
+        eval_batches = [eval_batches(i) for i in range(max(1, cfg.eval_prompts // cfg.batch_size))]
+        metrics_fn = jax.jit(lambda params, batch: loss_fn(params, batch, cfg, constrain))
+
+        def evaluate(params) -> dict[str, float]:
+            rows = jax.device_get([metrics_fn(params, b) for b in eval_batches])
+            return {name: float(np.mean([loss if name == "loss" else aux[name] for loss, aux in rows]))
+                    for name in ("loss", *rows[0][1])}
+
+    return loop.Task(mesh, tx, step, get, sharding, flops_per_token(cfg), evaluate)
+
+
+def train(cfg, workdir: str) -> TrainState:
+    return loop.run(cfg, workdir, task(cfg))
