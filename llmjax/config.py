@@ -174,11 +174,35 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                                     or cfg.reward.responses < 2):
         raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
                           "ranked per prompt); start from configs/reward.py")
+    if cfg.trainer == "ppo":
+        _validate_ppo(cfg, dp)
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
             raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
     return sizes
+
+
+def _validate_ppo(cfg, dp: int) -> None:
+    p = cfg.get("ppo")
+    if p is None:
+        raise ConfigError("a ppo run needs the ppo section; start from configs/ppo.py")
+    for key, allowed in (("algorithm", ("ppo", "grpo")), ("value", ("separate", "shared")),
+                         ("kl_estimator", ("k1", "k2", "k3"))):
+        if p[key] not in allowed:
+            raise ConfigError(f"ppo.{key}={p[key]!r} is not one of {allowed}; set --config.ppo.{key}=...")
+    if not cfg.init_from:
+        raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
+    if cfg.data.source != "synthetic":
+        raise ConfigError("PPO prompts come from the synthetic tasks for now: set --config.data.source=synthetic")
+    group = p.group_size if p.algorithm == "grpo" else 1
+    if p.algorithm == "grpo" and group < 2:
+        raise ConfigError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
+    if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % dp:
+        raise ConfigError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
+                          f"that divide over data*fsdp={dp} devices (and whole groups of ppo.group_size={group})")
+    if p.epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
+        raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1 and ppo.temperature > 0")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -55,7 +55,7 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     examples = [tasks.sample(rng, [name]) for name in names for _ in range(n)]
     prompts, lengths = sampling.left_pad([prompt_ids(tokenizer, ex.prompt, fmt) for ex in examples])
     generate = sampling.sampler(cfg.model, max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                constrain=constrain)
+                                vocab_size=tokenizer.vocab_size, constrain=constrain)
 
     def evaluate(params) -> dict[str, float]:
         total = sum(float(loss(params, b)) for b in eval_batches)

@@ -42,7 +42,8 @@ def main(argv: list[str]) -> None:
     tokens, lengths = sampling.left_pad([prompt_ids(tokenizer, p, fmt) for p in prompts])
     generate = sampling.sampler(cfg.model, max_new_tokens=_MAX.value, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                top_p=_TOP_P.value, constrain=make_constrain(mesh, cfg.rules))
+                                top_p=_TOP_P.value, vocab_size=tokenizer.vocab_size,
+                                constrain=make_constrain(mesh, cfg.rules))
     out = jax.device_get(generate(params, tokens, lengths, jax.random.key(_SEED.value)))
     for prompt, toks, n in zip(prompts, out["tokens"], out["lengths"], strict=True):
         print(f"{prompt}\u2192 {tokenizer.decode(toks[:n])!r}")

@@ -15,7 +15,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-TRAINERS = {"pretrain": "llmjax.train.pretrain", "reward": "llmjax.train.reward", "dpo": "llmjax.train.dpo"}
+TRAINERS = {"pretrain": "llmjax.train.pretrain", "reward": "llmjax.train.reward", "dpo": "llmjax.train.dpo",
+            "ppo": "llmjax.train.ppo"}
 
 
 def init_distributed(cfg) -> None:

@@ -38,10 +38,19 @@ def _choose(logits_BV, key, temperature, top_k, top_p):
     return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+def limit_vocab(logits_BTV: jax.Array, vocab_size: int) -> jax.Array:
+    """Logits of ids the tokenizer has (an embedding may be padded past it), the rest pushed to -1e9: never
+    sampled, and no -inf to turn 0 * log 0 into NaN."""
+    if not vocab_size or vocab_size >= logits_BTV.shape[-1]:
+        return logits_BTV
+    return jnp.where(jnp.arange(logits_BTV.shape[-1]) < vocab_size, logits_BTV, -1e9)
+
+
 def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.Array, key: jax.Array, cfg, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, constrain: Constrain = no_constrain) -> dict[str, jax.Array]:
-    """Continues left-padded prompts (row b's prompt fills its last lengths_B[b] slots).
+             top_p: float = 1.0, vocab_size: int = 0, constrain: Constrain = no_constrain) -> dict[str, jax.Array]:
+    """Continues left-padded prompts (row b's prompt fills its last lengths_B[b] slots), sampling only ids below
+    vocab_size (the tokenizer's; 0: all of the model's).
 
     Returns tokens_BN (pad after EOS), logprobs_BN (0 after EOS) and lengths_B (tokens up to and including
     EOS). Jit it with the sampling settings static, e.g. through `sampler`.
@@ -53,7 +62,8 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     logits_BPV, _, cache = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg,
                                                constrain, cache)
     out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    init = (0, logits_BPV[:, -1], cache, jnp.zeros(B, bool), out_BN, jnp.zeros((B, max_new_tokens)), key)
+    logits_BV = limit_vocab(logits_BPV[:, -1], vocab_size)
+    init = (0, logits_BV, cache, jnp.zeros(B, bool), out_BN, jnp.zeros((B, max_new_tokens)), key)
 
     def cond(carry):
         i, _, _, done_B, *_ = carry
@@ -69,7 +79,7 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
         done_B = done_B | (token_B == eos_id)
         logits_B1V, _, cache = transformer.forward(params, token_B[:, None], (lengths_B + i)[:, None],
                                                    (~done_B).astype(jnp.int32)[:, None], cfg, constrain, cache)
-        return i + 1, logits_B1V[:, 0], cache, done_B, out_BN, logp_BN, key
+        return i + 1, limit_vocab(logits_B1V[:, 0], vocab_size), cache, done_B, out_BN, logp_BN, key
 
     _, _, _, _, out_BN, logp_BN, _ = jax.lax.while_loop(cond, body, init)
     ended = out_BN == eos_id
@@ -78,10 +88,11 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
 
 
 def sampler(cfg, *, max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-            top_p: float = 1.0, constrain: Constrain = no_constrain) -> Callable:
+            top_p: float = 1.0, vocab_size: int = 0, constrain: Constrain = no_constrain) -> Callable:
     """generate, jitted once for these settings: fn(params, prompts_BP, lengths_B, key) -> dict."""
     return jax.jit(partial(generate, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                           temperature=temperature, top_k=top_k, top_p=top_p, constrain=constrain))
+                           temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size,
+                           constrain=constrain))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:

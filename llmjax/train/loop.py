@@ -69,6 +69,8 @@ class Task(NamedTuple):
     evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
     frozen: tuple = ()  # extra step arguments that never change, e.g. a frozen reference model's parameters
     data_iterator: object = None  # a grain iterator behind `batches`, saved and restored with the checkpoints
+    rollout: Callable | None = None  # (state, batch, step) -> (batch, metrics): experience of the policy (PPO)
+    init_params: Callable | None = None  # () -> the state a fresh run starts from (default: cfg.init_from's)
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
@@ -82,7 +84,9 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     cfg.init_from, else from scratch."""
     checkpoint.claim_workdir(workdir, cfg)
     mngr = checkpoint.manager(workdir, cfg)
-    if mngr.latest_step() is None and cfg.init_from:
+    if mngr.latest_step() is None and task.init_params:
+        state = task.init_params()
+    elif mngr.latest_step() is None and cfg.init_from:
         params = checkpoint.load_params(cfg.init_from, task.mesh, cfg.model)
         state = state_lib.from_params(cfg, task.mesh, task.tx, params)
         log.info("starting from the parameters of %s", cfg.init_from)
@@ -105,7 +109,11 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 log.warning("preempted at step %d: saving and stopping", step)
                 break
             batch = task.batches(step)
+            experience = {}
+            if task.rollout:
+                batch, experience = task.rollout(state, batch, step)
             state, m = step_fn(state, batch, *task.frozen)
+            m |= experience
             pending.append(m)
             done = step + 1
             if done % cfg.checkpoint.every == 0:

@@ -55,7 +55,7 @@ def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule,
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step),
                    "tokens": jnp.sum(batch["loss_mask"])}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=state.extra), metrics
 
     return step
 

@@ -19,19 +19,31 @@ class TrainState:
     step: jax.Array
     params: transformer.Params
     opt_state: optax.OptState
+    extra: dict = flax.struct.field(default_factory=dict)  # a trainer's scalars that resume with it (PPO's KL coef)
 
 
 def param_specs(cfg) -> transformer.Params:
-    """What a run trains: a language model, or for a reward model a trunk with a scalar head."""
-    return heads.specs(cfg.model) if cfg.trainer == "reward" else transformer.specs(cfg.model)
+    """What a run trains: a language model; for a reward model a trunk with a scalar head; for PPO a policy and
+    a value model or a value head on the policy's trunk (GRPO: the policy alone)."""
+    if cfg.trainer == "reward":
+        return heads.specs(cfg.model)
+    if cfg.trainer != "ppo":
+        return transformer.specs(cfg.model)
+    out = {"policy": transformer.specs(cfg.model)}
+    if cfg.ppo.algorithm == "ppo" and cfg.ppo.value == "separate":
+        out["value"] = heads.specs(cfg.model)
+    elif cfg.ppo.algorithm == "ppo":
+        out["value_head"] = heads.specs(cfg.model)["head"]
+    return out
 
 
-def _fresh(tx: optax.GradientTransformation, params) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def _fresh(cfg, tx: optax.GradientTransformation, params) -> TrainState:
+    extra = {"kl_coef": jnp.asarray(cfg.ppo.kl_coef, jnp.float32)} if cfg.trainer == "ppo" else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
 
 
 def _create(cfg, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    return _fresh(tx, transformer.init_tree(param_specs(cfg), key, cfg.model.param_dtype))
+    return _fresh(cfg, tx, transformer.init_tree(param_specs(cfg), key, cfg.model.param_dtype))
 
 
 def shardings(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
@@ -42,7 +54,8 @@ def shardings(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh,
                                    transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                      extra=jax.tree.map(lambda _: replicated, shapes.extra))
 
 
 def _init(cfg, mesh: Mesh, tx: optax.GradientTransformation):
@@ -59,12 +72,19 @@ def create(cfg, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
 
 
 def from_params(cfg, mesh: Mesh, tx: optax.GradientTransformation, params: transformer.Params) -> TrainState:
-    """Step 0 with given parameters (fine-tuning from another run) and a fresh optimizer state. A language
-    model's parameters given to a head model become its trunk, under a freshly initialised head."""
+    """Step 0 with given parameters (fine-tuning from other runs) and a fresh optimizer state. Entries missing
+    from `params` are freshly initialised (a reward model's head over a language model's parameters, which
+    become its trunk; a PPO value head)."""
+    def merge(fresh, given):
+        if not isinstance(fresh, dict) or not isinstance(given, dict):
+            return given
+        return {k: merge(v, given[k]) if k in given else v for k, v in fresh.items()}
+
     def start(p, key):
-        if "trunk" in param_specs(cfg) and "trunk" not in p:
-            p = transformer.init_tree(param_specs(cfg), key, cfg.model.param_dtype) | {"trunk": p}
-        return _fresh(tx, p)
+        specs = param_specs(cfg)
+        if "trunk" in specs and "trunk" not in p:
+            p = {"trunk": p}
+        return _fresh(cfg, tx, merge(transformer.init_tree(specs, key, cfg.model.param_dtype), p))
 
     return jax.jit(start, out_shardings=shardings(cfg, mesh, tx))(params, jax.random.key(cfg.seed))
 
@@ -77,6 +97,6 @@ def gradient_step(loss: Callable, tx: optax.GradientTransformation, lr: optax.Sc
         updates, opt_state = tx.update(g, state.opt_state, state.params)
         metrics = {"loss": value, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step)}
         return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state), metrics
+                          opt_state=opt_state, extra=state.extra), metrics
 
     return step
