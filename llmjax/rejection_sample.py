@@ -1,0 +1,246 @@
+"""Rejection sampling (best-of-N, the Llama 2 / Llama 3 recipe): N responses per prompt from a policy, each scored by
+a reward model or by the synthetic tasks' checkers, the best kept and written as SFT records, so that fine-tuning on
+them distils the policy's own best answers back into it:
+
+  python -m llmjax.rejection_sample --policy=runs/sft --reward=runs/rm --n=8 --num_prompts=256 --out=best.jsonl
+  python -m llmjax.rejection_sample --policy=runs/sft --reward=tasks --prompts=prompts.jsonl --min_score=1 \\
+      --out=best.jsonl
+  python -m llmjax.main --config=configs/sft.py --config.init_from=runs/sft --config.data.source=files:best.jsonl \\
+      --workdir=runs/sft_rs
+
+Prompts are `synthetic` (drawn from the policy run's data.tasks) or a .jsonl file of {"prompt"} lines; they go
+through the chat template. Each output line is {"prompt", "response", "score"}. A response the policy did not end
+with eos within --max_new_tokens (it would teach the model to stop mid-answer) is never kept. The summary (mean
+score of one sample against the best of N; with task prompts, the accuracy of one sample, of the chosen one and of
+the best possible choice) is printed and written to OUT.summary.json (best.summary.json for --out=best.jsonl).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from tqdm import tqdm
+
+from llmjax import checkpoint, sampling
+from llmjax.config import ConfigError, run_main
+from llmjax.data import chat, tasks
+from llmjax.data.tokenizer import get_tokenizer
+from llmjax.models import transformer
+from llmjax.score import Scorer
+from llmjax.sharding import Constrain, make_constrain, make_mesh, no_constrain
+
+logger = logging.getLogger(__name__)
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (prompts, responses) -> scores
+PROMPT_STREAM = 2_000_003  # offsets the seed: these prompts are neither training nor evaluate's held-out stream
+
+
+def task_of(prompt: str) -> tasks.Task | None:
+    """The synthetic task a prompt was drawn from, or None for any other text."""
+    task = tasks.TASKS.get(prompt.split(" ", 1)[0])
+    if task is None:
+        return None
+    try:
+        task.check(prompt, "")  # parses the prompt
+    except (ValueError, KeyError):  # the task's name, but not its prompt format
+        return None
+    return task
+
+
+def check_tasks(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """The tasks' checkers as a reward: 1.0 for a correct answer, 0.0 for a wrong one."""
+    out = np.zeros(len(prompts), np.float32)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        task = task_of(prompt)
+        if task is None:
+            raise ConfigError(f"prompt {prompt!r} is not a synthetic task prompt, so --reward=tasks cannot check it; "
+                              "score with a reward model run (--reward=runs/rm)")
+        out[i] = task.check(prompt, response)
+    return out
+
+
+def synthetic_prompts(task_names: str, num: int, seed: int = 0) -> list[str]:
+    """`num` prompts of the comma-separated tasks, fresh for every seed."""
+    rng = np.random.default_rng([seed, PROMPT_STREAM])
+    return [tasks.sample(rng, task_names.split(",")).prompt for _ in range(num)]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The "prompt" of every line of a .jsonl file (the prompts record kind of llmjax.data.sources)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--prompts={path!r} does not exist; pass a .jsonl file of {{\"prompt\": ...}} lines, or "
+                          "--prompts=synthetic")
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                raise ConfigError(f"{path}:{n}: not a JSON object with a \"prompt\" field; write one "
+                                  "{\"prompt\": ...} object per line") from None
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigError(f"{path}:{n}: the prompt is not a non-empty string")
+            prompts.append(prompt)
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts; write one {{\"prompt\": ...}} JSON object per line")
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """Every prompt's N responses and their scores, kept whole so the choice can be checked and summarised."""
+
+    prompts: list[str]
+    responses: list[list[str]]  # [prompt][sample]
+    scores: np.ndarray          # [prompts, n] float
+    valid: np.ndarray           # [prompts, n] bool: ended with eos, and every token is one the tokenizer knows
+
+    def best(self, min_score: float | None = None) -> list[dict]:
+        """SFT records {"prompt", "response", "score"}: each prompt's best valid response (the first among ties),
+        if it has one and its score reaches min_score."""
+        scores = np.where(self.valid, self.scores, -np.inf)
+        records = []
+        for prompt, responses, row in zip(self.prompts, self.responses, scores, strict=True):
+            i = int(np.argmax(row))
+            if np.isfinite(row[i]) and (min_score is None or row[i] >= min_score):
+                records.append({"prompt": prompt, "response": responses[i], "score": float(row[i])})
+        return records
+
+    def summary(self, min_score: float | None = None) -> dict:
+        """Mean score of one sample against the best of N; with task prompts, the accuracy of one sample, of the
+        chosen response and of an oracle choice (pass@N), whatever the scorer was."""
+        chosen = np.argmax(np.where(self.valid, self.scores, -np.inf), axis=1)
+        out = {"prompts": len(self.prompts), "n": self.scores.shape[1], "kept": len(self.best(min_score)),
+               "valid": float(self.valid.mean()), "score/sample": float(self.scores.mean()),
+               "score/best_of_n": float(self.scores[np.arange(len(chosen)), chosen].mean())}
+        checkers = [task_of(p) for p in self.prompts]
+        if None not in checkers:
+            correct = self.valid & np.array([[task.check(p, r) for r in responses] for task, p, responses
+                                             in zip(checkers, self.prompts, self.responses, strict=True)])
+            out |= {"accuracy/sample": float(correct.mean()),
+                    "accuracy/best_of_n": float(correct[np.arange(len(chosen)), chosen].mean()),
+                    "accuracy/pass_at_n": float(correct.any(axis=1).mean())}
+        return out
+
+
+def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, score_fn: ScoreFn, key: jax.Array, *,
+              batch_size: int = 256, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0,
+              top_p: float = 1.0, constrain: Constrain = no_constrain, progress: bool = True) -> Samples:
+    """Samples n responses per prompt from the policy (params, its run's cfg) through the chat template and
+    scores them. The prompts, repeated n times, are generated and scored batch_size rows at a time, all
+    left-padded to one width (the last batch filled with repeats) so the sampler compiles once."""
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"n={n} and batch_size={batch_size} must be positive")
+    if n > 1 and temperature == 0.0:
+        raise ConfigError("temperature=0 is greedy decoding: all n samples would be the same; use a temperature "
+                          "> 0 (e.g. 1.0)")
+    if not prompts:
+        raise ConfigError("no prompts to sample from")
+    if cfg.data.format != "chat":
+        logger.warning("the policy trained on data.format=%r, but rejection sampling asks it through the chat "
+                       "template; start from an SFT run", cfg.data.format)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokens_PW, lengths_P = sampling.left_pad([chat.prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
+    if tokens_PW.shape[1] + max_new_tokens > cfg.model.max_seq_len:
+        raise ConfigError(f"prompts of {tokens_PW.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceed the "
+                          f"model's max_seq_len={cfg.model.max_seq_len}; lower --max_new_tokens or shorten the prompts")
+    generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                                vocab_size=tokenizer.vocab_size, constrain=constrain)
+    rows = np.repeat(np.arange(len(prompts)), n)  # row r holds prompt r // n
+    batch_size = min(batch_size, len(rows))
+    responses, scores, valid = [], [], []
+    with tqdm(total=len(rows), desc=f"best-of-{n}", unit="sample", disable=not progress) as bar:
+        for chunk, start in enumerate(range(0, len(rows), batch_size)):
+            idx = np.resize(rows[start:start + batch_size], batch_size)  # a full batch: one shape, one compilation
+            out = jax.device_get(generate(params, tokens_PW[idx], lengths_P[idx], jax.random.fold_in(key, chunk)))
+            texts = [tokenizer.decode(t[:m]) for t, m in zip(out["tokens"], out["lengths"], strict=True)]
+            scores.append(np.asarray(score_fn([prompts[i] for i in idx], texts), np.float32))
+            valid.append((out["tokens"] == tokenizer.eos_id).any(axis=1))
+            responses += texts
+            bar.update(min(batch_size, len(rows) - start))
+    m = len(rows)
+    return Samples(prompts=list(prompts), responses=[responses[i:i + n] for i in range(0, m, n)],
+                   scores=np.concatenate(scores)[:m].reshape(-1, n),
+                   valid=np.concatenate(valid)[:m].reshape(-1, n))
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def make_scorer(reward: str) -> ScoreFn:
+    """--reward: "tasks" (the checkers) or a reward run's workdir."""
+    if reward == "tasks":
+        return check_tasks
+    if not os.path.exists(os.path.join(reward, "config.json")):
+        raise ConfigError(f"--reward={reward!r} is neither 'tasks' nor a run's workdir (no config.json); pass a "
+                          "reward model run trained with configs/reward.py, or --reward=tasks")
+    return Scorer(reward)
+
+
+def policy_config(workdir: str) -> ml_collections.ConfigDict:
+    """A language model run's config; a reward run is refused, as it cannot generate."""
+    cfg = checkpoint.run_config(workdir)
+    if cfg.trainer == "reward":
+        raise ConfigError(f"--policy={workdir!r} holds a reward model; pass a language model run (e.g. runs/sft) "
+                          "and give the reward model as --reward")
+    return cfg
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    f = flags.FLAGS
+    if not f.out.endswith(".jsonl"):
+        raise ConfigError(f"--out={f.out!r}: name it FILE.jsonl, the suffix llmjax.data.sources reads records from")
+    cfg = policy_config(f.policy)
+    score_fn = make_scorer(f.reward)
+    if f.prompts == "synthetic":
+        prompts = synthetic_prompts(cfg.data.tasks, f.num_prompts, f.seed)
+    else:
+        prompts = read_prompts(f.prompts)
+    if f.reward == "tasks":
+        check_tasks(prompts, [""] * len(prompts))  # every prompt is a task's, checked before any sampling
+    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    params = checkpoint.load_params(f.policy, mesh)
+    samples = best_of_n(params, cfg, prompts, f.n, score_fn, jax.random.key(f.seed), batch_size=f.batch_size,
+                        max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                        constrain=make_constrain(mesh, cfg.rules))
+    records = samples.best(f.min_score)
+    if not records:
+        logger.warning("no response was kept; lower --min_score or raise --n, --max_new_tokens")
+    write_jsonl(f.out, records)
+    summary = samples.summary(f.min_score) | {"policy": f.policy, "reward": f.reward, "min_score": f.min_score}
+    with open(os.path.splitext(f.out)[0] + ".summary.json", "w") as file:
+        json.dump(summary, file, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":  # flags only for the command line: the pipeline experiment imports this module
+    flags.DEFINE_string("policy", None, "The policy run's workdir (e.g. runs/sft); its latest checkpoint samples.",
+                        required=True)
+    flags.DEFINE_string("reward", None, "A reward model run's workdir, or 'tasks' for the synthetic tasks' checkers.",
+                        required=True)
+    flags.DEFINE_string("out", None, "Where to write the best responses as {prompt, response, score} lines.",
+                        required=True)
+    flags.DEFINE_integer("n", 8, "Responses sampled per prompt.")
+    flags.DEFINE_string("prompts", "synthetic", "'synthetic' (the policy's data.tasks) or a .jsonl of {prompt} lines.")
+    flags.DEFINE_integer("num_prompts", 256, "Prompts drawn with --prompts=synthetic.")
+    flags.DEFINE_float("min_score", None, "Keep a prompt's best response only if its score reaches this.")
+    flags.DEFINE_integer("batch_size", 256, "Sequences generated and scored per call (prompts x n in all).")
+    flags.DEFINE_integer("max_new_tokens", 32, "Tokens per response at most; unfinished responses are never kept.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0: the N samples must differ).")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens with this probability.")
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic prompts and of sampling.")
+    run_main(main)
