@@ -73,14 +73,18 @@ def _param_shapes(model) -> tuple:
     return model.param_dtype, jax.tree.map(lambda s: s.shape, transformer.specs(model), is_leaf=transformer.is_spec)
 
 
-def load_params(workdir: str, mesh: Mesh, model=None) -> transformer.Params:
+def load_params(workdir: str, mesh: Mesh, model=None, tokenizer: str | None = None) -> transformer.Params:
     """The parameters of the latest checkpoint in `workdir`, on `mesh` (sharded by that run's rules): a
-    language model's, or a reward model's {"trunk", "head"}. With `model`, first checks that the (trunk's)
-    parameters have the same shapes as the run's."""
+    language model's, or a reward model's {"trunk", "head"}. With `model` (and `tokenizer`), first checks that
+    the (trunk's) parameters have the same shapes as the run's (and that it read the same token ids)."""
     cfg = run_config(workdir)
     if model is not None and _param_shapes(cfg.model) != _param_shapes(model):
         raise ConfigError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
                           f"config's {model.name!r}; start from a run of the same model")
+    if tokenizer is not None and cfg.data.tokenizer != tokenizer:
+        raise ConfigError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
+                          f"{tokenizer!r}: its parameters would see other tokens; set --config.data.tokenizer="
+                          f"{cfg.data.tokenizer}")
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     if mngr.latest_step() is None:

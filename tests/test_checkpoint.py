@@ -82,6 +82,16 @@ def test_claim_refuses_a_different_model(run):
     assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
 
 
+def test_load_params_checks_model_and_tokenizer(run):
+    workdir, cfg, _, saved = run
+    mesh = make_mesh(cfg.mesh)
+    assert_same_values(checkpoint.load_params(workdir, mesh, cfg.model, cfg.data.tokenizer), saved.params)
+    with pytest.raises(config.ConfigError, match="parameters differ"):
+        checkpoint.load_params(workdir, mesh, tiny_config(**{"model.d_model": 32}).model)
+    with pytest.raises(config.ConfigError, match="set --config.data.tokenizer=byte"):
+        checkpoint.load_params(workdir, mesh, cfg.model, "other.model")
+
+
 def test_claim_accepts_the_same_model_with_other_settings(tmp_path):
     checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=20))
     checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=40, **{"optim.lr": 1e-3}))

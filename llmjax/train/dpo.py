@@ -94,7 +94,7 @@ def task(cfg, workdir: str) -> loop.Task:
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     get = preference.batches(cfg, sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
-    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model)
+    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model, cfg.data.tokenizer)
     if cfg.dpo.reference == "precomputed":
         batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()
     else:

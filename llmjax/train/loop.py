@@ -87,7 +87,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     if mngr.latest_step() is None and task.init_params:
         state = task.init_params()
     elif mngr.latest_step() is None and cfg.init_from:
-        params = checkpoint.load_params(cfg.init_from, task.mesh, cfg.model)
+        params = checkpoint.load_params(cfg.init_from, task.mesh, cfg.model, cfg.data.tokenizer)
         state = state_lib.from_params(cfg, task.mesh, task.tx, params)
         log.info("starting from the parameters of %s", cfg.init_from)
     elif mngr.latest_step() is None:

@@ -160,8 +160,9 @@ def task(cfg, workdir: str, mesh: Mesh | None = None) -> loop.Task:
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model)
-    reward_model = None if p.reward == "tasks" else checkpoint.load_params(p.reward, mesh)
+    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model, cfg.data.tokenizer)
+    reward_model = None if p.reward == "tasks" else checkpoint.load_params(p.reward, mesh,
+                                                                           tokenizer=cfg.data.tokenizer)
     reward_cfg = None if p.reward == "tasks" else checkpoint.run_config(p.reward)
     generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=p.temperature,
