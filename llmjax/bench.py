@@ -2,6 +2,7 @@
   python -m llmjax.bench train --config=configs/pretrain.py[:model=small] [--steps=16] [--out=bench_train.json]
   python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
   python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
+  python -m llmjax.bench ppo --config=configs/ppo.py --config.ppo.reward=tasks  (time split of one iteration)
   python -m llmjax.bench data --config=configs/pretrain.py  (grain pipeline tokens/s vs training tokens/s)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
@@ -29,7 +30,7 @@ from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
-from llmjax.train import dpo, pretrain, state
+from llmjax.train import dpo, ppo, pretrain, state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to benchmark.",
                                           lock_config=True)
@@ -119,6 +120,16 @@ def bench_generate(cfg, prompts: int = 8, prompt_len: int = 16, new: int = 256) 
             "speedup": recompute_s / cache_s}
 
 
+def _save_fresh_run(cfg, workdir: str) -> None:
+    """A freshly initialised model saved as a run, to stand in for the SFT checkpoint a trainer starts from."""
+    run = copy.deepcopy(cfg)
+    run.trainer = "pretrain"
+    checkpoint.claim_workdir(workdir, run)
+    mngr = checkpoint.manager(workdir, run)
+    checkpoint.save(mngr, 0, state.create(run, make_mesh(run.mesh), optim.make(run, transformer.specs(run.model))))
+    mngr.wait_until_finished()
+
+
 def bench_dpo(cfg) -> dict:
     """Pairs/s of the DPO step with the reference run live each step against precomputed log-probs (whose
     one-off pass over the run's batches is reported apart). Starts from a fresh model saved as the SFT run."""
@@ -127,11 +138,7 @@ def bench_dpo(cfg) -> dict:
     out = {"model": cfg.model.name, "pairs_per_step": cfg.batch_size, "loss": cfg.dpo.loss}
     with tempfile.TemporaryDirectory() as tmp:
         cfg.init_from = os.path.join(tmp, "sft")
-        mesh = make_mesh(cfg.mesh)
-        checkpoint.claim_workdir(cfg.init_from, cfg)
-        mngr = checkpoint.manager(cfg.init_from, cfg)
-        checkpoint.save(mngr, 0, state.create(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model))))
-        mngr.wait_until_finished()
+        _save_fresh_run(cfg, cfg.init_from)
         for reference in ("live", "precomputed"):
             cfg.dpo.reference = reference
             t = time.perf_counter()
@@ -153,6 +160,38 @@ def bench_dpo(cfg) -> dict:
     return out
 
 
+def bench_ppo(cfg) -> dict:
+    """Seconds of one PPO iteration split into generation (KV cache), scoring with the reference log-probs,
+    values and advantages, and the update (ppo.epochs x ppo.minibatches optimizer steps), medians after the
+    compiling iteration; and how often the update compiled (1: never again after the first iteration).
+    Starts from a fresh model saved as the SFT run, rewarded by the tasks' checkers unless cfg.ppo.reward
+    names a reward run."""
+    cfg = copy.deepcopy(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.init_from = os.path.join(tmp, "sft")
+        _save_fresh_run(cfg, cfg.init_from)
+        task = ppo.task(cfg, tmp)
+        train_state = task.init_params()
+        step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
+        times = {"generate_s": [], "score_reference_advantages_s": [], "update_s": []}
+        for i in range(_STEPS.value + 1):
+            t0 = time.perf_counter()
+            rows, scored, correct = jax.block_until_ready(task.rollout.sample(train_state.params, task.batches(i), i))
+            t1 = time.perf_counter()
+            batch, _ = jax.block_until_ready(task.rollout.experience(
+                train_state.params, rows, task.rollout.score(scored, correct), train_state.extra["kl_coef"]))
+            t2 = time.perf_counter()
+            train_state, m = jax.block_until_ready(step(train_state, batch))
+            for name, dt in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2), strict=True):
+                times[name].append(dt)
+    out = {name: statistics.median(v[1:]) for name, v in times.items()}
+    total = sum(out.values())
+    return {"model": cfg.model.name, "algorithm": cfg.ppo.algorithm, "reward": cfg.ppo.reward,
+            "prompts": cfg.batch_size, "max_new_tokens": cfg.ppo.max_new_tokens, "iteration_s": total, **out,
+            **{name.replace("_s", "_share"): v / total for name, v in out.items()},
+            "first_iteration_s": sum(v[0] for v in times.values()), "update_compiles": step._cache_size()}
+
+
 def bench_data(cfg, records: int = 20_000) -> dict:
     """Tokens/s of the grain pipeline (shuffle, tokenize, pack, batch) over task documents held in memory,
     next to the train step's tokens/s for the same config: input must never be the bottleneck."""
@@ -171,7 +210,7 @@ def bench_data(cfg, records: int = 20_000) -> dict:
             "pipeline_over_train": pipeline_tokens_per_s / train["tokens_per_s"]}
 
 
-BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "data": bench_data}
+BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "data": bench_data}
 
 
 def main(argv: list[str]) -> None:

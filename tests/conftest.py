@@ -3,7 +3,28 @@
 import os
 
 import jax
+import pytest
+from helpers import reward_config, tiny_config
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+from llmjax.train import pretrain, reward  # noqa: E402  (after the device count is set)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory) -> str:
+    """A tiny model fine-tuned on `sort` in the chat format (about 30% greedy accuracy): the starting point,
+    reference and trunk for the reward, DPO and PPO tests."""
+    workdir = str(tmp_path_factory.mktemp("sft"))
+    pretrain.train(tiny_config(steps=150, **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3}), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def rm_dir(sft_dir, tmp_path_factory) -> str:
+    """A tiny reward model on the SFT trunk (its held-out pairwise accuracy in metrics.jsonl)."""
+    workdir = str(tmp_path_factory.mktemp("rm"))
+    reward.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
+    return workdir

@@ -25,6 +25,14 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def reward_config(init_from="", **overrides) -> ml_collections.ConfigDict:
+    """A tiny reward model on `sort` preference pairs (the correct answer over a corrupted one)."""
+    cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "init_from": init_from, "trainer": "reward",
+                         "optim.lr": 1e-3, **overrides})
+    cfg.reward = dict(responses=2, margin=0.0, read="last")
+    return cfg
+
+
 def metric_rows(workdir) -> list[dict]:
     """The rows a run wrote to metrics.jsonl (training rows carry "loss", evaluation rows "eval/...")."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

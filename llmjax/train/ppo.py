@@ -153,52 +153,72 @@ def prompts(cfg):
     return get
 
 
+class Rollout:
+    """Experience from the current policy, in stages a benchmark can time apart: `sample` (KV-cache generation),
+    `score` (the tasks' checkers or a reward model) and `experience` (reference log-probs, values, advantages).
+    Calling it runs all three: (state, examples, step) -> (batch for the update step, metrics)."""
+
+    def __init__(self, cfg, mesh: Mesh, reference):
+        p = cfg.ppo
+        self.cfg, self.reference = cfg, reference
+        self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
+        self.sharding = batch_sharding(mesh, cfg.rules)
+        constrain = make_constrain(mesh, cfg.rules)
+        self.reward_model = None if p.reward == "tasks" else checkpoint.load_params(p.reward, mesh,
+                                                                                    tokenizer=cfg.data.tokenizer)
+        reward_cfg = None if p.reward == "tasks" else checkpoint.run_config(p.reward)
+        read_eos = reward_cfg is not None and reward_cfg.reward.read == "eos"
+        self._generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_id,
+                                          pad_id=tok.pad_id, temperature=p.temperature, vocab_size=tok.vocab_size,
+                                          constrain=constrain)
+        self._rows = jax.jit(lambda ids, lengths, out: rows_of(ids, lengths, out, tok.eos_id, read_eos))
+        self._score = jax.jit(lambda rm, rows: reward.scores(rm, rows, reward_cfg, constrain))
+        self._experience = jax.jit(lambda params, rows, scores, kl_coef: experience(
+            params, reference, rows, scores, kl_coef, cfg, constrain), out_shardings=(self.sharding, None))
+
+    def _put(self, x: np.ndarray) -> jax.Array:  # every process holds the whole (small) array
+        return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
+
+    def sample(self, params, examples: list[tasks.Example], step: int) -> tuple[dict, dict, np.ndarray]:
+        """(training rows, reward-model rows, whether each answer passes its task's checker)."""
+        tok = self.tokenizer
+        ids, lengths = sampling.left_pad([chat.prompt_ids(tok, ex.prompt) for ex in examples])
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+        out = self._generate(params["policy"], self._put(ids), self._put(lengths), key)
+        rows, scored = self._rows(self._put(ids), self._put(lengths), out)
+        tokens, n = multihost_utils.process_allgather((out["tokens"], out["lengths"]), tiled=True)
+        correct = np.array([tasks.TASKS[ex.task].check(ex.prompt, tok.decode(t[:m]))
+                            for ex, t, m in zip(examples, tokens, n, strict=True)], np.float32)
+        return rows, scored, correct
+
+    def score(self, scored: dict, correct: np.ndarray) -> jax.Array:
+        return self._put(correct) if self.reward_model is None else self._score(self.reward_model, scored)
+
+    def experience(self, params, rows: dict, scores: jax.Array, kl_coef: jax.Array) -> tuple[dict, dict]:
+        return self._experience(params, rows, scores, kl_coef)
+
+    def __call__(self, state: TrainState, examples: list[tasks.Example], step: int) -> tuple[dict, dict]:
+        rows, scored, correct = self.sample(state.params, examples, step)
+        batch, metrics = self.experience(state.params, rows, self.score(scored, correct), state.extra["kl_coef"])
+        return batch, metrics | {"accuracy": float(correct.mean())}
+
+
 def task(cfg, workdir: str, mesh: Mesh | None = None) -> loop.Task:
     p = cfg.ppo
     mesh = mesh or make_mesh(cfg.mesh)
     tx = optim.make(cfg, param_specs(cfg))
     constrain = make_constrain(mesh, cfg.rules)
-    sharding = batch_sharding(mesh, cfg.rules)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
     reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model, cfg.data.tokenizer)
-    reward_model = None if p.reward == "tasks" else checkpoint.load_params(p.reward, mesh,
-                                                                           tokenizer=cfg.data.tokenizer)
-    reward_cfg = None if p.reward == "tasks" else checkpoint.run_config(p.reward)
-    generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tokenizer.eos_id,
-                                pad_id=tokenizer.pad_id, temperature=p.temperature,
-                                vocab_size=tokenizer.vocab_size, constrain=constrain)
-    read_eos = reward_cfg is not None and reward_cfg.reward.read == "eos"
-    to_rows = jax.jit(lambda ids, lengths, out: rows_of(ids, lengths, out, tokenizer.eos_id, read_eos))
-    score_rm = reward_model and jax.jit(lambda rm, rows: reward.scores(rm, rows, reward_cfg, constrain))
-    gain = jax.jit(lambda params, rows, scores, kl_coef: experience(params, reference, rows, scores, kl_coef, cfg,
-                                                                    constrain), out_shardings=(sharding, None))
-
-    def put(x: np.ndarray) -> jax.Array:  # every process holds the whole (small) array
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    def rollout(state: TrainState, examples: list[tasks.Example], step: int) -> tuple[dict, dict]:
-        """Sample, score, and attach everything the update needs; returns (batch, the rollout's metrics)."""
-        ids, lengths = sampling.left_pad([chat.prompt_ids(tokenizer, ex.prompt) for ex in examples])
-        key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
-        out = generate(state.params["policy"], put(ids), put(lengths), key)
-        rows, scored = to_rows(put(ids), put(lengths), out)
-        tokens, n = multihost_utils.process_allgather((out["tokens"], out["lengths"]), tiled=True)
-        correct = np.array([tasks.TASKS[ex.task].check(ex.prompt, tokenizer.decode(t[:m]))
-                            for ex, t, m in zip(examples, tokens, n, strict=True)], np.float32)
-        scores = put(correct) if reward_model is None else score_rm(reward_model, scored)
-        batch, metrics = gain(state.params, rows, scores, state.extra["kl_coef"])
-        return batch, metrics | {"accuracy": float(correct.mean())}
-
+    rollout = Rollout(cfg, mesh, reference)
     evaluate = None
     if cfg.eval_every:
         evaluate_policy = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts)
         evaluate = lambda params: evaluate_policy(params["policy"])  # noqa: E731
-    value_init = None
-    if p.algorithm == "ppo" and p.value == "separate":
-        value_init = {"trunk": reference} if reward_model is None else reward_model
-    start = {"policy": reference} | ({"value": value_init} if value_init else {})
-    return loop.Task(mesh, tx, make_step(cfg, tx, constrain), prompts(cfg), sharding, flops_per_token(cfg), evaluate,
-                     rollout=rollout, init_params=lambda: from_params(cfg, mesh, tx, start))
+    start = {"policy": reference}
+    if p.algorithm == "ppo" and p.value == "separate":  # from the reward model, else the SFT trunk + a fresh head
+        start["value"] = rollout.reward_model or {"trunk": reference}
+    return loop.Task(mesh, tx, make_step(cfg, tx, constrain), prompts(cfg), rollout.sharding, flops_per_token(cfg),
+                     evaluate, rollout=rollout, init_params=lambda: from_params(cfg, mesh, tx, start))
 
 
 def train(cfg, workdir: str) -> TrainState:

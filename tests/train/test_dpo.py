@@ -4,12 +4,11 @@ from functools import partial
 
 import jax
 import numpy as np
-import pytest
 from helpers import tiny_config
 
 from llmjax import sharding
 from llmjax.data import preference
-from llmjax.train import dpo, pretrain
+from llmjax.train import dpo
 
 
 def dpo_config(init_from, **overrides):
@@ -18,14 +17,6 @@ def dpo_config(init_from, **overrides):
     cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, nll_weight=0.0, reference="live",
                    packed=False)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A briefly fine-tuned tiny model: the policy's start and the reference."""
-    workdir = str(tmp_path_factory.mktemp("sft"))
-    pretrain.train(tiny_config(steps=30, **{"data.format": "chat", "data.tasks": "sort", "seq_len": 96}), workdir)
-    return workdir
 
 
 def test_precomputed_reference_equals_live(sft_dir, tmp_path):

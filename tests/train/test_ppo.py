@@ -9,7 +9,7 @@ import pytest
 from helpers import metric_rows, tiny_config
 
 from llmjax import sharding
-from llmjax.train import ppo, pretrain
+from llmjax.train import ppo
 
 _SPEC = importlib.util.spec_from_file_location("ppo_config", "configs/ppo.py")
 PPO_CONFIG = importlib.util.module_from_spec(_SPEC)
@@ -23,13 +23,6 @@ def ppo_config(init_from, algorithm="ppo", **overrides):
     cfg.ppo = PPO_CONFIG.get_config(f"model=tiny,algorithm={algorithm}").ppo
     cfg.ppo.update(reward="tasks", max_new_tokens=12)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("sft"))
-    pretrain.train(tiny_config(steps=30, **{"data.format": "chat", "data.tasks": "sort"}), workdir)
-    return workdir
 
 
 @pytest.mark.parametrize("algorithm,value", [("ppo", "separate"), ("ppo", "shared"), ("grpo", "separate")])
@@ -63,7 +56,8 @@ def test_one_update_sharded_equals_single_device(sft_dir, tmp_path):
         new, m = step(state, jax.device_put(batch, task.batch_sharding))
         results.append(jax.device_get((new.params, m)))
     (params, m), (params_s, m_s) = results
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_s, params)
+    # Adam divides by sqrt(v): float32 noise in a near-zero gradient moves that update by a fraction of lr (3e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), params_s, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), m_s, m)
 
 
@@ -77,3 +71,28 @@ def test_trains_end_to_end_with_its_metrics(sft_dir, tmp_path):
                 "explained_variance", "response_length", "accuracy", "kl_coef"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]  # adapted toward the target KL
+
+
+def quarters(workdir, key: str) -> tuple[float, float]:
+    values = [r[key] for r in metric_rows(workdir) if key in r and "eval/accuracy" not in r]
+    n = len(values) // 4
+    return float(np.mean(values[:n])), float(np.mean(values[-n:]))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_learns_the_task_reward(sft_dir, tmp_path, algorithm):
+    """Rewarded by the sort checker, the sampled answers get right more often while the KL stays bounded."""
+    cfg = ppo_config(sft_dir, algorithm, steps=60, batch_size=64)
+    cfg.ppo.update(epochs=1, minibatches=1, group_size=8)
+    ppo.train(cfg, str(tmp_path))
+    first, last = quarters(tmp_path, "score")
+    assert last > first + 0.04, (first, last)
+    assert quarters(tmp_path, "kl_to_ref")[1] < 1.5
+
+
+def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
+    cfg = ppo_config(sft_dir, steps=20, batch_size=32)
+    cfg.ppo.update(reward=rm_dir, epochs=1, minibatches=1)
+    ppo.train(cfg, str(tmp_path))
+    first, last = quarters(tmp_path, "score")
+    assert last > first + 0.2, (first, last)

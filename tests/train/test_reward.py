@@ -9,29 +9,14 @@ from functools import partial
 
 import jax
 import numpy as np
-import pytest
-from helpers import metric_rows, tiny_config
+from helpers import metric_rows, reward_config
 
 from llmjax import checkpoint, optim, sharding
 from llmjax.data import preference, tasks
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.models import heads
 from llmjax.models.transformer import init_tree
-from llmjax.train import pretrain, reward, state
-
-
-def reward_config(init_from="", **overrides):
-    cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "seq_len": 64, "init_from": init_from,
-                         "trainer": "reward", "optim.lr": 1e-3, **overrides})
-    cfg.reward = dict(responses=2, margin=0.0, read="last")
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("sft"))
-    pretrain.train(tiny_config(steps=30, **{"data.format": "chat", "data.tasks": "sort", "seq_len": 64}), workdir)
-    return workdir
+from llmjax.train import reward, state
 
 
 def test_reads_the_last_response_token_or_the_eos():
@@ -107,13 +92,6 @@ def test_sharded_equals_single_device(sft_dir):
     (loss, grads), (loss_s, grads_s) = results
     np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_s, grads)
-
-
-@pytest.fixture(scope="module")
-def rm_dir(sft_dir, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("rm"))
-    reward.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
-    return workdir
 
 
 def test_reward_model_learns_held_out_preferences(rm_dir):
