@@ -114,6 +114,17 @@ class Samples:
                 records.append({"prompt": prompt, "response": responses[i], "score": float(row[i])})
         return records
 
+    def pairs(self) -> list[dict]:
+        """Preference records {"prompt", "chosen", "rejected"} of the policy's own answers: each prompt's best and
+        worst valid responses, where they differ in score (on-policy pairs for DPO or a reward model)."""
+        records = []
+        for prompt, responses, row, valid in zip(self.prompts, self.responses, self.scores, self.valid, strict=True):
+            best, worst = np.where(valid, row, -np.inf), np.where(valid, row, np.inf)
+            i, j = int(np.argmax(best)), int(np.argmin(worst))
+            if valid.any() and row[i] > row[j]:
+                records.append({"prompt": prompt, "chosen": responses[i], "rejected": responses[j]})
+        return records
+
     def summary(self, min_score: float | None = None) -> dict:
         """Mean score of one sample against the best of N; with task prompts, the accuracy of one sample, of the
         chosen response and of an oracle choice (pass@N), whatever the scorer was."""
@@ -220,6 +231,8 @@ def main(argv: list[str]) -> None:
     if not records:
         logger.warning("no response was kept; lower --min_score or raise --n, --max_new_tokens")
     write_jsonl(f.out, records)
+    if f.pairs_out:
+        write_jsonl(f.pairs_out, samples.pairs())
     summary = samples.summary(f.min_score) | {"policy": f.policy, "reward": f.reward, "min_score": f.min_score}
     with open(os.path.splitext(f.out)[0] + ".summary.json", "w") as file:
         json.dump(summary, file, indent=2)
@@ -233,6 +246,8 @@ if __name__ == "__main__":  # flags only for the command line: the pipeline expe
                         required=True)
     flags.DEFINE_string("out", None, "Where to write the best responses as {prompt, response, score} lines.",
                         required=True)
+    flags.DEFINE_string("pairs_out", None, "Also write each prompt's best and worst responses as preference records "
+                        "{prompt, chosen, rejected} (on-policy pairs for DPO).")
     flags.DEFINE_integer("n", 8, "Responses sampled per prompt.")
     flags.DEFINE_string("prompts", "synthetic", "'synthetic' (the policy's data.tasks) or a .jsonl of {prompt} lines.")
     flags.DEFINE_integer("num_prompts", 256, "Prompts drawn with --prompts=synthetic.")

@@ -9,7 +9,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
 
 from llmjax import checkpoint, sharding
 from llmjax import rejection_sample as rs
@@ -17,24 +16,14 @@ from llmjax.config import ConfigError
 from llmjax.data import pipeline, sources, tasks
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.score import Scorer
-from llmjax.train import pretrain, reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHAT = {"data.format": "chat", "data.tasks": "sort", "seq_len": 64}
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """A tiny chat policy on sort, trained just enough to be right sometimes (measured: 4% of samples)."""
-    workdir = str(tmp_path_factory.mktemp("policy"))
-    pretrain.train(tiny_config(steps=80, batch_size=16, **CHAT), workdir)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def policy(policy_dir):
+def policy(sft_dir):
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    return checkpoint.load_params(policy_dir, mesh), rs.policy_config(policy_dir)
+    return checkpoint.load_params(sft_dir, mesh), rs.policy_config(sft_dir)
 
 
 def rescore(samples, score_fn):
@@ -63,6 +52,8 @@ def test_best_skips_invalid_responses_and_low_scores():
     assert [r["response"] for r in samples.best(min_score=0.5)] == ["a2"]
     summary = samples.summary()
     assert summary["score/best_of_n"] == pytest.approx((0.9 + 0.3 + 5.0) / 3) and "accuracy/sample" not in summary
+    assert samples.pairs() == [{"prompt": "a", "chosen": "a2", "rejected": "a0"},  # best and worst that finished
+                               {"prompt": "b", "chosen": "b1", "rejected": "b0"}]  # c: none finished
 
 
 def test_best_of_n_with_checkers_is_an_sft_dataset(policy, tmp_path):
@@ -79,7 +70,7 @@ def test_best_of_n_with_checkers_is_an_sft_dataset(policy, tmp_path):
 
     summary = samples.summary()
     assert summary["accuracy/sample"] == pytest.approx(checked[samples.valid].sum() / checked.size)
-    assert summary["accuracy/best_of_n"] >= summary["accuracy/sample"] + 0.1, summary  # measured 0.04 -> 0.23
+    assert summary["accuracy/best_of_n"] >= summary["accuracy/sample"] + 0.1, summary
     correct = samples.best(min_score=1.0)
     assert len(correct) == summary["accuracy/best_of_n"] * 48 and all(r["score"] == 1.0 for r in correct)
 
@@ -89,16 +80,6 @@ def test_best_of_n_with_checkers_is_an_sft_dataset(policy, tmp_path):
     assert [(r["prompt"], r["response"]) for r in loaded] == [(r["prompt"], r["response"]) for r in records]
     batch = next(pipeline.make_iterator(loaded, tokenizer=ByteTokenizer(), seq_len=64, batch_size=8, format="chat"))
     assert batch["loss_mask"].sum() > 0  # the chat format trains on the kept responses
-
-
-@pytest.fixture(scope="module")
-def rm_dir(policy_dir, tmp_path_factory):
-    """A reward model on the policy's trunk: a few steps, enough to give the samples different scores."""
-    workdir = str(tmp_path_factory.mktemp("rm"))
-    cfg = tiny_config(steps=4, init_from=policy_dir, trainer="reward", **CHAT)
-    cfg.reward = dict(responses=2, margin=0.0, read="last")
-    reward.train(cfg, workdir)
-    return workdir
 
 
 def test_best_of_n_with_a_reward_model(policy, rm_dir):
@@ -112,9 +93,9 @@ def test_best_of_n_with_a_reward_model(policy, rm_dir):
     assert_kept_the_best(samples, samples.best(), scores)
 
 
-def test_bad_inputs_name_the_fix(policy_dir, rm_dir, tmp_path):
+def test_bad_inputs_name_the_fix(sft_dir, rm_dir, tmp_path):
     with pytest.raises(ConfigError, match="not a reward model"):
-        rs.make_scorer(policy_dir)
+        rs.make_scorer(sft_dir)
     with pytest.raises(ConfigError, match="neither 'tasks' nor a run"):
         rs.make_scorer(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="holds a reward model"):
@@ -131,14 +112,15 @@ def test_bad_inputs_name_the_fix(policy_dir, rm_dir, tmp_path):
         rs.check_tasks(["sort: 321"], ["123"])
 
 
-def test_cli(policy_dir, tmp_path):
+def test_cli(sft_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     asked = ["sort 321 = ", "sort 5124 = ", "add 1 + 2 = "]
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in asked))
     out = tmp_path / "best.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-m", "llmjax.rejection_sample", f"--policy={policy_dir}",
-                             "--reward=tasks", f"--prompts={prompts}", "--n=3", "--max_new_tokens=16", f"--out={out}"],
+    result = subprocess.run([sys.executable, "-m", "llmjax.rejection_sample", f"--policy={sft_dir}",
+                             "--reward=tasks", f"--prompts={prompts}", "--n=3", "--max_new_tokens=16", f"--out={out}",
+                             f"--pairs_out={tmp_path / 'pairs.jsonl'}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -146,3 +128,5 @@ def test_cli(policy_dir, tmp_path):
     summary = json.loads((tmp_path / "best.summary.json").read_text())
     assert summary["prompts"] == 3 and summary["n"] == 3 and 0 <= summary["accuracy/sample"] <= 1
     assert json.loads(result.stdout) == summary
+    for pair in (json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()):
+        assert pair["prompt"] in asked and pair["chosen"] != pair["rejected"]
