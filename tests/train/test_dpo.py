@@ -4,7 +4,7 @@ from functools import partial
 
 import jax
 import numpy as np
-from helpers import tiny_config
+from helpers import metric_rows, tiny_config
 
 from llmjax import sharding
 from llmjax.data import preference
@@ -72,14 +72,24 @@ def test_sharded_equals_single_device(sft_dir):
 
 
 def test_dpo_learns(sft_dir, tmp_path):
-    """On held-out pairs, the policy comes to prefer the correct answer over the corrupted one."""
-    cfg = dpo_config(sft_dir, steps=60, **{"optim.lr": 1e-3, "optim.warmup_steps": 5})
+    """From the SFT run, with RPO's NLL term: on held-out pairs the policy prefers the correct answer and gives it
+    more probability than the SFT model did, and greedy accuracy does not fall (measured: log p(correct)
+    -2.27 -> -2.16, accuracy 31.3% -> 33.6%; plain DPO lowers both, as it is known to)."""
+    cfg = dpo_config(sft_dir, steps=150, eval_every=150, eval_prompts=128,
+                     **{"optim.lr": 3e-4, "optim.warmup_steps": 5, "seq_len": 64})
+    cfg.dpo.nll_weight = 1.0
     task = dpo.task(cfg, str(tmp_path))
     reference = task.frozen[0]
-    held_out = dpo_config(sft_dir, seed=12345)
+    held_out = dpo_config(sft_dir, seed=12345, seq_len=64)
     batch = preference.batches(held_out, task.batch_sharding, preference.source(held_out))(0)
     constrain = sharding.make_constrain(task.mesh, cfg.rules)
+    before = task.evaluate(reference)
     final = dpo.train(cfg, str(tmp_path))
     _, aux = dpo.loss_fn(final.params, batch, cfg, constrain, reference)
     assert float(aux["reward_accuracy"]) >= 0.8, aux
     assert float(aux["reward_margin"]) > 0.1, aux  # both are 0 at the start, where policy == reference
+    chosen_before = float(dpo.pair_logps(reference, batch, cfg, constrain)[0].mean())
+    assert float(aux["logp_chosen"]) > chosen_before + 0.03, (chosen_before, aux["logp_chosen"])
+    after = [r for r in metric_rows(tmp_path) if "eval/accuracy" in r][-1]
+    assert after["eval/accuracy"] >= before["accuracy"], (before, after)
+    assert after["eval/perplexity"] < before["perplexity"], (before, after)  # of the correct answers
