@@ -1,4 +1,5 @@
-"""Pretraining on the built-in synthetic corpus (string reversal, addition, sorting, copying, lookup).
+"""Pretraining on the built-in synthetic corpus (string reversal, addition, sorting, copying, lookup), tokenized by
+the sentencepiece model trained on it (the base config's data.tokenizer="synthetic", llmjax/data/synthetic.model).
 
 Run (about 3 minutes on a 2-core CPU):
   python -m llmjax.main --config=configs/pretrain.py --workdir=runs/demo

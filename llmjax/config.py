@@ -61,9 +61,12 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.model = model_config(model)
     c.data = dict(
-        source="synthetic",  # synthetic (the built-in tasks) | files:PATH (txt/jsonl) | tfds:NAME (in data_dir)
+        source="synthetic",  # synthetic (the built-in tasks) | files:PATH (txt/jsonl/py) | tfds:NAME (in data_dir)
         data_dir="~/tensorflow_datasets", validation=0.01,  # files: the fraction held out for evaluation
-        tasks="reverse,add,sort,copy,lookup", tokenizer="byte",
+        tasks="reverse,add,sort,copy,lookup",
+        # byte | synthetic (sentencepiece, trained on the tasks; see llmjax/data/tokenizer.py) | PATH.model. Set here,
+        # so a run started from another's parameters (init_from) reads the same token ids whatever its config.
+        tokenizer="synthetic",
         format="text",  # text: documents as plain text | chat: (prompt, response) through the chat template
     )
     c.init_from = ""         # a workdir whose latest checkpoint's parameters start this run (fresh optimizer)

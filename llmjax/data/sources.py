@@ -1,4 +1,4 @@
-"""Training records from a folder of .txt / .jsonl files or a prepared tfds dataset, read with random access:
+"""Training records from a folder of .txt / .jsonl / .py files or a prepared tfds dataset, read with random access:
 
     records = load("files:/data/chats", data_dir="/data/tfds", split="train")  # prepared on first use, then cached
     records = load("tfds:lm1b", data_dir="/data/tfds", split="validation")     # already prepared in data_dir
@@ -15,13 +15,16 @@ Record kinds and the fields they are stored and read back with:
     prompts     {"prompt"}
 A .jsonl file holds one JSON object per line; fields beyond its kind's are ignored. A .txt file holds one document
 per blank-line-separated block, as in llmjax.data.curate, read as a text record (or a prompt, for kind "prompts").
-With kind="auto" the first record decides: a .txt block is text; a JSON object with "chosen" or "responses" is
-preference, else with "response" sft, else with "text" text, else with "prompt" prompts. Later records that do not
-fit that kind are input problems, so pass the kind when the first record might mislead.
+A .py file is one document, as code keeps blank lines inside it. In a folder, files below a site-packages or
+dist-packages folder are not read: installed packages, which some installs keep inside the standard library.
+With kind="auto" the first record decides: a .txt block or .py file is text; a JSON object with "chosen" or
+"responses" is preference, else with "response" sft, else with "text" text, else with "prompt" prompts. Later records
+that do not fit that kind are input problems, so pass the kind when the first record might mislead.
 
 Input problems are reported as FILE[:LINE]: problem. By default they are logged and worked around (a malformed line
 or a record lacking a field is skipped; invalid UTF-8 is replaced with U+FFFD, or its file skipped with
-invalid_utf8="skip"); with strict=True the first one raises ValueError. Empty files are only logged.
+invalid_utf8="skip"); with strict=True the first one raises ValueError. Empty files are only logged, empty .py files
+(a package's __init__.py) not even that.
 
 Splits: "validation" holds the records whose content hashes into the lowest `validation` fraction (1% by default),
 "train" the rest, so a record keeps its split when files are added and duplicates never straddle the two. A split
@@ -47,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = {"text": ("text",), "sft": ("prompt", "response"), "preference": ("prompt", "responses"),
          "prompts": ("prompt",)}
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".py")
+_WHOLE = (".py",)  # suffixes of files read as one document each
+_INSTALLED = {"site-packages", "dist-packages"}
 # For kind="auto": the first kind whose key a JSON record has.
 _INFER = (("chosen", "preference"), ("responses", "preference"), ("response", "sft"), ("text", "text"),
           ("prompt", "prompts"))
@@ -70,15 +75,19 @@ class _Report:
 
 
 def _find(path: Path) -> list[Path]:
-    """The .txt and .jsonl files at `path`: itself, or every one below it, sorted."""
+    """The .txt, .jsonl and .py files at `path`: itself, or every one below it but in installed packages, sorted."""
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        files = []
+        for folder, subfolders, names in os.walk(path):  # pruned as it goes: site-packages can hold 100k files
+            subfolders[:] = [d for d in subfolders if d not in _INSTALLED]
+            files += [f for f in map(Path(folder).joinpath, names) if f.suffix in SUFFIXES and f.is_file()]
+        files.sort()
     elif path.is_file():
         files = [path] if path.suffix in SUFFIXES else []
     else:
-        raise FileNotFoundError(f"{str(path)!r} does not exist; point files: at a folder of .txt / .jsonl files")
+        raise FileNotFoundError(f"{str(path)!r} does not exist; point files: at a folder of .txt / .jsonl / .py files")
     if not files:
-        raise ValueError(f"no .txt or .jsonl files at {str(path)!r}")
+        raise ValueError(f"no .txt, .jsonl or .py files at {str(path)!r}")
     return files
 
 
@@ -95,11 +104,15 @@ def _read(path: Path, invalid_utf8: str, report: _Report) -> str | None:
 
 
 def _items(path: Path, invalid_utf8: str, report: _Report) -> Iterator[tuple[int, str, Any]]:
-    """(number, where, item) for each block of a .txt file (item: str) or line of a .jsonl file (parsed JSON)."""
+    """(number, where, item) for each block of a .txt file or whole .py file (item: str) or line of a .jsonl file
+    (parsed JSON)."""
     text = _read(path, invalid_utf8, report)
     if text is None:
         return
-    if not text.strip():
+    if path.suffix in _WHOLE:
+        if text.strip():  # an empty module (many a package's __init__.py) is usual code, not an input problem
+            yield 1, str(path), text
+    elif not text.strip():
         report(str(path), "empty file", "skipped", fatal=False)
     elif path.suffix == ".txt":
         blocks = (block.strip("\r\n") for block in re.split(r"\n\s*\n", text) if block.strip())
@@ -143,8 +156,8 @@ def _record(item: Any, kind: str) -> dict[str, Any] | str:
 def _records(files: list[Path], kind: str, invalid_utf8: str, report: _Report) -> Iterator[tuple[int, dict]]:
     """(key, record) for every good record; keys grow with file then line, so tfds keeps this order."""
     for i, path in enumerate(files):
-        if path.suffix == ".txt" and kind in ("sft", "preference"):
-            report(str(path), f"a .txt file holds plain text, not {kind} records (use .jsonl)", "file skipped")
+        if path.suffix != ".jsonl" and kind in ("sft", "preference"):
+            report(str(path), f"a {path.suffix} file holds plain text, not {kind} records (use .jsonl)", "file skipped")
             continue
         # Spread over the key space by file: tfds sorts on-disk buckets chosen by the key's top bits.
         start = (i << 128) // len(files)
@@ -216,8 +229,8 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def prepare(path: str, kind: str = "auto", data_dir: str = "~/tensorflow_datasets", strict: bool = False,
             invalid_utf8: str = "replace", validation: float = 0.01) -> tfds.core.DatasetBuilder:
-    """Writes the records of `path` (a .txt / .jsonl file or a folder of them) as an array_record tfds dataset in
-    `data_dir` and returns its builder (`.as_data_source(split)` reads it).
+    """Writes the records of `path` (a .txt / .jsonl / .py file or a folder of them) as an array_record tfds dataset
+    in `data_dir` and returns its builder (`.as_data_source(split)` reads it).
 
     It is written once: its directory is named after the input folder and a hash of every file's relative name,
     size and modification time and of the options, so the same call later reuses it without reading the inputs,

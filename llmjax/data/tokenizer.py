@@ -2,7 +2,18 @@
 sentencepiece models (BPE or unigram) trained here with the same special tokens at the same ids.
 
     python -m llmjax.data.tokenizer train --input=docs/,more.jsonl --vocab_size=8000 --model_type=bpe --out=tok.model
-    python -m llmjax.data.tokenizer train --input=synthetic --vocab_size=1000 --out=tok.model
+
+`get_tokenizer("synthetic")` loads the model shipped beside this file, trained on the built-in synthetic corpus
+(100,000 task lines, seed 0) by exactly this command, which reproduces it (sentencepiece trains deterministically):
+
+    python -m llmjax.data.tokenizer train --input=synthetic --vocab_size=303 --model_type=bpe \\
+        --out=llmjax/data/synthetic.model
+
+Its 303 pieces are 7 specials (pad, bos, eos, the chat markers, unk), 256 byte-fallback bytes and the corpus's 40
+characters, with no merges: one token per character. The tasks (reverse, sort, copy, add, lookup) work on
+characters, and merges cost accuracy on them. Measured after the default pretraining and SFT runs (chat accuracy;
+sort in brackets): 303 pieces 22.8% (80%), 310 pieces (7 merges: " =", "re", "co", ...) 19.1% (64%), 320 pieces
+(17 merges, up to "lookup") 13.8% (38%), bytes 23.4% (84%).
 """
 
 import io
@@ -23,6 +34,7 @@ SPECIAL_TOKENS = ("pad", "bos", "eos", "<|user|>", "<|assistant|>", "<|end|>")
 _OFFSET = len(SPECIAL_TOKENS)
 _MARKERS = SPECIAL_TOKENS[3:]
 _TRAIN_HINT = "python -m llmjax.data.tokenizer train --input=... --out=tok.model"
+SYNTHETIC_MODEL = Path(__file__).with_name("synthetic.model")
 
 
 def _check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
@@ -99,12 +111,16 @@ Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """Builds a tokenizer from its config name: "byte", or the path of a sentencepiece .model file."""
+    """Builds a tokenizer from its config name: "byte", "synthetic" (the shipped model, see the module docstring),
+    or the path of a sentencepiece .model file."""
     if name == "byte":
         return ByteTokenizer()
+    if name == "synthetic":
+        return SentencePieceTokenizer(str(SYNTHETIC_MODEL))
     if name.endswith(".model"):
         return SentencePieceTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r}; valid choices: 'byte' or the path of a sentencepiece .model file")
+    raise ValueError(f"unknown tokenizer {name!r}; valid choices: 'byte', 'synthetic' or the path of a sentencepiece "
+                     ".model file")
 
 
 def _files(inputs: Sequence[str]) -> list[Path]:
@@ -147,13 +163,15 @@ def train(inputs: Sequence[str], vocab_size: int, model_type: str, out: str) -> 
     The ids match ByteTokenizer's: pad=0, bos=1, eos=2 and the chat markers 3..5 (control symbols, so text
     that spells "<|end|>" never encodes to the marker, as with bytes); unk is 6. Byte fallback makes every
     string encodable, and identity normalization with whitespace kept as is makes decode(encode(s)) == s.
-    Digits are split so arithmetic sees one token per digit.
+    Digits are split so arithmetic sees one token per digit. The same inputs give the same model: the sample
+    of a big corpus is seeded, and the thread count is sentencepiece's fixed default, not the machine's.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r} is not one of ('bpe', 'unigram')")
     if not out.endswith(".model"):
         raise ValueError(f"out={out!r} must end in .model, the suffix get_tokenizer loads")
     model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # process-wide; sentencepiece draws its sample of a big corpus from it
     with open(os.devnull, "w") as quiet:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_lines(inputs), model_writer=model, logstream=quiet,

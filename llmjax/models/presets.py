@@ -8,12 +8,13 @@ LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", use_bias=False, norm_eps=1e-5
 GPT2 = dict(norm="layer", pos="learned", mlp="gelu", use_bias=True, tie_embeddings=True, norm_eps=1e-5)
 
 PRESETS: dict[str, dict] = {
+    # vocab_size=320 fits the default tokenizer, the shipped sentencepiece model (303 pieces), and bytes (262).
     # Tests: compiles in seconds, exercises every sharded axis (heads, kv_heads, mlp all divisible by 2).
-    "tiny": dict(LLAMA, vocab_size=262, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+    "tiny": dict(LLAMA, vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  d_ff=128, max_seq_len=256, rope_theta=10_000.0),
     # CPU demo: the default run trains this on the synthetic tasks in a few minutes on 2 cores. On XLA:CPU,
     # saving all matmul outputs for the backward pass and skipping masked attention blocks are fastest.
-    "small": dict(LLAMA, vocab_size=262, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+    "small": dict(LLAMA, vocab_size=320, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
                   d_ff=768, max_seq_len=512, rope_theta=10_000.0, remat="all_dots", attn_causal_block=64),
     "gpt2-124m": dict(GPT2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                       head_dim=64, d_ff=3072, max_seq_len=1024),

@@ -39,6 +39,18 @@ def test_text_reads_back_in_file_then_line_order(tmp_path):
         records[5]
 
 
+def test_python_file_is_one_document_and_installed_packages_are_skipped(tmp_path, caplog):
+    code = "import os\n\n\ndef f():\n    return 1\n\n\nclass C:\n    pass\n"
+    folder = write(tmp_path / "lib", {
+        "mod.py": code, "pkg/__init__.py": "x = 1\n\ny = 2\n", "notes.txt": "a\n\nb", "empty/__init__.py": "",
+        "site-packages/numpy/core.py": "installed", "pkg/dist-packages/six.py": "installed",
+    })
+    assert read(folder, tmp_path / "tfds", strict=True) == [{"text": t} for t in (code, "a", "b", "x = 1\n\ny = 2\n")]
+    assert not [r for r in caplog.records if r.name == sources.logger.name]  # an empty __init__.py is no problem
+    # A folder named explicitly is read, even an installed package's.
+    assert read(tmp_path / "lib" / "site-packages", tmp_path / "tfds") == [{"text": "installed"}]
+
+
 @pytest.mark.parametrize("kind, lines, expected", [
     ("sft", [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "", "meta": 1}],
      [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": ""}]),
@@ -143,6 +155,8 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
      "preference", r'p\.jsonl:2: has both "responses" and "chosen"/"rejected"', [["c", "r"]]),
     ({"s.jsonl": [{"prompt": "p", "response": "r"}], "t.txt": "text"}, "sft",
      r"t\.txt: a \.txt file holds plain text, not sft records \(use \.jsonl\); file skipped", ["r"]),
+    ({"s.jsonl": [{"prompt": "p", "chosen": "c", "rejected": "r"}], "m.py": "x = 1"}, "preference",
+     r"m\.py: a \.py file holds plain text, not preference records \(use \.jsonl\); file skipped", [["c", "r"]]),
     ({"a.txt": b"caf\xe9\n\nok"}, "text", r"a\.txt:1: invalid UTF-8 \(byte 3\); undecodable bytes replaced",
      ["caf\ufffd", "ok"]),
 ])
@@ -177,7 +191,7 @@ def test_empty_files_are_only_noted(tmp_path, caplog):
 def test_unusable_sources_say_why(tmp_path):
     write(tmp_path / "in", {"notes.md": "x"})
     for source, error, message in [
-        (f"files:{tmp_path / 'in'}", ValueError, "no .txt or .jsonl files at"),
+        (f"files:{tmp_path / 'in'}", ValueError, "no .txt, .jsonl or .py files at"),
         (f"files:{tmp_path / 'missing'}", FileNotFoundError, "does not exist"),
         ("hf:lm1b", ValueError, "is not files:PATH or tfds:NAME"),
         ("tfds:", ValueError, "is not files:PATH or tfds:NAME"),

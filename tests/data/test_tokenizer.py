@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 import sentencepiece as spm
 
 from llmjax import config
-from llmjax.data import tokenizer
+from llmjax.data import tasks, tokenizer
 from llmjax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, get_tokenizer
+from llmjax.models import presets
 
 TEXT = "héllo wörld ✓ 日本"
 UNSEEN = "héllo wörld ✓ 日本 🙂"  # none of it is in the training corpus: byte fallback carries it
@@ -157,7 +159,7 @@ def test_cli_trains_a_loadable_model(corpus, tmp_path):
 def test_validate_checks_tokenizer_against_model_vocab(model, tmp_path):
     cfg = config.base("tiny")
     cfg.data.tokenizer = model
-    with pytest.raises(config.ConfigError, match=r"has 400 tokens but model.vocab_size=262; .*vocab_size=400"):
+    with pytest.raises(config.ConfigError, match=r"has 400 tokens but model.vocab_size=320; .*vocab_size=400"):
         config.validate(cfg, n_devices=1)
     cfg.model.vocab_size = 400
     config.validate(cfg, n_devices=1)
@@ -165,3 +167,30 @@ def test_validate_checks_tokenizer_against_model_vocab(model, tmp_path):
         cfg.data.tokenizer = name
         with pytest.raises(config.ConfigError, match=f"data.tokenizer: .*{message}"):
             config.validate(cfg, n_devices=1)
+
+
+def test_shipped_synthetic_model_fits_the_tasks_and_presets():
+    tok = get_tokenizer("synthetic")
+    assert isinstance(tok, SentencePieceTokenizer) and tok.special_ids == ByteTokenizer().special_ids
+    assert all(tok.vocab_size <= presets.preset(name)["vocab_size"] for name in ("tiny", "small"))
+    rng = np.random.default_rng(0)
+    examples = [tasks.sample(rng, [name]) for name in tasks.TASKS for _ in range(200)]
+    for ex in examples:
+        ids = tok.encode(ex.text)
+        assert tok.decode(ids) == ex.text
+        assert len(ids) == len(ex.text), ex.text  # one token per character: no merges (see the tokenizer docstring)
+        # What evaluation feeds the model is what it was trained on; a chat answer encoded alone is as in the text.
+        assert ids == tok.encode(ex.prompt) + tok.encode(ex.answer), ex.text
+    assert tok.decode(tok.encode(UNSEEN, bos=True, eos=True)) == UNSEEN
+
+
+def test_shipped_synthetic_model_is_reproduced_by_its_documented_command(tmp_path):
+    command = re.search(r"python -m llmjax\.data\.tokenizer (train --input=synthetic .*?) --out=(\S+)",
+                        " ".join(tokenizer.__doc__.replace("\\\n", " ").split()))
+    assert command and Path(ROOT, command[2]) == tokenizer.SYNTHETIC_MODEL, tokenizer.__doc__
+    out = tmp_path / "synthetic.model"
+    run = _cli(*command[1].split(), f"--out={out}")
+    assert run.returncode == 0, run.stderr
+    rebuilt, shipped = (spm.SentencePieceProcessor(model_file=str(p)) for p in (out, tokenizer.SYNTHETIC_MODEL))
+    assert [rebuilt.id_to_piece(i) for i in range(rebuilt.get_piece_size())] == [
+        shipped.id_to_piece(i) for i in range(shipped.get_piece_size())]
