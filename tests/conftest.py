@@ -18,7 +18,8 @@ def sft_dir(tmp_path_factory) -> str:
     """A tiny model fine-tuned on `sort` in the chat format (about 30% greedy accuracy): the starting point,
     reference and trunk for the reward, DPO and PPO tests."""
     workdir = str(tmp_path_factory.mktemp("sft"))
-    pretrain.train(tiny_config(steps=150, **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3}), workdir)
+    pretrain.train(tiny_config(steps=150, eval_every=150, eval_prompts=32,
+                               **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3}), workdir)
     return workdir
 
 

@@ -28,11 +28,14 @@ def single():
 
 
 def recompute_greedy(cfg, params, prompt, n):
-    """No cache: the whole sequence through the model for every new token."""
+    """No cache: the whole sequence through the model for every new token (right-padded to one length, which
+    a causal model's earlier positions never see, so it compiles once)."""
     fwd = jax.jit(lambda p, t: transformer.forward(p, t, jnp.arange(t.shape[1])[None], jnp.ones_like(t), cfg.model)[0])
     tokens = list(prompt)
     for _ in range(n):
-        tokens.append(int(jnp.argmax(fwd(params, jnp.array([tokens]))[0, -1])))
+        padded = np.zeros((1, len(prompt) + n), np.int32)
+        padded[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(fwd(params, jnp.asarray(padded))[0, len(tokens) - 1])))
     return tokens[len(prompt):]
 
 

@@ -40,21 +40,20 @@ def test_prompt_targets_carry_no_loss():
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """A short SFT run from scratch on one task, with in-loop evaluation at the end."""
-    workdir = str(tmp_path_factory.mktemp("sft"))
-    cfg = sft_config(steps=150, eval_every=150, eval_prompts=32, **{"optim.warmup_steps": 10, "log_every": 50})
+def sft_run(sft_dir):
+    """The session's short SFT run from scratch on one task (tests/conftest.py), with its evaluation at the end,
+    and a fresh model's evaluation."""
+    cfg = sft_config(seq_len=64, batch_size=8)
     task = pretrain.task(cfg)
     before = make_evaluator(cfg, task.mesh, n=32)(state.create(cfg, task.mesh, task.tx).params)
-    pretrain.train(cfg, workdir)
-    after = [row for row in metric_rows(workdir) if "eval/accuracy" in row][-1]
-    return workdir, before, after
+    after = [row for row in metric_rows(sft_dir) if "eval/accuracy" in row][-1]
+    return sft_dir, before, after
 
 
 def test_sft_learns(sft_run):
     _, before, after = sft_run
     assert before["accuracy"] == 0.0
-    assert after["eval/accuracy"] >= 0.25, after  # measured 0.41 (0 before)
+    assert after["eval/accuracy"] >= 0.25, after  # measured 0.31 (0 before)
     assert after["eval/perplexity"] < before["perplexity"] / 2
 
 
