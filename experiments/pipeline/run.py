@@ -1,0 +1,157 @@
+"""The whole pipeline on the synthetic tasks, each stage starting from the previous stage's checkpoint:
+pretrain -> SFT -> reward model -> DPO, and PPO (rewarded by that reward model) and GRPO (by the tasks' checkers).
+Writes results.md and results.json (each stage's held-out metrics) and pipeline.png into --workdir.
+
+  python -m experiments.pipeline.run --workdir=runs/pipeline                       # small preset, CPU
+  python -m experiments.pipeline.run --workdir=/tmp/pipe --model=tiny --scale=0.1   # a quick look
+
+Every stage is the same command a researcher would type (its config file, its run command in the docstring);
+a stage whose workdir is complete is not trained again, so a killed pipeline resumes where it stopped.
+"""
+
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from llmjax.config import run_main, validate
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Where every stage's run and the results go.")
+_MODEL = flags.DEFINE_string("model", "small", "Model preset for every stage.")
+_SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies every stage's steps (0.1: a quick look).")
+
+# name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir)
+STAGES = (
+    ("pretrain", "configs/pretrain.py", None, {}),
+    ("sft", "configs/sft.py", "pretrain", {}),
+    ("reward", "configs/reward.py", "sft", {}),
+    ("dpo", "configs/dpo.py", "sft", {"dpo.nll_weight": 1.0}),
+    ("ppo", "configs/ppo.py", "sft", {"ppo.reward": "{reward}"}),
+    ("grpo", "configs/ppo.py:algorithm=grpo", "sft", {"ppo.reward": "tasks"}),
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def stage_config(spec: str, model: str, scale: float, overrides: dict) -> ml_collections.ConfigDict:
+    """A config file's get_config, with model and scaled steps as its arguments, then the overrides."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("stage_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    default = module.get_config(arg).steps
+    steps = max(2, round(default * scale))
+    cfg = module.get_config(",".join(filter(None, (arg, f"model={model}", f"steps={steps}"))))
+    if cfg.eval_every:
+        cfg.eval_every = min(cfg.eval_every, steps)
+    cfg.checkpoint.every = min(cfg.checkpoint.every, steps)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def summarise(name: str, rows: list[dict], seconds: float) -> dict:
+    """A stage's row of the table: its last held-out evaluation, and for PPO/GRPO the mean reward of the first
+    and last quarter of its iterations and the KL to the reference at the end."""
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    last = {k[5:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval/")}
+    out = {"stage": name, "steps": max(r["step"] for r in rows), "minutes": seconds / 60}
+    if name == "reward":
+        out |= {"rm_accuracy": last.get("accuracy"), "rm_margin": last.get("margin")}
+    else:
+        out |= {"perplexity": last.get("perplexity"), "accuracy": last.get("accuracy")}
+        out |= {f"accuracy/{k.split('/')[1]}": v for k, v in last.items() if k.startswith("accuracy/")}
+    if name in ("ppo", "grpo"):
+        scores = [r["score"] for r in rows if "score" in r]
+        n = max(1, len(scores) // 4)
+        out |= {"reward_start": float(np.mean(scores[:n])), "reward_end": float(np.mean(scores[-n:])),
+                "kl_to_ref": float(np.mean([r["kl_to_ref"] for r in rows if "kl_to_ref" in r][-n:]))}
+    if name == "dpo":
+        out["kl_to_ref"] = [r["kl"] for r in rows if "kl" in r][-1]
+    return out
+
+
+def fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{100 * value:.1f}%" if pct else f"{value:.3g}"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| stage | steps | held-out perplexity | task accuracy | RM pair accuracy | mean reward (start → end) "
+             "| KL to reference | minutes |", "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in results:
+        reward = f"{r['reward_start']:.3f} → {r['reward_end']:.3f}" if "reward_start" in r else ""
+        lines.append(f"| {r['stage']} | {r['steps']} | {fmt(r.get('perplexity'))} | {fmt(r.get('accuracy'), True)} | "
+                     f"{fmt(r.get('rm_accuracy'), True)} | {reward} | {fmt(r.get('kl_to_ref'))} | "
+                     f"{r['minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], runs: dict[str, list[dict]], path: str) -> None:
+    """Task accuracy per stage next to the PPO and GRPO reward curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    scored = [r for r in results if r.get("accuracy") is not None]
+    left.bar([r["stage"] for r in scored], [100 * r["accuracy"] for r in scored], color="tab:blue")
+    left.set_ylabel("held-out task accuracy (%)")
+    left.set_title("exact-match accuracy by stage")
+    for name in ("ppo", "grpo"):
+        rows = [r for r in runs.get(name, []) if "score" in r]
+        if rows:
+            window = max(1, len(rows) // 10)
+            smooth = np.convolve([r["score"] for r in rows], np.ones(window) / window, mode="valid")
+            right.plot(range(window, len(rows) + 1), smooth, label=f"{name} reward")
+    right.set_xlabel("iteration")
+    right.set_ylabel("mean reward (moving average)")
+    right.set_title("RL: mean reward per rollout")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    root, results, runs = _WORKDIR.value, [], {}
+    for name, spec, parent, overrides in STAGES:
+        workdir = os.path.join(root, name)
+        filled = {k: v.format(**{s: os.path.join(root, s) for s, *_ in STAGES}) if isinstance(v, str) else v
+                  for k, v in overrides.items()}
+        cfg = stage_config(spec, _MODEL.value, _SCALE.value, filled)
+        if parent:
+            cfg.init_from = os.path.join(root, parent)
+        validate(cfg, jax.device_count())
+        print(f"== {name}: {spec} from {cfg.init_from or 'scratch'} -> {workdir}", flush=True)
+        t = time.perf_counter()
+        importlib.import_module(f"llmjax.train.{cfg.trainer}").train(cfg, workdir)
+        runs[name] = read_metrics(workdir)
+        results.append(summarise(name, runs[name], time.perf_counter() - t))
+        print(table(results[-1:]), flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(root, "results.json"), "w") as f:
+            json.dump({"model": _MODEL.value, "scale": _SCALE.value, "stages": results}, f, indent=2)
+        with open(os.path.join(root, "results.md"), "w") as f:
+            f.write(table(results))
+        plot(results, runs, os.path.join(root, "pipeline.png"))
+        print(table(results))
+
+
+if __name__ == "__main__":
+    run_main(main)
