@@ -44,6 +44,14 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
+def override(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+    """Sets a dotted key ("optim.lr"), as --config.optim.lr=... does on the command line."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[last] = value
+
+
 def model_config(name: str) -> ml_collections.ConfigDict:
     try:
         return ml_collections.ConfigDict(presets.preset(name))

@@ -14,7 +14,7 @@ from absl import flags
 
 from llmjax import checkpoint
 from llmjax.config import ConfigError, run_main
-from llmjax.data import chat
+from llmjax.data import preference
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.sharding import make_constrain, make_mesh
 from llmjax.train import reward
@@ -36,19 +36,12 @@ class Scorer:
 
     def rows(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
         """The reward model's input rows, as in training (next-token layout, loss mask on the response)."""
-        seqs = []
-        for prompt, response in zip(prompts, responses, strict=True):
-            ids, weights = chat.render(self.tokenizer, prompt, response)
-            if self.cfg.reward.read == "eos":
-                ids, weights = ids + [self.tokenizer.eos_id], weights + [1.0]
-            seqs.append((ids, weights))
+        eos = self.cfg.reward.read == "eos"
+        seqs = [preference.render(self.tokenizer, p, r, eos) for p, r in zip(prompts, responses, strict=True)]
         width = -(-max(len(ids) - 1 for ids, _ in seqs) // 64) * 64  # few distinct shapes, few compilations
-        out = {k: np.zeros((len(seqs), width), np.int32) for k in ("inputs", "positions", "segment_ids")}
-        out["loss_mask"] = np.zeros((len(seqs), width), np.float32)
-        for i, (ids, weights) in enumerate(seqs):
-            n = len(ids) - 1
-            out["inputs"][i, :n], out["positions"][i, :n], out["segment_ids"][i, :n] = ids[:-1], np.arange(n), 1
-            out["loss_mask"][i, :n] = weights[1:]
+        out = preference.empty((len(seqs), width))
+        for i, seq in enumerate(seqs):
+            preference.fill({k: v[i] for k, v in out.items()}, 0, *seq, segment=1)
         return out
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

@@ -17,11 +17,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     cfg.peak_flops = 1e12  # skip measuring the matmul rate
     cfg.eval_every = 0     # evaluation compiles a sampler; the tests that want it turn it on
     for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+        config.override(cfg, key, value)
     return cfg
 
 

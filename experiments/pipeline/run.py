@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from llmjax.config import run_main, validate
+from llmjax.config import override, run_main, validate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Where every stage's run and the results go.")
 _MODEL = flags.DEFINE_string("model", "small", "Model preset for every stage.")
@@ -50,11 +50,7 @@ def stage_config(spec: str, model: str, scale: float, overrides: dict) -> ml_col
         cfg.eval_every = min(cfg.eval_every, steps)
     cfg.checkpoint.every = min(cfg.checkpoint.every, steps)
     for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        override(cfg, key, value)
     return cfg
 
 

@@ -24,7 +24,7 @@ KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 Ranked = Callable[[int, int], tuple[str, list[str]]]  # (step, row) -> (prompt, responses best first)
 
 
-def _fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[float], segment: int) -> int:
+def fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[float], segment: int) -> int:
     """Writes one rendered sequence into `row` from `start` (next-token layout); returns where it ends."""
     n = len(ids) - 1
     if start + n > row["inputs"].shape[-1]:
@@ -37,7 +37,14 @@ def _fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[
     return end
 
 
-def _empty(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def render(tokenizer, prompt: str, response: str, eos_input: bool = False) -> tuple[list[int], list[float]]:
+    """A response through the chat template; eos_input feeds its eos as an input too (a reward model reading
+    its score at the eos)."""
+    ids, weights = chat.render(tokenizer, prompt, response)
+    return (ids + [tokenizer.eos_id], weights + [1.0]) if eos_input else (ids, weights)
+
+
+def empty(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     out = {k: np.zeros(shape, np.int32) for k in KEYS}
     out["loss_mask"] = out["loss_mask"].astype(np.float32)
     return out
@@ -75,28 +82,24 @@ def from_records(records: Sequence[dict], seed: int, batch_size: int) -> Ranked:
 
 def make(ranked: Ranked, *, step: int, rows: range, seq_len: int, tokenizer, layout: str = "pairs", k: int = 2,
          eos_input: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """One step's rows of this process in `layout` (ranked, pairs or packed; see the module docstring).
-    eos_input feeds each response's eos as an input too (a reward model reading its score at the eos)."""
+    """One step's rows of this process in `layout` (ranked, pairs or packed; see the module docstring)."""
     n = len(rows)
-    parts = {"ranked": {"responses": _empty((n, k, seq_len))}, "packed": {"packed": _empty((n, seq_len))},
-             "pairs": {"chosen": _empty((n, seq_len)), "rejected": _empty((n, seq_len))}}[layout]
+    parts = {"ranked": {"responses": empty((n, k, seq_len))}, "packed": {"packed": empty((n, seq_len))},
+             "pairs": {"chosen": empty((n, seq_len)), "rejected": empty((n, seq_len))}}[layout]
     for i, r in enumerate(rows):
         prompt, responses = ranked(step, r)
-        rendered = []
-        for response in responses:
-            ids, weights = chat.render(tokenizer, prompt, response)
-            rendered.append((ids + [tokenizer.eos_id], weights + [1.0]) if eos_input else (ids, weights))
+        rendered = [render(tokenizer, prompt, response, eos_input) for response in responses]
         if layout == "ranked":
             if len(rendered) > k:
                 raise ValueError(f"a record ranks {len(rendered)} responses but reward.responses={k}; raise it")
             for j, seq in enumerate(rendered):
-                _fill({key: v[i, j] for key, v in parts["responses"].items()}, 0, *seq, segment=1)
+                fill({key: v[i, j] for key, v in parts["responses"].items()}, 0, *seq, segment=1)
         elif layout == "packed":
             row = {key: v[i] for key, v in parts["packed"].items()}
-            _fill(row, _fill(row, 0, *rendered[0], segment=1), *rendered[-1], segment=2)
+            fill(row, fill(row, 0, *rendered[0], segment=1), *rendered[-1], segment=2)
         else:
-            _fill({key: v[i] for key, v in parts["chosen"].items()}, 0, *rendered[0], segment=1)
-            _fill({key: v[i] for key, v in parts["rejected"].items()}, 0, *rendered[-1], segment=1)
+            fill({key: v[i] for key, v in parts["chosen"].items()}, 0, *rendered[0], segment=1)
+            fill({key: v[i] for key, v in parts["rejected"].items()}, 0, *rendered[-1], segment=1)
     return parts
 
 
