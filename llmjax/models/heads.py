@@ -28,7 +28,11 @@ def values(params: Params, rows: dict[str, jax.Array], cfg, constrain: Constrain
     drops the unembedding)."""
     _, h_BTD = transformer.forward(params["trunk"], rows["inputs"], rows["positions"], rows["segment_ids"], cfg,
                                    constrain)
-    head = params["head"]
+    return apply(params["head"], h_BTD)
+
+
+def apply(head: Params, h_BTD: jax.Array) -> jax.Array:
+    """A head {"w", "b"} on hidden states: float32 values_BT."""
     return jnp.einsum("btd,d->bt", h_BTD.astype(jnp.float32), head["w"].astype(jnp.float32)) + head["b"]
 
 

@@ -45,8 +45,7 @@ def value_estimates(params, rows: dict, h_BTD: jax.Array | None, cfg, constrain:
     """V_BT: the separate value model on rows, or the shared head on the policy's hidden states h_BTD."""
     if cfg.ppo.value == "separate":
         return heads.values(params["value"], rows, cfg.model, constrain)
-    w = params["value_head"]
-    return jnp.einsum("btd,d->bt", h_BTD.astype(jnp.float32), w["w"].astype(jnp.float32)) + w["b"]
+    return heads.apply(params["value_head"], h_BTD)
 
 
 def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
