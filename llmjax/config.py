@@ -5,8 +5,10 @@ Configs are plain Python returning a ConfigDict (`get_config(arg)`); `arg` is th
 anything is compiled, and says which key is wrong and how to fix it.
 """
 
+import importlib.util
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -50,6 +52,21 @@ def override(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
     for part in parents:
         cfg = cfg[part]
     cfg[last] = value
+
+
+def load(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """A config file's get_config, as `--config=spec` reads it ("configs/sft.py:model=tiny"), then dotted-key
+    overrides (`load(spec, **{"optim.lr": 3e-4})`): for notebooks and scripts that have no command line."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist (relative paths start at {os.getcwd()!r})")
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg)
+    for key, value in overrides.items():
+        override(cfg, key, value)
+    return cfg
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

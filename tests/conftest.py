@@ -10,7 +10,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-from llmjax.train import pretrain, reward  # noqa: E402  (after the device count is set)
+from experiments.pipeline import run  # noqa: E402  (after the device count is set)
+from llmjax.train import pretrain, reward  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +29,12 @@ def rm_dir(sft_dir, tmp_path_factory) -> str:
     """A tiny reward model on the SFT trunk (its held-out pairwise accuracy in metrics.jsonl)."""
     workdir = str(tmp_path_factory.mktemp("rm"))
     reward.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory) -> str:
+    """The pipeline experiment on `tiny`, two steps a stage: every stage's checkpoint, results and plot."""
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    run.run(workdir, "tiny", 0.01)
     return workdir

@@ -9,7 +9,7 @@ Every stage is the same command a researcher would type (its config file, its ru
 a stage whose workdir is complete is not trained again, so a killed pipeline resumes where it stopped.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import time
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from llmjax.config import override, run_main, validate
+from llmjax.config import load, run_main, validate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Where every stage's run and the results go.")
 _MODEL = flags.DEFINE_string("model", "small", "Model preset for every stage.")
@@ -40,17 +40,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def stage_config(spec: str, model: str, scale: float, overrides: dict) -> ml_collections.ConfigDict:
     """A config file's get_config, with model and scaled steps as its arguments, then the overrides."""
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("stage_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    default = module.get_config(arg).steps
-    steps = max(2, round(default * scale))
-    cfg = module.get_config(",".join(filter(None, (arg, f"model={model}", f"steps={steps}"))))
+    path = os.path.join(ROOT, path)
+    steps = max(2, round(load(f"{path}:{arg}").steps * scale))
+    cfg = load(f"{path}:" + ",".join(filter(None, (arg, f"model={model}", f"steps={steps}"))), **overrides)
     if cfg.eval_every:
         cfg.eval_every = min(cfg.eval_every, steps)
     cfg.checkpoint.every = min(cfg.checkpoint.every, steps)
-    for key, value in overrides.items():
-        override(cfg, key, value)
     return cfg
 
 
@@ -123,14 +118,15 @@ def plot(results: list[dict], runs: dict[str, list[dict]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    root, results, runs = _WORKDIR.value, [], {}
+def run(root: str, model: str, scale: float) -> list[dict]:
+    """Trains every stage into root/<stage> (or finds it trained), then writes the table and plot; returns
+    the table's rows."""
+    results, runs = [], {}
     for name, spec, parent, overrides in STAGES:
         workdir = os.path.join(root, name)
         filled = {k: v.format(**{s: os.path.join(root, s) for s, *_ in STAGES}) if isinstance(v, str) else v
                   for k, v in overrides.items()}
-        cfg = stage_config(spec, _MODEL.value, _SCALE.value, filled)
+        cfg = stage_config(spec, model, scale, filled)
         if parent:
             cfg.init_from = os.path.join(root, parent)
         validate(cfg, jax.device_count())
@@ -142,11 +138,16 @@ def main(argv: list[str]) -> None:
         print(table(results[-1:]), flush=True)
     if jax.process_index() == 0:
         with open(os.path.join(root, "results.json"), "w") as f:
-            json.dump({"model": _MODEL.value, "scale": _SCALE.value, "stages": results}, f, indent=2)
+            json.dump({"model": model, "scale": scale, "stages": results}, f, indent=2)
         with open(os.path.join(root, "results.md"), "w") as f:
             f.write(table(results))
         plot(results, runs, os.path.join(root, "pipeline.png"))
-        print(table(results))
+    return results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(table(run(_WORKDIR.value, _MODEL.value, _SCALE.value)))
 
 
 if __name__ == "__main__":

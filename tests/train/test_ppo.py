@@ -1,26 +1,20 @@
 """PPO / GRPO: the rollout's log-probs equal a teacher-forced recomputation (ratio 1 before any update), one
 update is the same sharded as on one device, and both learn: the task reward and a reward model's score rise."""
 
-import importlib.util
-
 import jax
 import numpy as np
 import pytest
 from helpers import metric_rows, tiny_config
 
-from llmjax import sharding
+from llmjax import config, sharding
 from llmjax.train import ppo
-
-_SPEC = importlib.util.spec_from_file_location("ppo_config", "configs/ppo.py")
-PPO_CONFIG = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(PPO_CONFIG)
 
 
 def ppo_config(init_from, algorithm="ppo", **overrides):
     cfg = tiny_config(**{"trainer": "ppo", "init_from": init_from, "data.format": "chat", "data.tasks": "sort",
                          "batch_size": 16, "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.lr": 3e-4,
                          "log_every": 1, **overrides})
-    cfg.ppo = PPO_CONFIG.get_config(f"model=tiny,algorithm={algorithm}").ppo
+    cfg.ppo = config.load(f"configs/ppo.py:model=tiny,algorithm={algorithm}").ppo
     cfg.ppo.update(reward="tasks", max_new_tokens=12)
     return cfg
 

@@ -1,0 +1,25 @@
+"""The notebooks run top to bottom on tiny settings (alignment on the tiny pipeline), so they never rot."""
+
+import os
+
+import nbclient
+import nbformat
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(REPO, "notebooks")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sharding", "alignment"])
+def test_notebook_executes(name, request, monkeypatch):
+    if name == "alignment":
+        monkeypatch.setenv("LLMJAX_PIPELINE", request.getfixturevalue("pipeline_dir"))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # a notebook sees the devices a user's machine has
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))  # as conftest.py's
+    notebook = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": NOTEBOOKS}})
+    client.execute()
+    errors = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.output_type == "error"]
+    assert not errors
