@@ -13,16 +13,20 @@ from llmjax import config
 
 
 def get_config(arg: str = ""):
-    args = config.parse_arg(arg, model="small", steps=100)
+    args = config.parse_arg(arg, model="small", steps=200)
     cfg = config.base(args.model)
     cfg.trainer = "reward"
     cfg.steps = args.steps
     cfg.seq_len = 64  # one prompt and answer through the chat template
     cfg.data.format = "chat"
+    # Judge the tasks the SFT model can do. A reward model cannot judge what its trunk cannot compute: `small`,
+    # 200 steps, held-out pair accuracy on sort,lookup 81%, on all five tasks 58% (also with 4x the batch).
+    cfg.data.tasks = "sort,lookup"
     cfg.init_from = "runs/sft"
-    cfg.optim.lr = 1e-4
+    cfg.optim.lr = 1e-3
     cfg.optim.warmup_steps = max(1, args.steps // 10)
-    cfg.eval_every = 50  # held-out pairwise accuracy on eval_prompts prompts
+    cfg.eval_every = 100  # held-out pairwise accuracy on eval_prompts pairs
+    cfg.eval_prompts = 256
     cfg.reward = dict(
         responses=2,   # K responses ranked per prompt
         margin=0.0,    # Bradley-Terry margin per rank apart: -log sigmoid(r_i - r_j - margin (j - i))

@@ -17,6 +17,7 @@ import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 
+from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.losses import DPO_LOSSES
 from llmjax.models import presets
@@ -192,6 +193,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     scheme, _, rest = cfg.data.source.partition(":")
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
         raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
+    _validate_tasks("data.tasks", cfg.data.tasks)
     if "dpo" in cfg:
         if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
             raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
@@ -211,6 +213,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def _validate_tasks(key: str, names: str) -> None:
+    unknown = [n for n in names.split(",") if n not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"{key}={names!r} names unknown tasks {unknown}; choose from {','.join(tasks.TASKS)}")
+
+
 def _validate_ppo(cfg, dp: int) -> None:
     p = cfg.get("ppo")
     if p is None:
@@ -223,6 +231,8 @@ def _validate_ppo(cfg, dp: int) -> None:
         raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
     if cfg.data.source != "synthetic":
         raise ConfigError("PPO prompts come from the synthetic tasks for now: set --config.data.source=synthetic")
+    if p.tasks:
+        _validate_tasks("ppo.tasks", p.tasks)
     group = p.group_size if p.algorithm == "grpo" else 1
     if p.algorithm == "grpo" and group < 2:
         raise ConfigError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")

@@ -18,6 +18,7 @@ def test_runs_end_to_end_on_tiny(pipeline_dir):
         results = json.load(f)
     stages = {r["stage"]: r for r in results["stages"]}
     assert list(stages) == [name for name, *_ in run.STAGES] and results["model"] == "tiny"
+    assert results["focus"] == ["sort", "lookup"]
     for name, _, parent, _ in run.STAGES:
         cfg = checkpoint.run_config(os.path.join(pipeline_dir, name))
         assert cfg.model.name == "tiny" and stages[name]["steps"] == cfg.steps == 2, name
@@ -30,7 +31,7 @@ def test_runs_end_to_end_on_tiny(pipeline_dir):
     for name in ("ppo", "grpo"):
         assert all(math.isfinite(stages[name][k]) for k in ("reward_start", "reward_end", "kl_to_ref")), name
     with open(os.path.join(pipeline_dir, "results.md")) as f:
-        assert f.read() == run.table(results["stages"])
+        assert f.read() == run.table(results["stages"], results["focus"])
     assert os.path.getsize(os.path.join(pipeline_dir, "pipeline.png")) > 10_000
 
 
@@ -46,10 +47,12 @@ def test_every_stage_config_scales_and_validates():
 
 def test_summaries_and_table():
     rows = [{"step": s, "score": s / 10, "kl_to_ref": 0.1 * s} for s in range(1, 9)]
-    rows.append({"step": 8, "eval/perplexity": 3.0, "eval/accuracy": 0.25, "eval/accuracy/sort": 0.5})
+    rows.append({"step": 8, "eval/perplexity": 3.0, "eval/accuracy": 0.25, "eval/accuracy/sort": 0.5,
+                 "eval/accuracy/lookup": 0.2})
     ppo = run.summarise("ppo", rows, 60.0)
     assert (ppo["reward_start"], ppo["reward_end"]) == pytest.approx((0.15, 0.75)) and ppo["accuracy/sort"] == 0.5
     rm = run.summarise("reward", [{"step": 5, "eval/accuracy": 0.8, "eval/margin": 1.0}], 30.0)
     assert rm["rm_accuracy"] == 0.8 and "accuracy" not in rm
-    table = run.table([ppo, rm])
-    assert "| ppo | 8 | 3 | 25.0% |  | 0.150 → 0.750 |" in table and "| reward | 5 |  |  | 80.0% |" in table
+    table = run.table([ppo, rm], ["sort", "lookup"])
+    assert "| accuracy on sort, lookup |" in table
+    assert "| ppo | 8 | 3 | 25.0% | 35.0% |  | 0.150 → 0.750 |" in table and "| reward | 5 |  |  |  | 80.0% |" in table

@@ -81,14 +81,19 @@ def fmt(value, pct: bool = False) -> str:
     return f"{100 * value:.1f}%" if pct else f"{value:.3g}"
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| stage | steps | held-out perplexity | task accuracy | RM pair accuracy | mean reward (start → end) "
-             "| KL to reference | minutes |", "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+def table(results: list[dict], focus: list[str]) -> str:
+    """The markdown table; `focus` names the tasks the RL stages are prompted with, whose mean accuracy gets its
+    own column (each stage evaluates the same number of prompts per task)."""
+    lines = ["| stage | steps | held-out perplexity | task accuracy | accuracy on " + ", ".join(focus) +
+             " | RM pair accuracy | mean reward (start → end) | KL to reference | minutes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in results:
         reward = f"{r['reward_start']:.3f} → {r['reward_end']:.3f}" if "reward_start" in r else ""
+        per_task = [r.get(f"accuracy/{t}") for t in focus]
+        focused = None if None in per_task else sum(per_task) / len(per_task)
         lines.append(f"| {r['stage']} | {r['steps']} | {fmt(r.get('perplexity'))} | {fmt(r.get('accuracy'), True)} | "
-                     f"{fmt(r.get('rm_accuracy'), True)} | {reward} | {fmt(r.get('kl_to_ref'))} | "
-                     f"{r['minutes']:.1f} |")
+                     f"{fmt(focused, True)} | {fmt(r.get('rm_accuracy'), True)} | {reward} | "
+                     f"{fmt(r.get('kl_to_ref'))} | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,36 +123,42 @@ def plot(results: list[dict], runs: dict[str, list[dict]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run(root: str, model: str, scale: float) -> list[dict]:
+def run(root: str, model: str, scale: float) -> dict:
     """Trains every stage into root/<stage> (or finds it trained), then writes the table and plot; returns
-    the table's rows."""
-    results, runs = [], {}
+    what results.json holds. Every stage's config is validated before the first one trains."""
+    paths = {name: os.path.join(root, name) for name, *_ in STAGES}
+    configs = {}
     for name, spec, parent, overrides in STAGES:
-        workdir = os.path.join(root, name)
-        filled = {k: v.format(**{s: os.path.join(root, s) for s, *_ in STAGES}) if isinstance(v, str) else v
-                  for k, v in overrides.items()}
-        cfg = stage_config(spec, model, scale, filled)
+        cfg = stage_config(spec, model, scale, {k: v.format(**paths) if isinstance(v, str) else v
+                                                for k, v in overrides.items()})
         if parent:
-            cfg.init_from = os.path.join(root, parent)
+            cfg.init_from = paths[parent]
         validate(cfg, jax.device_count())
-        print(f"== {name}: {spec} from {cfg.init_from or 'scratch'} -> {workdir}", flush=True)
+        configs[name] = cfg
+    rl = next(cfg for cfg in configs.values() if cfg.trainer == "ppo")
+    focus = (rl.ppo.tasks or rl.data.tasks).split(",")
+    results, runs = [], {}
+    for name, cfg in configs.items():
+        print(f"== {name}: {cfg.trainer} from {cfg.init_from or 'scratch'} -> {paths[name]}", flush=True)
         t = time.perf_counter()
-        importlib.import_module(f"llmjax.train.{cfg.trainer}").train(cfg, workdir)
-        runs[name] = read_metrics(workdir)
+        importlib.import_module(f"llmjax.train.{cfg.trainer}").train(cfg, paths[name])
+        runs[name] = read_metrics(paths[name])
         results.append(summarise(name, runs[name], time.perf_counter() - t))
-        print(table(results[-1:]), flush=True)
+        print(table(results[-1:], focus), flush=True)
+    out = {"model": model, "scale": scale, "focus": focus, "stages": results}
     if jax.process_index() == 0:
         with open(os.path.join(root, "results.json"), "w") as f:
-            json.dump({"model": model, "scale": scale, "stages": results}, f, indent=2)
+            json.dump(out, f, indent=2)
         with open(os.path.join(root, "results.md"), "w") as f:
-            f.write(table(results))
+            f.write(table(results, focus))
         plot(results, runs, os.path.join(root, "pipeline.png"))
-    return results
+    return out
 
 
 def main(argv: list[str]) -> None:
     del argv
-    print(table(run(_WORKDIR.value, _MODEL.value, _SCALE.value)))
+    out = run(_WORKDIR.value, _MODEL.value, _SCALE.value)
+    print(table(out["stages"], out["focus"]))
 
 
 if __name__ == "__main__":

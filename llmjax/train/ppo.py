@@ -142,8 +142,9 @@ def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain):
 
 
 def prompts(cfg):
-    """step -> this step's synthetic task examples (GRPO: each prompt repeated group_size times in a row)."""
-    names, k = cfg.data.tasks.split(","), cfg.ppo.group_size if cfg.ppo.algorithm == "grpo" else 1
+    """step -> this step's synthetic task examples (GRPO: each prompt repeated group_size times in a row), from
+    ppo.tasks, or data.tasks when it is empty (the evaluation covers data.tasks either way)."""
+    names, k = (cfg.ppo.tasks or cfg.data.tasks).split(","), cfg.ppo.group_size if cfg.ppo.algorithm == "grpo" else 1
 
     def get(step: int) -> list[tasks.Example]:
         rng = np.random.default_rng([cfg.seed, step])

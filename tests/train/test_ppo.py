@@ -15,7 +15,7 @@ def ppo_config(init_from, algorithm="ppo", **overrides):
                          "batch_size": 16, "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.lr": 3e-4,
                          "log_every": 1, **overrides})
     cfg.ppo = config.load(f"configs/ppo.py:model=tiny,algorithm={algorithm}").ppo
-    cfg.ppo.update(reward="tasks", max_new_tokens=12)
+    cfg.ppo.update(reward="tasks", tasks="", max_new_tokens=12, kl_coef=0.05, epochs=2, minibatches=2, group_size=4)
     return cfg
 
 
@@ -85,3 +85,29 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
                 "explained_variance", "response_length", "accuracy", "kl_coef"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]
+
+
+def test_prompts_come_from_ppo_tasks_in_groups():
+    cfg = ppo_config("unused", "grpo")
+    cfg.ppo.tasks = "lookup,add"
+    examples = ppo.prompts(cfg)(0)
+    assert len(examples) == cfg.batch_size and {ex.task for ex in examples} == {"lookup", "add"}
+    groups = [examples[i:i + cfg.ppo.group_size] for i in range(0, len(examples), cfg.ppo.group_size)]
+    assert all(len({ex.prompt for ex in group}) == 1 for group in groups)
+    cfg.ppo.tasks = ""
+    assert {ex.task for ex in ppo.prompts(cfg)(0)} == {"sort"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ppo.tasks": "sort,sorting"}, r"ppo.tasks='sort,sorting' names unknown tasks \['sorting'\]"),
+    ({"ppo.algorithm": "grpo", "ppo.group_size": 1}, r"GRPO normalises over K >= 2 samples"),
+    ({"ppo.minibatches": 3}, r"batch_size=16 must split into ppo.minibatches=3"),
+    ({"ppo.value": "tied"}, r"ppo.value='tied' is not one of \('separate', 'shared'\)"),
+    ({"init_from": ""}, r"PPO starts from an SFT run"),
+])
+def test_validate_rejects_bad_ppo_configs(overrides, message):
+    cfg = ppo_config("runs/sft")
+    for key, value in overrides.items():
+        config.override(cfg, key, value)
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg, 8)
