@@ -62,5 +62,6 @@ def main(argv: list[str]) -> None:
     for prompt, text in zip(prompts, texts, strict=True):
         print(f"{prompt}\u2192 {text!r}")
 
+
 if __name__ == "__main__":
     run_main(main)

@@ -8,7 +8,7 @@ from helpers import reward_config, tiny_config
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from experiments.pipeline import run  # noqa: E402  (after the device count is set)
 from llmjax.train import pretrain, reward  # noqa: E402

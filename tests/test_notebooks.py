@@ -20,6 +20,5 @@ def test_notebook_executes(name, request, monkeypatch):
     notebook = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": NOTEBOOKS}})
-    client.execute()
-    errors = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.output_type == "error"]
-    assert not errors
+    client.execute()  # raises at the first cell that fails (the quickstart asserts that its loss falls)
+    assert all(cell.execution_count for cell in notebook.cells if cell.cell_type == "code")

@@ -9,9 +9,11 @@ from functools import partial
 
 import jax
 import numpy as np
+import pytest
 from helpers import metric_rows, reward_config
 
-from llmjax import checkpoint, optim, sharding
+from llmjax import checkpoint, generate, optim, sharding
+from llmjax.config import ConfigError
 from llmjax.data import preference, tasks
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.models import heads
@@ -118,3 +120,8 @@ def test_score_cli(rm_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["response"] for r in rows] == ["abcd", "abdc"] and all(np.isfinite(r["score"]) for r in rows)
     assert "abcd" in out.stdout
+
+
+def test_a_reward_model_does_not_generate(rm_dir):
+    with pytest.raises(ConfigError, match="holds a reward model, which scores text but does not write it"):
+        generate.complete(rm_dir, ["sort 21 = "])
