@@ -17,16 +17,6 @@ from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import prompt_ids
 from llmjax.sharding import make_constrain, make_mesh
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir.", required=True)
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
-_FORMAT = flags.DEFINE_enum("format", None, ["text", "chat"], "Prompt format (default: the run's data.format).")
-_MAX = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens with this probability.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
 
 def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
@@ -51,17 +41,27 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
 
 def main(argv: list[str]) -> None:
     del argv
-    prompts = list(_PROMPT.value)
-    if _FILE.value:
-        with open(_FILE.value) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    f = flags.FLAGS
+    prompts = list(f.prompt)
+    if f.prompts_file:
+        with open(f.prompts_file) as file:
+            prompts += [line.rstrip("\n") for line in file if line.strip()]
     if not prompts:
         raise ConfigError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
-    texts = complete(_WORKDIR.value, prompts, fmt=_FORMAT.value, max_new_tokens=_MAX.value,
-                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    texts = complete(f.workdir, prompts, fmt=f.format, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                     top_k=f.top_k, top_p=f.top_p, seed=f.seed)
     for prompt, text in zip(prompts, texts, strict=True):
         print(f"{prompt}\u2192 {text!r}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command line: notebooks and tests import complete()
+    flags.DEFINE_string("workdir", None, "A run's workdir.", required=True)
+    flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+    flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+    flags.DEFINE_enum("format", None, ["text", "chat"], "Prompt format (default: the run's data.format).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens with this probability.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
     run_main(main)

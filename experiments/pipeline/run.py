@@ -21,10 +21,6 @@ from absl import flags
 
 from llmjax.config import load, run_main, validate
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Where every stage's run and the results go.")
-_MODEL = flags.DEFINE_string("model", "small", "Model preset for every stage.")
-_SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies every stage's steps (0.1: a quick look).")
-
 # name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir)
 STAGES = (
     ("pretrain", "configs/pretrain.py", None, {}),
@@ -157,9 +153,13 @@ def run(root: str, model: str, scale: float) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    out = run(_WORKDIR.value, _MODEL.value, _SCALE.value)
+    f = flags.FLAGS
+    out = run(f.workdir, f.model, f.scale)
     print(table(out["stages"], out["focus"]))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the command line: the tests import run()
+    flags.DEFINE_string("workdir", "runs/pipeline", "Where every stage's run and the results go.")
+    flags.DEFINE_string("model", "small", "Model preset for every stage.")
+    flags.DEFINE_float("scale", 1.0, "Multiplies every stage's steps (0.1: a quick look).")
     run_main(main)
