@@ -93,30 +93,40 @@ def table(results: list[dict], focus: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], runs: dict[str, list[dict]], path: str) -> None:
-    """Task accuracy per stage next to the PPO and GRPO reward curves."""
+def plot(results: list[dict], runs: dict[str, list[dict]], focus: list[str], path: str) -> None:
+    """Held-out accuracy per stage (all tasks, and the RL stages' tasks) next to each RL run's mean reward and KL
+    to the reference per iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rl = [name for name in ("ppo", "grpo") if any("score" in r for r in runs.get(name, []))]
+    fig, axes = plt.subplots(1, 1 + len(rl), figsize=(5.5 * (1 + len(rl)), 4))
+    left, *right = np.atleast_1d(axes)
     scored = [r for r in results if r.get("accuracy") is not None]
-    left.bar([r["stage"] for r in scored], [100 * r["accuracy"] for r in scored], color="tab:blue")
-    left.set_ylabel("held-out task accuracy (%)")
-    left.set_title("exact-match accuracy by stage")
-    for name in ("ppo", "grpo"):
-        rows = [r for r in runs.get(name, []) if "score" in r]
-        if rows:
-            window = max(1, len(rows) // 10)
-            smooth = np.convolve([r["score"] for r in rows], np.ones(window) / window, mode="valid")
-            right.plot(range(window, len(rows) + 1), smooth, label=f"{name} reward")
-    right.set_xlabel("iteration")
-    right.set_ylabel("mean reward (moving average)")
-    right.set_title("RL: mean reward per rollout")
-    right.legend()
+    x = np.arange(len(scored))
+    left.bar(x - 0.2, [100 * r["accuracy"] for r in scored], 0.4, label="all tasks")
+    left.bar(x + 0.2, [100 * np.mean([r.get(f"accuracy/{t}", np.nan) for t in focus]) for r in scored], 0.4,
+             label=", ".join(focus))
+    left.set_xticks(x, [r["stage"] for r in scored])
+    left.set(ylabel="held-out accuracy (%)", title="exact-match accuracy by stage (greedy)")
+    left.legend(loc="upper left")
+    for ax, name in zip(right, rl, strict=True):
+        rows = [r for r in runs[name] if "score" in r]
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["score"] for r in rows], color="tab:blue", alpha=0.35)
+        window = max(1, len(rows) // 10)
+        ax.plot(steps[window - 1:], np.convolve([r["score"] for r in rows], np.ones(window) / window, "valid"),
+                color="tab:blue", label="mean reward")
+        ax.set(xlabel="iteration", ylabel="mean reward" + (" (reward model)" if name == "ppo" else " (checkers)"),
+               title=f"{name}: reward and KL to the reference")
+        kl = ax.twinx()
+        kl.plot(steps, [r["kl_to_ref"] for r in rows], color="tab:red", label="KL to reference")
+        kl.set_ylabel("KL to reference (nats per answer)", color="tab:red")
+        ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def run(root: str, model: str, scale: float) -> dict:
@@ -147,7 +157,7 @@ def run(root: str, model: str, scale: float) -> dict:
             json.dump(out, f, indent=2)
         with open(os.path.join(root, "results.md"), "w") as f:
             f.write(table(results, focus))
-        plot(results, runs, os.path.join(root, "pipeline.png"))
+        plot(results, runs, focus, os.path.join(root, "pipeline.png"))
     return out
 
 

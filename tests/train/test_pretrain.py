@@ -78,11 +78,12 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
 
 def test_default_run_learns(tmp_path):
-    """The README's default command, cut to 40 steps, on the one CPU device a user has."""
+    """The README's default command, cut to 25 steps, on the one CPU device a user has."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    subprocess.run([sys.executable, "-m", "llmjax.main", "--config=configs/pretrain.py:steps=40",
-                    f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "llmjax.main", "--config=configs/pretrain.py:steps=25",
+                    "--config.eval_prompts=16", f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=600)
     loss = losses(str(tmp_path))
-    assert loss[40] < 0.5 * loss[1], loss  # measured 5.76 -> 1.64
+    assert loss[25] < 0.55 * loss[1], loss  # measured 5.76 -> 2.46
     evals = [row for row in metric_rows(tmp_path) if "eval/perplexity" in row]
-    assert [row["step"] for row in evals] == [40] and 0 <= evals[0]["eval/accuracy"] <= 1
+    assert [row["step"] for row in evals] == [25] and 0 <= evals[0]["eval/accuracy"] <= 1
