@@ -1,4 +1,5 @@
-"""Every test sees 8 fake CPU devices, so sharded runs can be compared with single-device ones."""
+"""Every test sees 8 fake CPU devices, so sharded runs can be compared with single-device ones. The suite runs
+in pytest-xdist workers (setup.cfg); tests that share the tiny pipeline run in one worker, so it is built once."""
 
 import os
 
@@ -7,11 +8,19 @@ import pytest
 from helpers import reward_config, tiny_config
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+# one compilation cache per worker: jax writes its entries without a lock
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache",
+                                                            os.environ.get("PYTEST_XDIST_WORKER", "main")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from experiments.pipeline import run  # noqa: E402  (after the device count is set)
 from llmjax.train import pretrain, reward  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "pipeline_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
 
 
 @pytest.fixture(scope="session")

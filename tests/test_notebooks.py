@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import nbclient
 import nbformat
 import pytest
@@ -16,7 +17,7 @@ def test_notebook_executes(name, request, monkeypatch):
         monkeypatch.setenv("LLMJAX_PIPELINE", request.getfixturevalue("pipeline_dir"))
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # a notebook sees the devices a user's machine has
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))  # as conftest.py's
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     notebook = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
