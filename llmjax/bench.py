@@ -24,13 +24,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import checkpoint, metrics, optim, sampling
-from llmjax.config import run_main, validate
+from llmjax import checkpoint, metrics, sampling
+from llmjax.cli import run_main
 from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
-from llmjax.sharding import make_mesh
-from llmjax.train import dpo, ppo, pretrain, state
+from llmjax.train import registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to benchmark.",
                                           lock_config=True)
@@ -44,10 +43,10 @@ def bench_train(cfg) -> dict:
     Step timings and matmul-rate measurements alternate in rounds, and each ratio divides medians, so a
     drift in the machine's speed (shared VMs) moves both sides together.
     """
-    task = pretrain.task(cfg)
-    train_state = state.create(cfg, task.mesh, task.tx)
+    task = registry.task(cfg, "")
+    train_state = task.start()
     step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
-    batches = [task.batches(i) for i in range(_STEPS.value)]
+    batches = [task.source(train_state, i)[0] for i in range(_STEPS.value)]
     t = time.perf_counter()
     train_state, m = step(train_state, batches[0], *task.frozen)
     jax.block_until_ready(m)
@@ -123,10 +122,11 @@ def bench_generate(cfg, prompts: int = 8, prompt_len: int = 16, new: int = 256) 
 def _save_fresh_run(cfg, workdir: str) -> None:
     """A freshly initialised model saved as a run, to stand in for the SFT checkpoint a trainer starts from."""
     run = copy.deepcopy(cfg)
-    run.trainer = "pretrain"
-    checkpoint.claim_workdir(workdir, run)
+    run.trainer, run.init_from = "pretrain", ""
+    task = registry.task(run, workdir)
+    checkpoint.claim_workdir(workdir, run, task.parts)
     mngr = checkpoint.manager(workdir, run)
-    checkpoint.save(mngr, 0, state.create(run, make_mesh(run.mesh), optim.make(run, transformer.specs(run.model))))
+    checkpoint.save(mngr, 0, task.start())
     mngr.wait_until_finished()
 
 
@@ -142,11 +142,11 @@ def bench_dpo(cfg) -> dict:
         for reference in ("live", "precomputed"):
             cfg.dpo.reference = reference
             t = time.perf_counter()
-            task = dpo.task(cfg, os.path.join(tmp, reference))
+            task = registry.task(cfg, os.path.join(tmp, reference))
             setup_s = time.perf_counter() - t
-            train_state = state.create(cfg, task.mesh, task.tx)
+            train_state = task.start()
             step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
-            batches = [task.batches(i) for i in range(cfg.steps)]
+            batches = [task.source(train_state, i)[0] for i in range(cfg.steps)]
             times = []
             for batch in batches:
                 t = time.perf_counter()
@@ -170,16 +170,17 @@ def bench_ppo(cfg) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.init_from = os.path.join(tmp, "sft")
         _save_fresh_run(cfg, cfg.init_from)
-        task = ppo.task(cfg, tmp)
-        train_state = task.init_params()
+        task = registry.task(cfg, tmp)
+        rollout = task.source
+        train_state = task.start()
         step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
         times = {"generate_s": [], "score_reference_advantages_s": [], "update_s": []}
         for i in range(_STEPS.value + 1):
             t0 = time.perf_counter()
-            rows, scored, correct = jax.block_until_ready(task.rollout.sample(train_state.params, task.batches(i), i))
+            rows, scored, correct = jax.block_until_ready(rollout.sample(train_state.params, rollout.prompts(i), i))
             t1 = time.perf_counter()
-            batch, _ = jax.block_until_ready(task.rollout.experience(
-                train_state.params, rows, task.rollout.score(scored, correct), train_state.extra["kl_coef"]))
+            batch, _ = jax.block_until_ready(rollout.experience(
+                train_state.params, rows, rollout.score(scored, correct), train_state.extra["kl_coef"]))
             t2 = time.perf_counter()
             train_state, m = jax.block_until_ready(step(train_state, batch))
             for name, dt in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2), strict=True):
@@ -218,7 +219,7 @@ def main(argv: list[str]) -> None:
     if what not in BENCHES:
         raise app.UsageError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHES)}")
     cfg = _CONFIG.value
-    validate(cfg, jax.device_count())
+    registry.validate(cfg, jax.device_count())
     result = {"benchmark": what, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "host": platform.node(), **BENCHES[what](cfg)}
     path = _OUT.value or f"bench_{what}.json"

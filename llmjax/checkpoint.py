@@ -10,14 +10,14 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from llmjax import optim
 from llmjax.config import ConfigError
-from llmjax.models import transformer
-from llmjax.train import state as state_lib
+from llmjax.models import heads, transformer
+from llmjax.sharding import tree_shardings
 
 
 def manager(workdir: str, cfg) -> ocp.CheckpointManager:
@@ -44,8 +44,17 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None, data_i
     return mngr.restore(step, args=ocp.args.Composite(**args)).state
 
 
-def claim_workdir(workdir: str, cfg) -> None:
-    """Writes the resolved config, after checking that any run already in `workdir` has the same model."""
+# What a run's parameters hold, by name, at which path of its parameter tree. An objective lists its parts
+# (`Task.parts`); a run that starts from another reads the part it needs, wherever that run keeps it.
+PARTS = {
+    "lm": ("a language model", transformer.specs),
+    "scorer": ("a trunk with a scalar head (a reward model)", heads.specs),
+}
+
+
+def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
+    """Writes the resolved config and the run's parts, after checking that any run already in `workdir` has the
+    same model."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -58,6 +67,8 @@ def claim_workdir(workdir: str, cfg) -> None:
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "parts.json"), "w") as f:
+            json.dump({name: list(where) for name, where in parts.items()}, f)
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -69,15 +80,30 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def run_parts(workdir: str) -> dict[str, tuple[str, ...]]:
+    """The parts a run's parameters hold ({"lm": ("policy",)} for a PPO run), as its objective listed them."""
+    path = os.path.join(workdir, "parts.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir!r} holds no parts.json (what its parameters are); it was not written by this "
+                          "llmjax: retrain it, or import it")
+    with open(path) as f:
+        return {name: tuple(where) for name, where in json.load(f).items()}
+
+
 def _param_shapes(model) -> tuple:
     return model.param_dtype, jax.tree.map(lambda s: s.shape, transformer.specs(model), is_leaf=transformer.is_spec)
 
 
-def load_params(workdir: str, mesh: Mesh, model=None, tokenizer: str | None = None) -> transformer.Params:
-    """The parameters of the latest checkpoint in `workdir`, on `mesh` (sharded by that run's rules): a
-    language model's, or a reward model's {"trunk", "head"}. With `model` (and `tokenizer`), first checks that
-    the (trunk's) parameters have the same shapes as the run's (and that it read the same token ids)."""
-    cfg = run_config(workdir)
+def check_part(workdir: str, part: str = "lm", model=None, tokenizer: str | None = None,
+               reader: str = "this run") -> None:
+    """Refuses, before anything is loaded or compiled, a run that does not hold `part` ("lm": a language model;
+    "scorer": a reward model's {"trunk", "head"}), naming what it holds and what `reader` needs; with `model`
+    (and `tokenizer`), one whose part has other shapes than this run's model (or that read other token ids)."""
+    cfg, parts = run_config(workdir), run_parts(workdir)
+    if part not in parts:
+        held = ", ".join(f"{PARTS[p][0]} ({p})" for p in parts)
+        raise ConfigError(f"{workdir!r} is a {cfg.trainer} run holding {held}; {reader} needs {PARTS[part][0]} "
+                          f"({part}): start from a run that has one")
     if model is not None and _param_shapes(cfg.model) != _param_shapes(model):
         raise ConfigError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
                           f"config's {model.name!r}; start from a run of the same model")
@@ -85,9 +111,34 @@ def load_params(workdir: str, mesh: Mesh, model=None, tokenizer: str | None = No
         raise ConfigError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
                           f"{tokenizer!r}: its parameters would see other tokens; set --config.data.tokenizer="
                           f"{cfg.data.tokenizer}")
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    if mngr.latest_step() is None:
+    if _latest(workdir) is None:
         raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
-    target = state_lib.abstract(cfg, mesh, optim.make(cfg, state_lib.param_specs(cfg)))
-    return restore(mngr, target).params
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _latest(workdir: str) -> int | None:
+    return _reader(workdir).latest_step()
+
+
+def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenizer: str | None = None,
+                reader: str = "this run") -> transformer.Params:
+    """The `part` of the parameters of the latest checkpoint in `workdir` (see check_part), on `mesh` (sharded by
+    that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters."""
+    check_part(workdir, part, model, tokenizer, reader)
+    cfg, parts, mngr = run_config(workdir), run_parts(workdir), _reader(workdir)
+    specs = PARTS[part][1](cfg.model)
+    shardings = tree_shardings(specs, cfg.rules, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),
+                          specs, shardings, is_leaf=transformer.is_spec)
+    for key in reversed(parts[part]):
+        target = {key: target}
+    args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args(
+        {"params": target}), partial_restore=True)
+    params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=args)).state["params"]
+    for key in parts[part]:
+        params = params[key]
+    return params

@@ -43,10 +43,11 @@ from absl import flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError, mesh_shape, run_main, validate
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.models import transformer
-from llmjax.sharding import AXES, spec
-from llmjax.train import pretrain, state
+from llmjax.sharding import AXES, make_mesh, mesh_shape, spec
+from llmjax.train import pretrain, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to estimate.",
                                           lock_config=True)
@@ -175,9 +176,9 @@ def xla_memory(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     """
     cfg = copy.deepcopy(cfg)
     cfg.eval_every = 0  # the evaluator would compile a sampler we do not need
-    task = pretrain.task(cfg)
-    train_state = state.abstract(cfg, task.mesh, task.tx)
-    step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
+    task = registry.task(cfg, "", make_mesh(cfg.mesh))
+    step = task.jit_step(jax.tree.map(lambda x: x.sharding, task.abstract))
+    train_state = task.abstract
     batch = _abstract_batch(cfg, task.batch_sharding)
     stats = step.lower(train_state, batch).compile().memory_analysis()
     batch_bytes = sum(4 * math.prod(s.sharding.shard_shape(s.shape)) for s in batch.values())
@@ -239,7 +240,7 @@ def main(argv: list[str]) -> None:
     n = _DEVICES.value or (math.prod(sizes.values()) if -1 not in sizes.values() else 1)
     if _XLA.value and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", n)  # before anything touches a backend
-    validate(cfg, n)
+    registry.validate(cfg, n)
     est = estimate(cfg, n, _MFU.value, _PEAK.value, _TOKENS.value)
     xla = None
     if _XLA.value:

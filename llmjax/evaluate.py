@@ -14,7 +14,8 @@ import numpy as np
 from absl import flags
 
 from llmjax import checkpoint, losses, sampling
-from llmjax.config import ConfigError, run_main
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data import chat, pipeline, synthetic, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> None:
     workdir, fmt = flags.FLAGS.workdir, flags.FLAGS.format
     cfg = checkpoint.run_config(workdir)
     mesh = make_mesh(cfg.mesh)
-    params = checkpoint.load_params(workdir, mesh)
+    params = checkpoint.load_params(workdir, mesh, reader="evaluate")
     result = make_evaluator(cfg, mesh, make_constrain(mesh, cfg.rules), n=flags.FLAGS.n, fmt=fmt)(params)
     with open(os.path.join(workdir, f"eval_{fmt or cfg.data.format}.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -12,7 +12,8 @@ import jax
 from absl import flags
 
 from llmjax import checkpoint, sampling
-from llmjax.config import ConfigError, run_main
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import prompt_ids
 from llmjax.sharding import make_constrain, make_mesh
@@ -27,9 +28,7 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
         raise ConfigError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
                           "with python -m llmjax.score")
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = checkpoint.load_params(workdir, mesh)
-    if cfg.trainer == "ppo":
-        params = params["policy"]
+    params = checkpoint.load_params(workdir, mesh, reader="generate")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     tokens, lengths = sampling.left_pad([prompt_ids(tokenizer, p, fmt or cfg.data.format) for p in prompts])
     generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,

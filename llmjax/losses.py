@@ -1,4 +1,8 @@
-"""Losses as pure functions of arrays: each returns (scalar loss, aux dict of scalars)."""
+"""Losses as pure functions of arrays: each returns (scalar loss, aux dict of scalars).
+
+Masked-out positions never enter the arithmetic: their inputs are replaced (`jnp.where`, not a product) before
+any use, so padding that holds -100 targets or NaN/inf values reaches neither the values nor the gradients.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -11,22 +15,37 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Arr
 
     Divides by `normalizer` (default: the number of masked-in tokens); passing the whole batch's token
     count makes microbatch losses sum exactly to the full-batch loss under gradient accumulation.
+    Masked positions never enter the arithmetic: their targets (e.g. -100) and logits (even NaN/inf) are
+    swapped for safe values first, so neither the loss nor the gradients can see them.
     """
-    logits = logits_BTV.astype(jnp.float32)
+    m_BT = mask_BT > 0
+    logits, targets = _safe_logits_and_targets(logits_BTV, targets_BT, m_BT)
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    target_logit_BT = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask_BT.astype(jnp.float32)
     n = jnp.sum(mask) if normalizer is None else normalizer
     n = jnp.maximum(n, 1.0)
-    ce = jnp.sum((log_z_BT - target_logit_BT) * mask) / n
-    zl = z_loss * jnp.sum(jnp.square(log_z_BT) * mask) / n
+    ce = jnp.sum(jnp.where(m_BT, (log_z_BT - target_logit_BT) * mask, 0.0)) / n
+    zl = z_loss * jnp.sum(jnp.where(m_BT, jnp.square(log_z_BT) * mask, 0.0)) / n
     return ce + zl, {"ce": ce, "z_loss": zl}
 
 
 def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    """Per-token log p(target) where mask is 1, else 0: sum over a response's tokens for its sequence log-prob."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0] * mask_BT
+    """Per-token log p(target) where mask is 1, else 0: sum over a response's tokens for its sequence log-prob.
+    Masked targets (e.g. -100) and logits (even NaN/inf) never reach the result or its gradient."""
+    m_BT = mask_BT > 0
+    logits, targets = _safe_logits_and_targets(logits_BTV, targets_BT, m_BT)
+    logp_BTV = jax.nn.log_softmax(logits, axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, targets[..., None], axis=-1)[..., 0]
+    return jnp.where(m_BT, logp_BT * mask_BT, 0.0)
+
+
+def _safe_logits_and_targets(logits_BTV: jax.Array, targets_BT: jax.Array,
+                             m_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 logits and targets with masked positions set to 0: an out-of-range gather is NaN in JAX, and a
+    NaN/inf row must be replaced before log-softmax, since masking only its output still leaves NaN gradients."""
+    logits = jnp.where(m_BT[..., None], logits_BTV.astype(jnp.float32), 0.0)
+    return logits, jnp.where(m_BT, targets_BT, 0)
 
 
 def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array, margin: jax.Array | float = 0.0,
@@ -35,9 +54,11 @@ def bradley_terry(chosen_B: jax.Array, rejected_B: jax.Array, margin: jax.Array 
     weighted mean over pairs (a ranked list of K gives each of its C(K,2) pairs weight 1/C(K,2))."""
     diff_B = chosen_B - rejected_B
     weight_B = jnp.ones_like(diff_B) if weight_B is None else weight_B
+    on_B = weight_B > 0
+    diff_B = jnp.where(on_B, diff_B, 0.0)  # a weight-0 pair's scores (even NaN) reach neither loss nor gradient
 
     def mean(x_B):
-        return jnp.sum(x_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1e-9)
+        return jnp.sum(jnp.where(on_B, x_B * weight_B, 0.0)) / jnp.maximum(jnp.sum(weight_B), 1e-9)
 
     return mean(-jax.nn.log_sigmoid(diff_B - margin)), {"accuracy": mean(diff_B > 0), "margin": mean(diff_B)}
 
@@ -51,34 +72,38 @@ def dpo(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: 
         simpo_gamma: float = 0.5, nll_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """The DPO family on sequence log-probs (sums over response tokens), mean over pairs.
 
-    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)):
-      sigmoid  -log sigmoid(beta h)                                   DPO, Rafailov et al. 2023
-      cdpo     -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)  conservative DPO, label smoothing eps
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), eps = label_smoothing:
+      sigmoid  -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)  DPO, Rafailov et al. 2023; eps > 0 is
+               conservative DPO (cDPO: labels flipped with probability eps), as in TRL's sigmoid loss
+      cdpo     the same as sigmoid (kept as a name for existing configs)
       ipo      (h - 1/(2 beta))^2                                     IPO, Azar et al. 2023 (tau = beta)
       hinge    max(0, 1 - beta h)                                     SLiC-HF, Zhao et al. 2023
       simpo    -log sigmoid(beta (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma)   SimPO, Meng et al.
                2024: reference-free and length-normalised (ref log-probs are ignored)
     nll_weight > 0 adds nll_weight * -log pi(y_w)/|y_w| (RPO, Pang et al. 2024), which keeps the chosen
     answer's likelihood from falling along with the rejected one's.
+    label_smoothing means nothing to ipo/hinge/simpo, so a nonzero one raises there rather than being ignored.
     Metrics: implicit rewards beta * (log pi - log ref), their accuracy and margin, and the KL estimate
     mean(log pi - log ref) over chosen and rejected sequences.
     """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {kind!r}; choose one of {DPO_LOSSES}")
+    if label_smoothing and kind not in ("sigmoid", "cdpo"):
+        raise ValueError(f"label_smoothing applies to the sigmoid/cdpo losses only, not {kind!r}; "
+                         f"got label_smoothing={label_smoothing}")
     chosen_ratio, rejected_ratio = policy_chosen_B - ref_chosen_B, policy_rejected_B - ref_rejected_B
     h_B = chosen_ratio - rejected_ratio
-    if kind == "sigmoid":
+    if kind in ("sigmoid", "cdpo"):
         loss_B = -jax.nn.log_sigmoid(beta * h_B)
-    elif kind == "cdpo":
-        loss_B = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h_B) - label_smoothing * jax.nn.log_sigmoid(
-            -beta * h_B)
+        if label_smoothing:  # a Python branch: eps = 0 is plain DPO bit for bit
+            loss_B = (1 - label_smoothing) * loss_B - label_smoothing * jax.nn.log_sigmoid(-beta * h_B)
     elif kind == "ipo":
         loss_B = jnp.square(h_B - 1 / (2 * beta))
     elif kind == "hinge":
         loss_B = jax.nn.relu(1 - beta * h_B)
-    elif kind == "simpo":
+    else:  # simpo
         loss_B = -jax.nn.log_sigmoid(beta * (policy_chosen_B / chosen_len_B - policy_rejected_B / rejected_len_B)
                                      - simpo_gamma)
-    else:
-        raise ValueError(f"unknown DPO loss {kind!r}; choose one of {DPO_LOSSES}")
     if nll_weight:
         loss_B = loss_B - nll_weight * policy_chosen_B / chosen_len_B
     chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
@@ -102,7 +127,14 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Population variance of x over the masked-in entries."""
+    x = _zero_padding(mask, x)  # else square's gradient at padding is 0 * NaN
     return _masked_mean(jnp.square(x - _masked_mean(x, mask)), mask)
+
+
+def _zero_padding(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """x as float32 with 0 where mask is 0. Applied to inputs before any arithmetic: masking only the output
+    drops padding from the value, but its gradient would still be 0 * NaN = NaN there."""
+    return jnp.where(mask > 0, x.astype(jnp.float32), 0.0)
 
 
 def kl_estimate(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k3") -> jax.Array:
@@ -151,7 +183,7 @@ def whiten(x_BT: jax.Array, mask_BT: jax.Array, shift_mean: bool = True, eps: fl
     """(x - mean) / std over the masked-in entries (population variance), 0 at padding: PPO's advantage
     normalisation, which makes the policy step size independent of the reward scale. shift_mean=False
     only rescales (keeps the mean), as in TRL/InstructGPT's reward whitening."""
-    x = x_BT.astype(jnp.float32)
+    x = _zero_padding(mask_BT, x_BT)
     mean, var = _masked_mean(x, mask_BT), _masked_var(x, mask_BT)
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
@@ -168,9 +200,9 @@ def ppo_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: j
     aux: clip_frac (fraction of tokens where the clipped term is the one taken), approx_kl = mean k3
     estimate of KL(pi_old || pi) (the tokens were sampled from pi_old), ratio_mean.
     """
-    log_ratio = logp_BT.astype(jnp.float32) - old_logp_BT.astype(jnp.float32)
+    log_ratio = _zero_padding(mask_BT, logp_BT) - _zero_padding(mask_BT, old_logp_BT)
     ratio = jnp.exp(log_ratio)
-    adv = advantages_BT.astype(jnp.float32)
+    adv = _zero_padding(mask_BT, advantages_BT)
     unclipped, clipped = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss = _masked_mean(jnp.maximum(unclipped, clipped), mask_BT)
     aux = {"clip_frac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask_BT),
@@ -184,7 +216,7 @@ def ppo_value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: j
     """Clipped value loss (PPO2 baselines; InstructGPT): 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps)
     - R)^2), masked mean, so one update cannot move the value far from the rollout's estimate.
     aux: value_clip_frac (fraction of tokens where the clipped error is the larger one)."""
-    v, v_old, ret = (a.astype(jnp.float32) for a in (values_BT, old_values_BT, returns_BT))
+    v, v_old, ret = (_zero_padding(mask_BT, a) for a in (values_BT, old_values_BT, returns_BT))
     err, err_clipped = jnp.square(v - ret), jnp.square(jnp.clip(v, v_old - clip_eps, v_old + clip_eps) - ret)
     loss = 0.5 * _masked_mean(jnp.maximum(err, err_clipped), mask_BT)
     return loss, {"value_clip_frac": _masked_mean((err_clipped > err).astype(jnp.float32), mask_BT)}
@@ -192,17 +224,21 @@ def ppo_value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: j
 
 def entropy(logits_BTV: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """Mean per-token entropy -sum_v p log p of the softmax (float32), over masked-in tokens: the PPO entropy
-    bonus, and a collapse detector."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return _masked_mean(-jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1), mask_BT)
+    bonus, and a collapse detector. Masked rows' logits (even NaN/inf) are replaced before the softmax, and
+    p log p counts as 0 where p = 0 (a -inf logit), so neither gives NaN values or gradients."""
+    m_BT = mask_BT > 0
+    logp_BTV = jax.nn.log_softmax(jnp.where(m_BT[..., None], logits_BTV.astype(jnp.float32), 0.0), axis=-1)
+    p_BTV = jnp.exp(logp_BTV)
+    logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)  # else 0 * -inf, and its gradient, would be NaN
+    return _masked_mean(-jnp.sum(p_BTV * logp_BTV, axis=-1), mask_BT)
 
 
 def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """1 - Var(R - V) / Var(R) over masked-in entries: 1 for a perfect critic, 0 for one that predicts the mean,
     negative for a worse one. 0 when the returns have no variance."""
-    ret = returns_BT.astype(jnp.float32)
+    ret = _zero_padding(mask_BT, returns_BT)
     var_r = _masked_var(ret, mask_BT)
-    ev = 1.0 - _masked_var(ret - values_BT.astype(jnp.float32), mask_BT) / jnp.where(var_r > 0, var_r, 1.0)
+    ev = 1.0 - _masked_var(ret - _zero_padding(mask_BT, values_BT), mask_BT) / jnp.where(var_r > 0, var_r, 1.0)
     return jnp.where(var_r > 0, ev, 0.0)
 
 
@@ -239,5 +275,5 @@ def token_rewards(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array,
     t = m.shape[1]
     last_B = t - 1 - jnp.argmax(m[:, ::-1], axis=1)  # a row with no valid token gets nothing (masked below)
     at_end_BT = jnp.arange(t)[None, :] == last_B[:, None]
-    rewards = -kl_coef * kl_BT.astype(jnp.float32) + jnp.where(at_end_BT, scores_B.astype(jnp.float32)[:, None], 0.0)
+    rewards = -kl_coef * _zero_padding(m, kl_BT) + jnp.where(at_end_BT, scores_B.astype(jnp.float32)[:, None], 0.0)
     return jnp.where(m, rewards, 0.0)

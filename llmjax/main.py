@@ -1,23 +1,20 @@
 """Launches a run: python -m llmjax.main --config=configs/pretrain.py[:k=v,...] [--config.key=value ...]
 --workdir=DIR. The same command runs on every host of a pod (one process per host)."""
 
-import importlib
 import os
+import sys
 
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError, run_main, validate
+from llmjax.cli import run_main
+from llmjax.train import loop, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:model=small.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-TRAINERS = {"pretrain": "llmjax.train.pretrain", "reward": "llmjax.train.reward", "dpo": "llmjax.train.dpo",
-            "ppo": "llmjax.train.ppo"}
-
 
 def init_distributed(cfg) -> None:
     """One process per host. Clusters JAX detects (TPU pods, SLURM, Open MPI, ...) need nothing more than
@@ -33,10 +30,11 @@ def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
     init_distributed(cfg)
-    if cfg.trainer not in TRAINERS:
-        raise ConfigError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(TRAINERS)}")
-    validate(cfg, jax.device_count())
-    importlib.import_module(TRAINERS[cfg.trainer]).train(cfg, _WORKDIR.value)
+    try:
+        registry.train(cfg, _WORKDIR.value)
+    except loop.Diverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from absl import flags
 from tqdm import tqdm
 
 from llmjax import checkpoint, sampling
-from llmjax.config import ConfigError, run_main
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
@@ -223,7 +224,7 @@ def main(argv: list[str]) -> None:
     if f.reward == "tasks":
         check_tasks(prompts, [""] * len(prompts))  # every prompt is a task's, checked before any sampling
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = checkpoint.load_params(f.policy, mesh)
+    params = checkpoint.load_params(f.policy, mesh, reader="rejection sampling")
     samples = best_of_n(params, cfg, prompts, f.n, score_fn, jax.random.key(f.seed), batch_size=f.batch_size,
                         max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                         constrain=make_constrain(mesh, cfg.rules))

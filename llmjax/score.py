@@ -13,7 +13,8 @@ import numpy as np
 from absl import flags
 
 from llmjax import checkpoint
-from llmjax.config import ConfigError, run_main
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data import preference
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.sharding import make_constrain, make_mesh
@@ -29,7 +30,7 @@ class Scorer:
             raise ConfigError(f"{workdir!r} holds a {self.cfg.trainer!r} run, not a reward model; train one with "
                               "configs/reward.py")
         mesh = make_mesh(self.cfg.mesh)
-        self.params = checkpoint.load_params(workdir, mesh)
+        self.params = checkpoint.load_params(workdir, mesh, "scorer", reader="score")
         self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
         constrain = make_constrain(mesh, self.cfg.rules)
         self._scores = jax.jit(lambda params, rows: reward.scores(params, rows, self.cfg, constrain))

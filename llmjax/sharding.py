@@ -5,15 +5,35 @@ The model names only logical axes ("batch", "embed", "heads", ...); `cfg.rules` 
 XLA propagates, set on parameters through jit's in/out shardings and on activations with `constrain`.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llmjax.config import mesh_shape
+from llmjax.config import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """Resolves the one -1 entry; raises ConfigError when the sizes cannot cover the devices exactly."""
+    sizes = dict(mesh)
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+    if bad or len(free) > 1:
+        raise ConfigError(f"mesh sizes {sizes}: use positive sizes and at most one -1; e.g. --config.mesh.fsdp=-1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh {sizes}: {n_devices} devices are not divisible by {fixed}; "
+                              f"change the mesh sizes so their product divides {n_devices}")
+        sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ConfigError(f"mesh {sizes} has {fixed} devices but {n_devices} are present; make the product "
+                          f"of mesh sizes {n_devices}, or set one to -1 (e.g. --config.mesh.fsdp=-1)")
+    return sizes
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

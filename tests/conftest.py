@@ -14,7 +14,7 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__fi
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from experiments.pipeline import run  # noqa: E402  (after the device count is set)
-from llmjax.train import pretrain, reward  # noqa: E402
+from llmjax.train import registry  # noqa: E402  (after the device count is set)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,7 +28,7 @@ def sft_dir(tmp_path_factory) -> str:
     """A tiny model fine-tuned on `sort` in the chat format (about 30% greedy accuracy): the starting point,
     reference and trunk for the reward, DPO and PPO tests."""
     workdir = str(tmp_path_factory.mktemp("sft"))
-    pretrain.train(tiny_config(steps=150, eval_every=150, eval_prompts=32,
+    registry.train(tiny_config(steps=150, eval_every=150, eval_prompts=32,
                                **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3}), workdir)
     return workdir
 
@@ -37,7 +37,7 @@ def sft_dir(tmp_path_factory) -> str:
 def rm_dir(sft_dir, tmp_path_factory) -> str:
     """A tiny reward model on the SFT trunk (its held-out pairwise accuracy in metrics.jsonl)."""
     workdir = str(tmp_path_factory.mktemp("rm"))
-    reward.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
+    registry.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
     return workdir
 
 

@@ -43,9 +43,9 @@ def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     cfg = tiny_config(seed=7)
     tx = optim.make(cfg, transformer.specs(cfg.model))
-    state = state_lib.create(cfg, make_mesh(cfg.mesh), tx)
+    state = state_lib.create(transformer.specs(cfg.model), cfg, make_mesh(cfg.mesh), tx)
     state = state.replace(step=jnp.full_like(state.step, 5))
-    checkpoint.claim_workdir(workdir, cfg)
+    checkpoint.claim_workdir(workdir, cfg, {"lm": ()})
     mngr = checkpoint.manager(workdir, cfg)
     assert checkpoint.save(mngr, 5, state)
     mngr.wait_until_finished()
@@ -57,7 +57,7 @@ def test_restore_onto_another_mesh(run):
     workdir, cfg, tx, saved = run
     cfg = tiny_config(seed=7, mesh=TENSOR2)
     mesh = make_mesh(cfg.mesh)
-    target = state_lib.abstract(cfg, mesh, tx)
+    target = state_lib.abstract(transformer.specs(cfg.model), cfg, mesh, tx)
     mngr = checkpoint.manager(workdir, cfg)
     restored = checkpoint.restore(mngr, target)
     mngr.close()
@@ -77,7 +77,7 @@ def test_claim_refuses_a_different_model(run):
     before = files(workdir)
     other = tiny_config(**{"model.d_model": 32, "model.n_layers": 3})
     with pytest.raises(config.ConfigError, match=r"\(model.d_model, model.n_layers differ\); pass a new --workdir"):
-        checkpoint.claim_workdir(workdir, other)
+        checkpoint.claim_workdir(workdir, other, {"lm": ()})
     assert files(workdir) == before
     assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
 
@@ -85,16 +85,16 @@ def test_claim_refuses_a_different_model(run):
 def test_load_params_checks_model_and_tokenizer(run):
     workdir, cfg, _, saved = run
     mesh = make_mesh(cfg.mesh)
-    assert_same_values(checkpoint.load_params(workdir, mesh, cfg.model, cfg.data.tokenizer), saved.params)
+    assert_same_values(checkpoint.load_params(workdir, mesh, "lm", cfg.model, cfg.data.tokenizer), saved.params)
     with pytest.raises(config.ConfigError, match="parameters differ"):
-        checkpoint.load_params(workdir, mesh, tiny_config(**{"model.d_model": 32}).model)
+        checkpoint.load_params(workdir, mesh, "lm", tiny_config(**{"model.d_model": 32}).model)
     with pytest.raises(config.ConfigError, match=f"set --config.data.tokenizer={cfg.data.tokenizer}$"):
-        checkpoint.load_params(workdir, mesh, cfg.model, "other.model")
+        checkpoint.load_params(workdir, mesh, "lm", cfg.model, "other.model")
 
 
 def test_claim_accepts_the_same_model_with_other_settings(tmp_path):
-    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=20))
-    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=40, **{"optim.lr": 1e-3}))
+    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=20), {"lm": ()})
+    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=40, **{"optim.lr": 1e-3}), {"lm": ()})
     with open(tmp_path / "config.json") as f:
         assert '"steps": 40' in f.read()
 
@@ -113,7 +113,7 @@ def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
     mesh = make_mesh(cfg.mesh)
     mngr = checkpoint.manager(str(workdir), cfg)
     assert mngr.latest_step() == 5 and mngr.all_steps() == [5]
-    restored = checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx))
+    restored = checkpoint.restore(mngr, state_lib.abstract(transformer.specs(cfg.model), cfg, mesh, tx))
     assert_same_values(restored, saved)
     # The resumed run saves step 10 again, over the leftover.
     assert checkpoint.save(mngr, 10, restored)
@@ -121,5 +121,5 @@ def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
     mngr.close()
     assert sorted(os.listdir(ckpts)) == ["10", "5"]
     mngr = checkpoint.manager(str(workdir), cfg)
-    assert_same_values(checkpoint.restore(mngr, state_lib.abstract(cfg, mesh, tx)), saved)
+    assert_same_values(checkpoint.restore(mngr, state_lib.abstract(transformer.specs(cfg.model), cfg, mesh, tx)), saved)
     mngr.close()

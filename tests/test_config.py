@@ -12,6 +12,7 @@ from helpers import metric_rows, tiny_config
 
 from configs import pretrain as pretrain_config
 from llmjax import config
+from llmjax.train import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 fake devices and the tests' compilation cache (see conftest.py) in every subprocess.
@@ -104,7 +105,7 @@ def test_config_file_rejects_unknown_preset():
 ])
 def test_validate_rejects(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
-        config.validate(tiny_config(**overrides), 8)
+        registry.validate(tiny_config(**overrides), 8)
 
 
 @pytest.mark.parametrize("overrides, n_devices, sizes", [
@@ -114,7 +115,7 @@ def test_validate_rejects(overrides, message):
     ({}, 1, dict(data=1, fsdp=1, tensor=1)),
 ])
 def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
-    assert config.validate(tiny_config(**overrides), n_devices) == sizes
+    assert registry.validate(tiny_config(**overrides), n_devices) == sizes
 
 
 def test_cli_good_run(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.pipeline import run
 from llmjax import checkpoint
-from llmjax.config import validate
+from llmjax.train.registry import validate
 
 
 def test_runs_end_to_end_on_tiny(pipeline_dir):

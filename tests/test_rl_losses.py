@@ -258,3 +258,64 @@ def test_token_rewards_match_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got).sum(1), np.nansum(-0.05 * kl.astype(np.float64), 1)
                                + scores * (lengths > 0), rtol=1e-5, atol=1e-5)
+
+
+# --- padding never reaches a value or a gradient ----------------------------------------------------------------
+
+def padded(rng, pad, scale=1.0, shift=0.0):
+    x = (shift + scale * rng.standard_normal((B, T))).astype(np.float32)
+    x[PAD] = pad
+    return x
+
+
+# each: (function of the [B, T] inputs to a scalar, how many inputs, input scale and shift)
+GRAD_CASES = {
+    "ppo_policy_loss": (lambda lp, old, adv: losses.ppo_policy_loss(lp, old, adv, MASK, 0.2)[0], 3),
+    "ppo_value_loss": (lambda v, old, ret: losses.ppo_value_loss(v, old, ret, MASK, 0.2)[0], 3),
+    "whiten": (lambda x: jnp.sum(losses.whiten(x, MASK) * jnp.arange(B * T).reshape(B, T)), 1),
+    "whiten_scale_only": (lambda x: jnp.sum(losses.whiten(x, MASK, False) * jnp.arange(B * T).reshape(B, T)), 1),
+    "explained_variance": (lambda v, ret: losses.explained_variance(v, ret, MASK), 2),
+    "gae": (lambda r, v: jnp.sum(losses.gae(r, v, MASK, 0.9, 0.8)[0] * jnp.arange(B * T).reshape(B, T)), 2),
+    "token_rewards": (lambda kl: jnp.sum(losses.token_rewards(jnp.ones(B), kl, MASK, 0.1) ** 2), 1),
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("pad", [np.nan, np.inf, -np.inf])
+def test_padding_never_reaches_gradients(case, pad):
+    """NaN / inf in the padding of every input: the same value and gradients as zero padding, and gradients of
+    exactly 0 at padding (masking only an output would leave 0 * NaN there, and in reductions over the row)."""
+    fn, n = GRAD_CASES[case]
+    rng = np.random.default_rng(1)
+    clean = [padded(rng, 0.0, scale=0.5, shift=-2.0) for _ in range(n)]
+    dirty = [np.where(PAD, np.float32(pad), x) for x in clean]
+    f = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(n))))
+    want, want_grads = f(*map(jnp.asarray, clean))
+    got, got_grads = f(*map(jnp.asarray, dirty))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(g)[PAD] == 0.0)
+
+
+def test_token_rewards_kl_coef_gradient_ignores_padding():
+    rng = np.random.default_rng(2)
+    kl = padded(rng, np.nan)
+    grad = jax.grad(lambda c: jnp.sum(losses.token_rewards(jnp.ones(B), jnp.asarray(kl), MASK, c)))(0.1)
+    np.testing.assert_allclose(grad, -np.nansum(kl.astype(np.float64)), rtol=1e-5)
+
+
+def test_entropy_of_impossible_tokens():
+    """-inf logits (tokens ruled out, e.g. by a vocab mask) at masked-in positions count 0 * log 0 = 0: the entropy
+    and its gradient are those of the remaining tokens, not NaN."""
+    rng = np.random.default_rng(3)
+    logits = (2 * rng.standard_normal((B, T, V))).astype(np.float32)
+    banned = np.zeros((B, T, V), bool)
+    banned[..., :3] = True  # the first three tokens everywhere
+    f = jax.value_and_grad(losses.entropy)
+    got, got_grad = f(jnp.asarray(np.where(banned, -np.inf, logits)), jnp.asarray(MASK))
+    want, want_grad = f(jnp.asarray(logits[..., 3:]), jnp.asarray(MASK))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(got_grad))) and np.all(np.asarray(got_grad)[banned] == 0.0)
+    np.testing.assert_allclose(np.asarray(got_grad)[..., 3:], want_grad, rtol=1e-5, atol=1e-7)

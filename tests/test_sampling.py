@@ -18,7 +18,8 @@ def setup(mesh_cfg, devices):
     cfg = tiny_config()
     cfg.mesh = mesh_cfg
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    params = state.create(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model))).params
+    specs = transformer.specs(cfg.model)
+    params = state.create(specs, cfg, mesh, optim.make(cfg, specs)).params
     return cfg, params, sharding.make_constrain(mesh, cfg.rules)
 
 

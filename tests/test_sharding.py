@@ -61,7 +61,8 @@ def test_created_state_is_sharded(cfg, mesh):
     default_impl = jax.config.jax_default_prng_impl
     jax.config.update("jax_default_prng_impl", "rbg")  # compiles several times faster than threefry on CPU
     try:
-        st = state.create(cfg, mesh, optim.make(cfg, transformer.specs(cfg.model)))
+        specs = transformer.specs(cfg.model)
+        st = state.create(specs, cfg, mesh, optim.make(cfg, specs))
     finally:
         jax.config.update("jax_default_prng_impl", default_impl)
     assert specs_by_path(jax.tree.map(lambda a: a.sharding, st.params)) == EXPECTED

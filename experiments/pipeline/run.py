@@ -9,7 +9,6 @@ Every stage is the same command a researcher would type (its config file, its ru
 a stage whose workdir is complete is not trained again, so a killed pipeline resumes where it stopped.
 """
 
-import importlib
 import json
 import os
 import time
@@ -19,7 +18,9 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from llmjax.config import load, run_main, validate
+from llmjax.cli import run_main
+from llmjax.config import load
+from llmjax.train import registry
 
 # name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir)
 STAGES = (
@@ -139,7 +140,7 @@ def run(root: str, model: str, scale: float) -> dict:
                                                 for k, v in overrides.items()})
         if parent:
             cfg.init_from = paths[parent]
-        validate(cfg, jax.device_count())
+        registry.validate(cfg, jax.device_count())
         configs[name] = cfg
     rl = next(cfg for cfg in configs.values() if cfg.trainer == "ppo")
     focus = (rl.ppo.tasks or rl.data.tasks).split(",")
@@ -147,7 +148,7 @@ def run(root: str, model: str, scale: float) -> dict:
     for name, cfg in configs.items():
         print(f"== {name}: {cfg.trainer} from {cfg.init_from or 'scratch'} -> {paths[name]}", flush=True)
         t = time.perf_counter()
-        importlib.import_module(f"llmjax.train.{cfg.trainer}").train(cfg, paths[name])
+        registry.train(cfg, paths[name])
         runs[name] = read_metrics(paths[name])
         results.append(summarise(name, runs[name], time.perf_counter() - t))
         print(table(results[-1:], focus), flush=True)

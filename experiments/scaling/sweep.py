@@ -23,12 +23,12 @@ import ml_collections
 from absl import flags
 
 from experiments.scaling import plot
-from llmjax import config
+from llmjax import cli, config
 from llmjax.data import synthetic
 from llmjax.evaluate import HELD_OUT
 from llmjax.models import presets, transformer
 from llmjax.sharding import batch_sharding, make_mesh, no_constrain
-from llmjax.train import pretrain
+from llmjax.train import pretrain, registry
 
 _OUT = flags.DEFINE_string("out", "experiments/scaling/results", "Folder for runs.json, fit.json, isoflops.png.")
 _BUDGETS = flags.DEFINE_list("budgets", ["1e11", "3e11", "1e12"], "Compute budgets in FLOPs.")
@@ -79,7 +79,7 @@ def train_one(budget: float, d_model: int, n_layers: int, seed: int) -> dict:
     cfg.seed = seed
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        state = pretrain.train(cfg, workdir)
+        state = registry.train(cfg, workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
     wall_s = time.perf_counter() - t
@@ -120,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    config.run_main(main)
+    cli.run_main(main)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from absl import flags
 
-from llmjax.config import ConfigError, run_main
+from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data.curation import COUNT_KEYS, DEDUP_FILTERS, DOC_FILTERS, LINE_FILTERS, CurationConfig, curate
 
 HEURISTICS = LINE_FILTERS + DOC_FILTERS

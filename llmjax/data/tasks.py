@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmjax.config import ConfigError
+
 _SEP = " = "
 
 
@@ -103,6 +105,13 @@ TASKS: dict[str, Task] = {
         _task("lookup", _table, _lookup),
     )
 }
+
+
+def check_names(key: str, names: str) -> None:
+    """Refuses a config key (data.tasks, ppo.tasks) that names a task we do not have."""
+    unknown = [n for n in names.split(",") if n not in TASKS]
+    if unknown:
+        raise ConfigError(f"{key}={names!r} names unknown tasks {unknown}; choose from {','.join(TASKS)}")
 
 
 def sample(rng: np.random.Generator, names: Sequence[str]) -> Example:

@@ -210,7 +210,8 @@ def _train_cli(inputs: str, vocab_size: int, model_type: str, out: str) -> str:
 if __name__ == "__main__":
     from absl import flags
 
-    from llmjax.config import ConfigError, run_main
+    from llmjax.cli import run_main
+    from llmjax.config import ConfigError
 
     _INPUT = flags.DEFINE_string("input", None, "comma-separated files or directories (.txt, .jsonl with a 'text' "
                                  "field), or 'synthetic' for the built-in task corpus", required=True)

@@ -11,17 +11,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
-from llmjax import checkpoint, losses, optim
+from llmjax import losses, optim
+from llmjax.config import ConfigError
 from llmjax.data import preference
 from llmjax.evaluate import make_evaluator
+from llmjax.losses import DPO_LOSSES
 from llmjax.models import transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, process_rows
-from llmjax.train import loop
-from llmjax.train.pretrain import Batch, flops_per_token
-from llmjax.train.state import TrainState, gradient_step
+from llmjax.sharding import Constrain, batch_sharding, make_constrain, process_rows
+from llmjax.train import loop, pretrain, state
+from llmjax.train.pretrain import Batch
+from llmjax.train.step import make_step
 
 
 def _per_sequence(batch: dict, values: Callable[[Batch], jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -58,12 +59,6 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
     return loss, aux | {"logp_chosen": jnp.mean(policy_chosen), "logp_rejected": jnp.mean(policy_rejected)}
 
 
-def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule, constrain: Constrain) -> Callable:
-    """step(state, batch[, reference_params]) -> (state, metrics)."""
-    return gradient_step(lambda params, batch, reference=None: loss_fn(params, batch, cfg, constrain, reference),
-                         tx, lr)
-
-
 def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict], sharding,
                          constrain: Constrain) -> Callable[[int], dict]:
     """Reference log-probs of every batch of the run, computed once into workdir/reference_logps.npz; returns
@@ -88,21 +83,41 @@ def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict
     return with_reference
 
 
-def task(cfg, workdir: str) -> loop.Task:
-    mesh = make_mesh(cfg.mesh)
-    tx = optim.make(cfg, transformer.specs(cfg.model))
+def validate(cfg, sizes: dict[str, int]) -> None:
+    if "dpo" not in cfg:
+        raise ConfigError("a dpo run needs the dpo section; start from configs/dpo.py")
+    if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
+        raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
+                          f"{DPO_LOSSES} and a reference from ('live', 'precomputed')")
+    if cfg.dpo.label_smoothing and cfg.dpo.loss not in ("sigmoid", "cdpo"):
+        raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} applies to dpo.loss=sigmoid only, not "
+                          f"{cfg.dpo.loss!r}; set --config.dpo.label_smoothing=0")
+    if not cfg.init_from:
+        raise ConfigError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
+
+
+def flops_per_token(cfg) -> float:
+    """Policy forward and backward on chosen and rejected tokens, plus the live reference's forward (1/3)."""
+    return pretrain.flops_per_token(cfg) * (4 / 3 if cfg.dpo.reference == "live" else 1)
+
+
+def task(cfg, workdir: str, mesh) -> loop.Task:
+    specs = transformer.specs(cfg.model)
+    tx = optim.make(cfg, specs)
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     get = preference.batches(cfg, sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
-    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model, cfg.data.tokenizer)
+    reference = pretrain.reads_lm(cfg, cfg.init_from, mesh, "DPO")()
     if cfg.dpo.reference == "precomputed":
         batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()
     else:
         batches, frozen = get, (reference,)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
-    step = make_step(cfg, tx, optim.schedule(cfg), constrain)
-    return loop.Task(mesh, tx, step, batches, sharding, flops_per_token(cfg), evaluate, frozen)
+    step = make_step(lambda params, batch, reference=None: loss_fn(params, batch, cfg, constrain, reference), tx,
+                     optim.schedule(cfg), cfg.optim.grad_accum)
+    return loop.Task(step, lambda _, i: (batches(i), {}), sharding,
+                     lambda: state.create(specs, cfg, mesh, tx, reference), state.abstract(specs, cfg, mesh, tx),
+                     pretrain.PARTS, flops_per_token(cfg), evaluate, frozen)
 
 
-def train(cfg, workdir: str) -> TrainState:
-    return loop.run(cfg, workdir, task(cfg, workdir))
+OBJECTIVE = loop.Objective("dpo", validate, task)

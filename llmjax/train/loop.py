@@ -1,7 +1,7 @@
 """The one training loop every objective shares: resume, step, log, checkpoint, stop cleanly on preemption.
 
-The step itself is the caller's (`step(state, batch) -> (state, metrics)`); the loop jits it once with the
-state's shardings and donates the state. Metrics stay on the device between log steps, so the host never
+The step and the batches are an objective's (a `Task`); the loop jits the step once with the state's
+shardings and donates the state. Metrics stay on the device between log steps, so the host never
 waits on the accelerator except to log.
 """
 
@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
@@ -57,20 +56,34 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-class Task(NamedTuple):
-    """What a trainer hands the loop: its mesh, optimizer, step function, batches and FLOPs per token."""
+class Objective(NamedTuple):
+    """A training objective as the registry knows it (llmjax.train.registry): its name (cfg.trainer), the checks
+    of its own config section, and its Task. The loss, parameter layout, batch source, initialisation (also from
+    another run) and FLOPs per token are the Task's, built by `task`."""
 
-    mesh: Mesh
-    tx: optax.GradientTransformation
-    step: Callable
-    batches: Callable[[int], dict]
+    name: str
+    validate: Callable[[object, dict[str, int]], None]  # (cfg, resolved mesh sizes) -> None or ConfigError
+    task: Callable[[object, str, Mesh], "Task"]  # (cfg, workdir, mesh)
+
+
+class Diverged(RuntimeError):
+    """optim.max_nonfinite steps in a row had a non-finite loss or gradients (each was skipped)."""
+
+
+class Task(NamedTuple):
+    """What an objective hands the loop. The loop jits `step` once with the state's and batch's shardings,
+    the state donated, and asks `source` for each step's batch; it never asks which objective it runs."""
+
+    step: Callable  # step(state, batch, *frozen) -> (state, metrics)
+    source: Callable[[state_lib.TrainState, int], tuple[dict, dict]]  # (state, step) -> (batch, its metrics)
     batch_sharding: NamedSharding
-    flops_per_token: float
+    start: Callable[[], state_lib.TrainState]  # a new run's state (parameters read from cfg.init_from, if any)
+    abstract: state_lib.TrainState  # the state's shapes and shardings: what a checkpoint resumes onto
+    parts: dict[str, tuple[str, ...]]  # what the parameters hold, for runs that start from this one
+    flops_per_token: float  # model FLOPs per input token of a step, everything the step and source compute
     evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
-    frozen: tuple = ()  # extra step arguments that never change, e.g. a frozen reference model's parameters
-    data_iterator: object = None  # a grain iterator behind `batches`, saved and restored with the checkpoints
-    rollout: Callable | None = None  # (state, batch, step) -> (batch, metrics): experience of the policy (PPO)
-    init_params: Callable | None = None  # () -> the state a fresh run starts from (default: cfg.init_from's)
+    frozen: tuple = ()  # step arguments that never change, e.g. a frozen reference model's parameters
+    data_iterator: object = None  # a grain iterator behind `source`, saved and restored with the checkpoints
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
@@ -79,27 +92,28 @@ class Task(NamedTuple):
                        out_shardings=(state_sh, None), donate_argnums=0)
 
 
+def _check_finite(m: dict, cfg, step: int) -> None:
+    if int(m["bad_steps"]) >= cfg.optim.max_nonfinite:
+        raise Diverged(f"{int(m['bad_steps'])} steps in a row up to step {step} had a non-finite loss or gradients "
+                       f"and were skipped (optim.max_nonfinite={cfg.optim.max_nonfinite}); the checkpoints hold the "
+                       "last good parameters: lower --config.optim.lr, or check the data")
+
+
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
-    """Trains to cfg.steps from the latest checkpoint in `workdir`, else from the parameters of the run in
-    cfg.init_from, else from scratch."""
-    checkpoint.claim_workdir(workdir, cfg)
+    """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(). Stops with Diverged
+    after optim.max_nonfinite skipped steps in a row, saving nothing more."""
+    checkpoint.claim_workdir(workdir, cfg, task.parts)
     mngr = checkpoint.manager(workdir, cfg)
-    if mngr.latest_step() is None and task.init_params:
-        state = task.init_params()
-    elif mngr.latest_step() is None and cfg.init_from:
-        params = checkpoint.load_params(cfg.init_from, task.mesh, cfg.model, cfg.data.tokenizer)
-        state = state_lib.from_params(cfg, task.mesh, task.tx, params)
-        log.info("starting from the parameters of %s", cfg.init_from)
-    elif mngr.latest_step() is None:
-        state = state_lib.create(cfg, task.mesh, task.tx)
+    if mngr.latest_step() is None:
+        state = task.start()
     else:
-        state = checkpoint.restore(mngr, state_lib.abstract(cfg, task.mesh, task.tx), data_iterator=task.data_iterator)
+        state = checkpoint.restore(mngr, task.abstract, data_iterator=task.data_iterator)
         log.info("resumed from %s at step %d", workdir, mngr.latest_step())
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
     preempted = _Preemption(mngr)
-    pending, t_last = [], time.perf_counter()
+    pending, last, t_last = [], None, time.perf_counter()
     writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
                dynamic_ncols=True)
@@ -108,15 +122,15 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
             if preempted(step):
                 log.warning("preempted at step %d: saving and stopping", step)
                 break
-            batch = task.batches(step)
-            experience = {}
-            if task.rollout:
-                batch, experience = task.rollout(state, batch, step)
+            batch, made = task.source(state, step)
             state, m = step_fn(state, batch, *task.frozen)
-            m |= experience
-            pending.append(m)
+            if last is not None:  # the previous step's verdict, read while this one runs
+                _check_finite(last, cfg, step)
+            last = m
+            pending.append(m | made)
             done = step + 1
             if done % cfg.checkpoint.every == 0:
+                _check_finite(m, cfg, done)
                 checkpoint.save(mngr, done, state, task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
@@ -137,6 +151,8 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 writer.write(done, row)
                 log.info("eval at step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
                 t_last = time.perf_counter()  # evaluation time is not training time
+        if last is not None:
+            _check_finite(last, cfg, int(state.step))
         if mngr.latest_step() != int(state.step):
             checkpoint.save(mngr, int(state.step), state, task.data_iterator)
         mngr.wait_until_finished()

@@ -22,14 +22,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import checkpoint, losses, optim, sampling
+from llmjax.config import ConfigError
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
 from llmjax.models import heads, transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
-from llmjax.train import loop, reward
-from llmjax.train.pretrain import flops_per_token
-from llmjax.train.state import TrainState, from_params, param_specs
+from llmjax.sharding import Constrain, batch_sharding, make_constrain
+from llmjax.train import loop, pretrain, reward, state
+from llmjax.train.state import TrainState
+from llmjax.train.step import advance, make_update
+
+PARTS = {"lm": ("policy",)}  # the policy is a language model; the value function is PPO's own
 
 
 def token_logprobs(params, rows: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -112,10 +115,17 @@ def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dic
     return loss + p.vf_coef * value_loss - p.entropy_coef * aux["entropy"], aux
 
 
+def tokens(mb: dict) -> jax.Array:
+    """What every term of the loss averages over: the response tokens (the weight of a microbatch)."""
+    return jnp.sum(mb["loss_mask"] > 0)
+
+
 def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain):
-    """step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled minibatches."""
+    """step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled minibatches,
+    each minibatch one call of the shared update (over optim.grad_accum microbatches)."""
     p = cfg.ppo
-    grad_fn = jax.value_and_grad(lambda params, mb: loss_fn(params, mb, cfg, constrain), has_aux=True)
+    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, tokens)
+    lr = optim.schedule(cfg)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         B = batch["inputs"].shape[0]
@@ -124,21 +134,30 @@ def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain):
         order = order.reshape(p.epochs * p.minibatches, B // p.minibatches)
 
         def one(carry, idx):
-            params, opt_state = carry
-            (loss, aux), g = grad_fn(params, jax.tree.map(lambda x: x[idx], batch))
-            updates, opt_state = tx.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), aux | {"loss": loss,
-                                                                            "grad_norm": optax.global_norm(g)}
+            params, opt_state, aux = update(*carry, jax.tree.map(lambda x: x[idx], batch))
+            return (params, opt_state), aux
 
         (params, opt_state), aux = jax.lax.scan(one, (state.params, state.opt_state), order)
         metrics = jax.tree.map(jnp.mean, aux)
-        extra = state.extra
+        extra = {}
         if p.target_kl:  # Ziegler et al.: move the KL coefficient toward the KL that was targeted
-            extra = {"kl_coef": losses.adaptive_kl_coef(extra["kl_coef"], jnp.mean(batch["kl"]), p.target_kl,
-                                                        p.kl_horizon, B)}
-        return TrainState(state.step + 1, params, opt_state, extra), metrics
+            extra["kl_coef"] = losses.adaptive_kl_coef(state.extra["kl_coef"], jnp.mean(batch["kl"]), p.target_kl,
+                                                       p.kl_horizon, B)
+        new, standard = advance(state, params, opt_state, metrics["nonfinite"], lr, **extra)
+        return new, metrics | standard
 
     return step
+
+
+def flops_per_token(cfg) -> float:
+    """Per rollout token: sampling and the reference's forward, ppo.epochs updates of the policy, the reward
+    model's forward (when one scores), and for PPO the value model's forward and updates (a separate one) or the
+    policy's forward again for its hidden states (a shared head)."""
+    p, train = cfg.ppo, pretrain.flops_per_token(cfg)
+    total = 2 * train / 3 + p.epochs * train + (train / 3 if p.reward != "tasks" else 0)
+    if p.algorithm == "ppo":
+        total += train / 3 + (p.epochs * train if p.value == "separate" else 0)
+    return total
 
 
 def prompts(cfg):
@@ -156,16 +175,16 @@ def prompts(cfg):
 class Rollout:
     """Experience from the current policy, in stages a benchmark can time apart: `sample` (KV-cache generation),
     `score` (the tasks' checkers or a reward model) and `experience` (reference log-probs, values, advantages).
-    Calling it runs all three: (state, examples, step) -> (batch for the update step, metrics)."""
+    Calling it runs all three on step's prompts: the loop's batch source, (state, step) -> (batch, metrics)."""
 
     def __init__(self, cfg, mesh: Mesh, reference):
         p = cfg.ppo
-        self.cfg, self.reference = cfg, reference
+        self.cfg, self.reference, self.prompts = cfg, reference, prompts(cfg)
         self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
         self.sharding = batch_sharding(mesh, cfg.rules)
         constrain = make_constrain(mesh, cfg.rules)
-        self.reward_model = None if p.reward == "tasks" else checkpoint.load_params(p.reward, mesh,
-                                                                                    tokenizer=cfg.data.tokenizer)
+        self.reward_model = None if p.reward == "tasks" else checkpoint.load_params(
+            p.reward, mesh, "scorer", cfg.model, cfg.data.tokenizer, reader="ppo.reward")
         reward_cfg = None if p.reward == "tasks" else checkpoint.run_config(p.reward)
         read_eos = reward_cfg is not None and reward_cfg.reward.read == "eos"
         self._generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_id,
@@ -197,29 +216,67 @@ class Rollout:
     def experience(self, params, rows: dict, scores: jax.Array, kl_coef: jax.Array) -> tuple[dict, dict]:
         return self._experience(params, rows, scores, kl_coef)
 
-    def __call__(self, state: TrainState, examples: list[tasks.Example], step: int) -> tuple[dict, dict]:
-        rows, scored, correct = self.sample(state.params, examples, step)
+    def __call__(self, state: TrainState, step: int) -> tuple[dict, dict]:
+        rows, scored, correct = self.sample(state.params, self.prompts(step), step)
         batch, metrics = self.experience(state.params, rows, self.score(scored, correct), state.extra["kl_coef"])
         return batch, metrics | {"accuracy": float(correct.mean())}
 
 
-def task(cfg, workdir: str, mesh: Mesh | None = None) -> loop.Task:
+def specs(cfg) -> dict:
+    """The policy, and PPO's value function: a reward-model-shaped value model or a head on the policy's trunk."""
+    out = {"policy": transformer.specs(cfg.model)}
+    if cfg.ppo.algorithm == "ppo" and cfg.ppo.value == "separate":
+        out["value"] = heads.specs(cfg.model)
+    elif cfg.ppo.algorithm == "ppo":
+        out["value_head"] = heads.specs(cfg.model)["head"]
+    return out
+
+
+def validate(cfg, sizes: dict[str, int]) -> None:
+    p = cfg.get("ppo")
+    if p is None:
+        raise ConfigError("a ppo run needs the ppo section; start from configs/ppo.py")
+    for key, allowed in (("algorithm", ("ppo", "grpo")), ("value", ("separate", "shared")),
+                         ("kl_estimator", ("k1", "k2", "k3"))):
+        if p[key] not in allowed:
+            raise ConfigError(f"ppo.{key}={p[key]!r} is not one of {allowed}; set --config.ppo.{key}=...")
+    if not cfg.init_from:
+        raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
+    if cfg.data.source != "synthetic":
+        raise ConfigError("PPO prompts come from the synthetic tasks for now: set --config.data.source=synthetic")
+    if p.tasks:
+        tasks.check_names("ppo.tasks", p.tasks)
+    dp, k = sizes["data"] * sizes["fsdp"], cfg.optim.grad_accum
+    group = p.group_size if p.algorithm == "grpo" else 1
+    if p.algorithm == "grpo" and group < 2:
+        raise ConfigError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
+    if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % (dp * k):
+        raise ConfigError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
+                          f"that divide over data*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
+                          f"{group})")
+    if p.epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
+        raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1 and ppo.temperature > 0")
+
+
+def task(cfg, workdir: str, mesh: Mesh) -> loop.Task:
+    del workdir
     p = cfg.ppo
-    mesh = mesh or make_mesh(cfg.mesh)
-    tx = optim.make(cfg, param_specs(cfg))
+    layout = specs(cfg)
+    tx = optim.make(cfg, layout)
     constrain = make_constrain(mesh, cfg.rules)
-    reference = checkpoint.load_params(cfg.init_from, mesh, cfg.model, cfg.data.tokenizer)
+    reference = pretrain.reads_lm(cfg, cfg.init_from, mesh, "PPO's policy")()
     rollout = Rollout(cfg, mesh, reference)
     evaluate = None
     if cfg.eval_every:
         evaluate_policy = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts)
         evaluate = lambda params: evaluate_policy(params["policy"])  # noqa: E731
     start = {"policy": reference}
-    if p.algorithm == "ppo" and p.value == "separate":  # from the reward model, else the SFT trunk + a fresh head
+    if "value" in layout:  # from the reward model, else the SFT trunk with a fresh head
         start["value"] = rollout.reward_model or {"trunk": reference}
-    return loop.Task(mesh, tx, make_step(cfg, tx, constrain), prompts(cfg), rollout.sharding, flops_per_token(cfg),
-                     evaluate, rollout=rollout, init_params=lambda: from_params(cfg, mesh, tx, start))
+    extra = {"kl_coef": p.kl_coef}
+    return loop.Task(make_step(cfg, tx, constrain), rollout, rollout.sharding,
+                     lambda: state.create(layout, cfg, mesh, tx, start, extra),
+                     state.abstract(layout, cfg, mesh, tx, extra), PARTS, flops_per_token(cfg), evaluate)
 
 
-def train(cfg, workdir: str) -> TrainState:
-    return loop.run(cfg, workdir, task(cfg, workdir))
+OBJECTIVE = loop.Objective("ppo", validate, task)

@@ -1,20 +1,25 @@
-"""Next-token training: the pretraining step, and SFT's (the same step; the loss mask hides prompts)."""
+"""Next-token training: pretraining, and SFT (the same objective; the loss mask hides prompts).
+
+Parameters: a language model. It starts fresh, or from the language model of the run in cfg.init_from (a
+pretraining, SFT or DPO run, or a PPO run's policy); a reward run holds no language model and is refused.
+"""
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from llmjax import losses, metrics, optim
+from llmjax import checkpoint, losses, metrics, optim
 from llmjax.data import pipeline, synthetic
 from llmjax.evaluate import make_evaluator
 from llmjax.models import transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
-from llmjax.train import loop
-from llmjax.train.state import TrainState
+from llmjax.sharding import Constrain, batch_sharding, make_constrain
+from llmjax.train import loop, state
+from llmjax.train.step import make_step
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids, loss_mask: all [B, T]
+PARTS = {"lm": ()}  # a language model at the root of the parameters
 
 
 def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
@@ -24,40 +29,9 @@ def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
     return losses.cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"], cfg.loss.z_loss, normalizer)
 
 
-def grads(params, batch: Batch, cfg, constrain: Constrain) -> tuple[jax.Array, dict, transformer.Params]:
-    """Loss and gradients of the whole batch, over cfg.optim.grad_accum sequential microbatches.
-
-    Every microbatch divides by the whole batch's token count, so the summed result equals one big batch.
-    Rows are split as [B/k, k] (microbatch j = rows j, j+k, ...) so each device keeps its own rows.
-    """
-    k = cfg.optim.grad_accum
-    n_tokens = jnp.sum(batch["loss_mask"])
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def one(mb: Batch):
-        (loss, aux), g = grad_fn(params, mb, cfg, constrain, n_tokens)
-        return loss, aux, g
-
-    if k == 1:
-        return one(batch)
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro)))
-    total, _ = jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, one(mb)), None), zeros, micro)
-    return total
-
-
-def make_step(cfg, tx: optax.GradientTransformation, lr: optax.Schedule,
-              constrain: Constrain) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss, aux, g = grads(state.params, batch, cfg, constrain)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(g), "lr": lr(state.step),
-                   "tokens": jnp.sum(batch["loss_mask"])}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=state.extra), metrics
-
-    return step
+def tokens(batch: Batch) -> jax.Array:
+    """What the loss averages over: the tokens it scores (the weight of a microbatch)."""
+    return jnp.sum(batch["loss_mask"] > 0)
 
 
 def flops_per_token(cfg) -> float:
@@ -66,19 +40,34 @@ def flops_per_token(cfg) -> float:
     return metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
 
 
-def task(cfg) -> loop.Task:
-    mesh = make_mesh(cfg.mesh)
-    tx = optim.make(cfg, transformer.specs(cfg.model))
+def reads_lm(cfg, workdir: str, mesh, reader: str) -> Callable[[], transformer.Params]:
+    """Reads the language model of another run when called; checks now (one line, before anything compiles)
+    that the run holds one of this run's model and tokenizer."""
+    checkpoint.check_part(workdir, "lm", cfg.model, cfg.data.tokenizer, reader)
+    return lambda: checkpoint.load_params(workdir, mesh, "lm", reader=reader)
+
+
+def validate(cfg, sizes: dict[str, int]) -> None:
+    """Nothing beyond the common checks: init_from is read (and refused) before anything compiles."""
+
+
+def task(cfg, workdir: str, mesh) -> loop.Task:
+    del workdir
+    specs = transformer.specs(cfg.model)
+    tx = optim.make(cfg, specs)
     sharding = batch_sharding(mesh, cfg.rules)
     constrain = make_constrain(mesh, cfg.rules)
-    step = make_step(cfg, tx, optim.schedule(cfg), constrain)
+    step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
+                     tokens)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
     if cfg.data.source == "synthetic":
         iterator, batches = None, synthetic.batches(cfg, sharding)
     else:
         iterator, batches = pipeline.batches(cfg, sharding)
-    return loop.Task(mesh, tx, step, batches, sharding, flops_per_token(cfg), evaluate, data_iterator=iterator)
+    given = reads_lm(cfg, cfg.init_from, mesh, "pretraining/SFT") if cfg.init_from else lambda: None
+    return loop.Task(step, lambda _, i: (batches(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
+                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate,
+                     data_iterator=iterator)
 
 
-def train(cfg, workdir: str) -> TrainState:
-    return loop.run(cfg, workdir, task(cfg))
+OBJECTIVE = loop.Objective("pretrain", validate, task)

@@ -1,25 +1,31 @@
 """Reward modelling: a trunk with a scalar head learns to score preferred responses higher (Bradley-Terry).
 
-Starts from an SFT or pretraining run (cfg.init_from) with a fresh head. Each prompt comes with K responses
+Starts from the language model of an SFT or pretraining run (cfg.init_from) as its trunk, with a fresh head (or
+from another reward run, head and all). Each prompt comes with K responses
 ranked best first (K = 2: a chosen and a rejected one); its C(K,2) pairs each weigh 1/C(K,2), so every prompt
 counts once however long its list (InstructGPT). The score is read from the hidden state at the response's last
 token, or (reward.read=eos) at the eos that ends it, fed as an input.
 """
 
 import itertools
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax import losses, optim
+from llmjax import checkpoint, losses, optim
+from llmjax.config import ConfigError
 from llmjax.data import preference
 from llmjax.evaluate import HELD_OUT
 from llmjax.models import heads
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh
-from llmjax.train import loop
-from llmjax.train.pretrain import flops_per_token
-from llmjax.train.state import TrainState, gradient_step, param_specs
+from llmjax.sharding import Constrain, batch_sharding, make_constrain
+from llmjax.train import loop, state
+from llmjax.train.pretrain import flops_per_token, reads_lm
+from llmjax.train.step import make_step
+
+PARTS = {"scorer": ()}  # the whole of the parameters: {"trunk": a language model, "head"}
 
 
 def scores(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> jax.Array:
@@ -48,14 +54,37 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, 
     return loss, aux | {"reward_mean": mean, "reward_std": std, "reward_best": jnp.mean(r_BK[:, 0])}
 
 
-def task(cfg) -> loop.Task:
-    mesh = make_mesh(cfg.mesh)
-    tx = optim.make(cfg, param_specs(cfg))
+def pairs(batch: dict) -> jax.Array:
+    """What the loss averages over: prompts with at least two responses (each prompt's pairs weigh 1 in all)."""
+    return jnp.sum(jnp.sum(jnp.any(batch["responses"]["loss_mask"] > 0, axis=-1), axis=-1) >= 2)
+
+
+def validate(cfg, sizes: dict[str, int]) -> None:
+    if "reward" not in cfg or cfg.reward.read not in ("last", "eos") or cfg.reward.responses < 2:
+        raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
+                          "ranked per prompt); start from configs/reward.py")
+
+
+def reads_scorer(cfg, workdir: str, mesh, reader: str) -> Callable[[], dict]:
+    """A reward model from another run when called: the whole of a reward run's, else a language model's
+    trunk (the head starts fresh). Checked now, read later."""
+    if "scorer" in checkpoint.run_parts(workdir):
+        checkpoint.check_part(workdir, "scorer", cfg.model, cfg.data.tokenizer, reader)
+        return lambda: checkpoint.load_params(workdir, mesh, "scorer")
+    lm = reads_lm(cfg, workdir, mesh, reader)
+    return lambda: {"trunk": lm()}
+
+
+def task(cfg, workdir: str, mesh) -> loop.Task:
+    del workdir
+    specs = heads.specs(cfg.model)
+    tx = optim.make(cfg, specs)
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     k, eos = cfg.reward.responses, cfg.reward.read == "eos"
     get = preference.batches(cfg, sharding, preference.source(cfg, k=k), layout="ranked", k=k, eos_input=eos)
-    step = gradient_step(lambda params, batch: loss_fn(params, batch, cfg, constrain), tx, optim.schedule(cfg))
+    step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
+                     pairs)
     evaluate = None
     if cfg.eval_every:
         held_out = preference.source(cfg, "validation", HELD_OUT, k)
@@ -68,8 +97,9 @@ def task(cfg) -> loop.Task:
             return {name: float(np.mean([loss if name == "loss" else aux[name] for loss, aux in rows]))
                     for name in ("loss", *rows[0][1])}
 
-    return loop.Task(mesh, tx, step, get, sharding, flops_per_token(cfg), evaluate)
+    given = reads_scorer(cfg, cfg.init_from, mesh, "a reward model") if cfg.init_from else lambda: None
+    return loop.Task(step, lambda _, i: (get(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
+                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate)
 
 
-def train(cfg, workdir: str) -> TrainState:
-    return loop.run(cfg, workdir, task(cfg))
+OBJECTIVE = loop.Objective("reward", validate, task)

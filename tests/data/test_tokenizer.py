@@ -14,6 +14,7 @@ from llmjax import config
 from llmjax.data import tasks, tokenizer
 from llmjax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, get_tokenizer
 from llmjax.models import presets
+from llmjax.train import registry
 
 TEXT = "héllo wörld ✓ 日本"
 UNSEEN = "héllo wörld ✓ 日本 🙂"  # none of it is in the training corpus: byte fallback carries it
@@ -160,13 +161,13 @@ def test_validate_checks_tokenizer_against_model_vocab(model, tmp_path):
     cfg = config.base("tiny")
     cfg.data.tokenizer = model
     with pytest.raises(config.ConfigError, match=r"has 400 tokens but model.vocab_size=320; .*vocab_size=400"):
-        config.validate(cfg, n_devices=1)
+        registry.validate(cfg, n_devices=1)
     cfg.model.vocab_size = 400
-    config.validate(cfg, n_devices=1)
+    registry.validate(cfg, n_devices=1)
     for name, message in (("gpt2", "unknown tokenizer 'gpt2'"), (str(tmp_path / "x.model"), "does not exist")):
         cfg.data.tokenizer = name
         with pytest.raises(config.ConfigError, match=f"data.tokenizer: .*{message}"):
-            config.validate(cfg, n_devices=1)
+            registry.validate(cfg, n_devices=1)
 
 
 def test_shipped_synthetic_model_fits_the_tasks_and_presets():

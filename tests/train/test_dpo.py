@@ -6,9 +6,9 @@ import jax
 import numpy as np
 from helpers import metric_rows, tiny_config
 
-from llmjax import sharding
+from llmjax import checkpoint, sharding
 from llmjax.data import preference
-from llmjax.train import dpo
+from llmjax.train import dpo, registry
 
 
 def dpo_config(init_from, **overrides):
@@ -21,26 +21,26 @@ def dpo_config(init_from, **overrides):
 
 def test_precomputed_reference_equals_live(sft_dir, tmp_path):
     live = dpo_config(sft_dir, steps=3)
-    task = dpo.task(live, str(tmp_path / "live"))
+    task = registry.task(live, str(tmp_path / "live"))
     reference = task.frozen[0]
     pre = dpo_config(sft_dir, steps=3)
     pre.dpo.reference = "precomputed"
-    pre_task = dpo.task(pre, str(tmp_path / "pre"))
+    pre_task = registry.task(pre, str(tmp_path / "pre"))
     assert pre_task.frozen == () and (tmp_path / "pre" / "reference_logps.npz").exists()
-    constrain = sharding.make_constrain(task.mesh, live.rules)
+    constrain = sharding.make_constrain(sharding.make_mesh(live.mesh), live.rules)
     policy = jax.tree.map(lambda x: x * 1.01, reference)  # a policy that differs from the reference
     for step in range(3):
-        want = dpo.loss_fn(policy, task.batches(step), live, constrain, reference)
-        got = dpo.loss_fn(policy, pre_task.batches(step), pre, constrain)
+        want = dpo.loss_fn(policy, task.source(None, step)[0], live, constrain, reference)
+        got = dpo.loss_fn(policy, pre_task.source(None, step)[0], pre, constrain)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
 def test_packed_equals_two_rows(sft_dir, tmp_path):
     cfg = dpo_config(sft_dir)
-    task = dpo.task(cfg, str(tmp_path))
+    task = registry.task(cfg, str(tmp_path))
     reference = task.frozen[0]
     policy = jax.tree.map(lambda x: x * 0.99, reference)
-    constrain = sharding.make_constrain(task.mesh, cfg.rules)
+    constrain = sharding.make_constrain(sharding.make_mesh(cfg.mesh), cfg.rules)
     two_rows = preference.batches(cfg, task.batch_sharding, preference.source(cfg))(0)
     packed = preference.batches(cfg, task.batch_sharding, preference.source(cfg), layout="packed")(0)
     assert int((packed["packed"]["segment_ids"] == 2).sum()) > 0
@@ -60,7 +60,7 @@ def test_sharded_equals_single_device(sft_dir):
         cfg = dpo_config(sft_dir)
         cfg.mesh = mesh_cfg
         mesh = sharding.make_mesh(cfg.mesh, devices)
-        reference = dpo.checkpoint.load_params(sft_dir, mesh)
+        reference = checkpoint.load_params(sft_dir, mesh)
         policy = jax.tree.map(lambda x: x * 1.01, reference)
         batch = preference.batches(cfg, sharding.batch_sharding(mesh, cfg.rules), preference.source(cfg))(0)
         constrain = sharding.make_constrain(mesh, cfg.rules)
@@ -78,13 +78,13 @@ def test_dpo_learns(sft_dir, tmp_path):
     cfg = dpo_config(sft_dir, steps=150, eval_every=150, eval_prompts=128,
                      **{"optim.lr": 3e-4, "optim.warmup_steps": 5, "seq_len": 64})
     cfg.dpo.nll_weight = 1.0
-    task = dpo.task(cfg, str(tmp_path))
+    task = registry.task(cfg, str(tmp_path))
     reference = task.frozen[0]
     held_out = dpo_config(sft_dir, seed=12345, seq_len=64)
     batch = preference.batches(held_out, task.batch_sharding, preference.source(held_out))(0)
-    constrain = sharding.make_constrain(task.mesh, cfg.rules)
+    constrain = sharding.make_constrain(sharding.make_mesh(cfg.mesh), cfg.rules)
     before = task.evaluate(reference)
-    final = dpo.train(cfg, str(tmp_path))
+    final = registry.train(cfg, str(tmp_path))
     _, aux = dpo.loss_fn(final.params, batch, cfg, constrain, reference)
     assert float(aux["reward_accuracy"]) >= 0.8, aux
     assert float(aux["reward_margin"]) > 0.1, aux  # both are 0 at the start, where policy == reference

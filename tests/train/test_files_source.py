@@ -3,7 +3,7 @@ validation split evaluated."""
 
 from helpers import losses, metric_rows, tiny_config
 
-from llmjax.train import pretrain
+from llmjax.train import registry
 
 DOC = "The quick brown fox jumps over the lazy dog number {i}. It was a sunny day in the park, number {i}."
 
@@ -19,9 +19,9 @@ def test_files_source_resumes_exactly(tmp_path):
             "data.source": f"files:{corpus}", "data.data_dir": str(tmp_path / "tfds"), "data.validation": 0.2,
             "checkpoint.every": 3, "eval_every": 3, "optim.schedule": "constant", "optim.warmup_steps": 0})
 
-    pretrain.train(cfg(6), str(tmp_path / "straight"))
-    pretrain.train(cfg(3), str(tmp_path / "split"))
-    pretrain.train(cfg(6), str(tmp_path / "split"))
+    registry.train(cfg(6), str(tmp_path / "straight"))
+    registry.train(cfg(3), str(tmp_path / "split"))
+    registry.train(cfg(6), str(tmp_path / "split"))
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 7))
     assert losses(tmp_path / "split") == straight

@@ -7,7 +7,7 @@ import pytest
 from helpers import metric_rows, tiny_config
 
 from llmjax import config, sharding
-from llmjax.train import ppo
+from llmjax.train import ppo, registry
 
 
 def ppo_config(init_from, algorithm="ppo", **overrides):
@@ -23,9 +23,9 @@ def ppo_config(init_from, algorithm="ppo", **overrides):
 def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, value):
     cfg = ppo_config(sft_dir, algorithm)
     cfg.ppo.value = value
-    task = ppo.task(cfg, str(tmp_path))
-    state = task.init_params()
-    batch, metrics = task.rollout(state, task.batches(0), 0)
+    task = registry.task(cfg, str(tmp_path))
+    state = task.start()
+    batch, metrics = task.source(state, 0)
     logp, _, _ = ppo.token_logprobs(state.params["policy"], batch, cfg, sharding.no_constrain)
     mask = np.asarray(batch["loss_mask"])
     assert mask.sum() > 16 and metrics["response_length"] > 1
@@ -42,10 +42,10 @@ def test_one_update_sharded_equals_single_device(sft_dir, tmp_path):
                               (dict(data=2, fsdp=2, tensor=2), jax.devices())):
         cfg = ppo_config(sft_dir)
         cfg.mesh = mesh_cfg
-        task = ppo.task(cfg, str(tmp_path), sharding.make_mesh(cfg.mesh, devices))
-        state = task.init_params()
+        task = registry.task(cfg, str(tmp_path), sharding.make_mesh(cfg.mesh, devices))
+        state = task.start()
         if batch is None:
-            batch = jax.device_get(task.rollout(state, task.batches(0), 0)[0])
+            batch = jax.device_get(task.source(state, 0)[0])
         step = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
         new, m = step(state, jax.device_put(batch, task.batch_sharding))
         results.append(jax.device_get((new.params, m)))
@@ -66,7 +66,7 @@ def test_learns_the_task_reward(sft_dir, tmp_path, algorithm):
     """Rewarded by the sort checker, the sampled answers get right more often while the KL stays bounded."""
     cfg = ppo_config(sft_dir, algorithm, steps=60, batch_size=64)
     cfg.ppo.update(epochs=1, minibatches=1, group_size=8)
-    ppo.train(cfg, str(tmp_path))
+    registry.train(cfg, str(tmp_path))
     first, last = quarters(tmp_path, "score")
     assert last > first + 0.04, (first, last)
     assert quarters(tmp_path, "kl_to_ref")[1] < 1.5
@@ -77,7 +77,7 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
     logged, and the coefficient moves toward its target."""
     cfg = ppo_config(sft_dir, steps=20, batch_size=32)
     cfg.ppo.update(reward=rm_dir, epochs=1, minibatches=1, target_kl=0.01)
-    ppo.train(cfg, str(tmp_path))
+    registry.train(cfg, str(tmp_path))
     first, last = quarters(tmp_path, "score")
     assert last > first + 0.2, (first, last)
     rows = [r for r in metric_rows(tmp_path) if "score" in r]
@@ -110,4 +110,4 @@ def test_validate_rejects_bad_ppo_configs(overrides, message):
     for key, value in overrides.items():
         config.override(cfg, key, value)
     with pytest.raises(config.ConfigError, match=message):
-        config.validate(cfg, 8)
+        registry.validate(cfg, 8)

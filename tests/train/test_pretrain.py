@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from helpers import losses, metric_rows, tiny_config
 from llmjax import optim, sharding
 from llmjax.data import synthetic
 from llmjax.models import transformer
-from llmjax.train import pretrain, state
+from llmjax.train import pretrain, registry, state, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESHES = {
@@ -28,11 +29,12 @@ def loss_and_grads(cfg, devices):
     """One batch's loss and gradients, computed on a mesh over `devices` with the run's shardings."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     tx = optim.make(cfg, transformer.specs(cfg.model))
-    params = state.create(cfg, mesh, tx).params
+    params = state.create(transformer.specs(cfg.model), cfg, mesh, tx).params
     batch_sh = sharding.batch_sharding(mesh, cfg.rules)
     batch = synthetic.batches(cfg, batch_sh)(0)
     constrain = sharding.make_constrain(mesh, cfg.rules)
-    fn = jax.jit(lambda p, b: pretrain.grads(p, b, cfg, constrain))
+    loss_fn = partial(pretrain.loss_fn, cfg=cfg, constrain=constrain)
+    fn = jax.jit(lambda p, b: step.grads(loss_fn, cfg.optim.grad_accum, pretrain.tokens)(p, b))
     return jax.device_get(fn(params, batch))
 
 
@@ -61,7 +63,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     """20 steps straight == 10 steps, a SIGTERM (preemption: save and stop), then resume to 20."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     cfg = tiny_config(steps=20, log_every=1)
-    pretrain.train(cfg, straight)
+    registry.train(cfg, straight)
 
     def preempt_after_10(cfg, sharding):
         get = batches(cfg, sharding)
@@ -69,10 +71,10 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     batches = synthetic.batches
     monkeypatch.setattr(synthetic, "batches", preempt_after_10)
-    pretrain.train(cfg, split)
+    registry.train(cfg, split)
     assert sorted(os.listdir(os.path.join(split, "checkpoints")), key=int) == ["5", "10"]
     monkeypatch.undo()
-    pretrain.train(cfg, split)
+    registry.train(cfg, split)
     assert losses(split) == losses(straight)
     assert sorted(losses(split)) == list(range(1, 21))
 

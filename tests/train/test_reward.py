@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from helpers import metric_rows, reward_config
 
-from llmjax import checkpoint, generate, optim, sharding
+from llmjax import checkpoint, generate, sharding
 from llmjax.config import ConfigError
 from llmjax.data import preference, tasks
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.models import heads
 from llmjax.models.transformer import init_tree
-from llmjax.train import reward, state
+from llmjax.train import registry, reward
 
 
 def test_reads_the_last_response_token_or_the_eos():
@@ -84,8 +84,7 @@ def test_sharded_equals_single_device(sft_dir):
         cfg = reward_config(sft_dir)
         cfg.mesh = mesh_cfg
         mesh = sharding.make_mesh(cfg.mesh, devices)
-        start = state.from_params(cfg, mesh, optim.make(cfg, state.param_specs(cfg)),
-                                             checkpoint.load_params(sft_dir, mesh))
+        start = registry.task(cfg, "", mesh).start()
         batch = preference.batches(cfg, sharding.batch_sharding(mesh, cfg.rules), preference.source(cfg),
                                    layout="ranked")(0)
         constrain = sharding.make_constrain(mesh, cfg.rules)
@@ -106,7 +105,7 @@ def test_starts_from_the_sft_trunk_with_a_fresh_head(sft_dir, tmp_path):
     cfg = reward_config(sft_dir)
     mesh = sharding.make_mesh(cfg.mesh)
     sft = checkpoint.load_params(sft_dir, mesh)
-    start = state.from_params(cfg, mesh, optim.make(cfg, state.param_specs(cfg)), sft)
+    start = registry.task(cfg, str(tmp_path), mesh).start()
     jax.tree.map(np.testing.assert_array_equal, start.params["trunk"], sft)
     assert float(np.abs(start.params["head"]["w"]).sum()) > 0
 

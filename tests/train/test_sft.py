@@ -12,7 +12,7 @@ from helpers import metric_rows, tiny_config
 
 from llmjax import sharding
 from llmjax.evaluate import make_evaluator
-from llmjax.train import pretrain, state
+from llmjax.train import pretrain, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,9 +26,9 @@ def test_prompt_targets_carry_no_loss():
     """Changing every target the mask leaves out (prompts, template tokens, across packed examples) changes
     nothing; changing one response target changes the loss."""
     cfg = sft_config()
-    task = pretrain.task(cfg)
-    params = state.create(cfg, task.mesh, task.tx).params
-    batch = jax.device_get(task.batches(0))
+    task = registry.task(cfg, "")
+    params = task.start().params
+    batch = jax.device_get(task.source(None, 0)[0])
     assert (batch["segment_ids"].max(axis=1) > 1).all()  # several examples packed per row
     loss = jax.jit(lambda b: pretrain.loss_fn(params, b, cfg, sharding.no_constrain)[0])
     masked_out = batch | {"targets": np.where(batch["loss_mask"] == 0, 7, batch["targets"])}
@@ -44,8 +44,8 @@ def sft_run(sft_dir):
     """The session's short SFT run from scratch on one task (tests/conftest.py), with its evaluation at the end,
     and a fresh model's evaluation."""
     cfg = sft_config(seq_len=64, batch_size=8)
-    task = pretrain.task(cfg)
-    before = make_evaluator(cfg, task.mesh, n=32)(state.create(cfg, task.mesh, task.tx).params)
+    mesh = sharding.make_mesh(cfg.mesh)
+    before = make_evaluator(cfg, mesh, n=32)(registry.task(cfg, "", mesh).start().params)
     after = [row for row in metric_rows(sft_dir) if "eval/accuracy" in row][-1]
     return sft_dir, before, after
 

@@ -1,0 +1,99 @@
+"""The objectives by name (cfg.trainer), and the one way into training: validate the config, then run the
+objective's task in the loop. The CLI (llmjax.main), the pipeline and code calling `train` from a notebook all
+come through here, so no run trains on a config that has not been checked."""
+
+import jax
+import ml_collections
+
+from llmjax.config import ConfigError
+from llmjax.data import tasks
+from llmjax.data.tokenizer import get_tokenizer
+from llmjax.sharding import make_mesh, mesh_shape
+from llmjax.train import dpo, loop, ppo, pretrain, reward
+from llmjax.train.state import TrainState
+
+OBJECTIVES: dict[str, loop.Objective] = {o.name: o for o in (pretrain.OBJECTIVE, reward.OBJECTIVE, dpo.OBJECTIVE,
+                                                              ppo.OBJECTIVE)}
+
+CHOICES = {
+    "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
+    "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
+    "data.format": ("text", "chat"),
+}
+
+
+def get(cfg) -> loop.Objective:
+    if cfg.trainer not in OBJECTIVES:
+        raise ConfigError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[cfg.trainer]
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Checks the config against itself, the devices and its objective; returns the resolved mesh shape."""
+    objective = get(cfg)
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
+    m = cfg.model
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+        if m[key] <= 0:
+            raise ConfigError(f"model.{key}={m[key]} must be positive")
+    try:
+        vocab = get_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if vocab > m.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                          f"{m.vocab_size}; set --config.model.vocab_size={vocab} (or more)")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                          "grouped-query attention needs whole groups")
+    sizes = mesh_shape(cfg.mesh, n_devices)
+    for axis in ("n_heads", "n_kv_heads"):
+        if m[axis] % sizes["tensor"]:
+            raise ConfigError(f"model.{axis}={m[axis]} is not divisible by mesh.tensor={sizes['tensor']}; "
+                              "choose a tensor size that divides both n_heads and n_kv_heads")
+    if cfg.seq_len > m.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+                          "lower --config.seq_len or raise --config.model.max_seq_len")
+    for key in ("optim.grad_accum", "optim.max_nonfinite", "log_every", "checkpoint.every", "checkpoint.keep",
+                "batch_size", "seq_len"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+    dp = sizes["data"] * sizes["fsdp"]
+    per_step = dp * cfg.optim.grad_accum
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp*grad_accum="
+                          f"{sizes['data']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple of {per_step}")
+    if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
+        raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
+                          "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
+    scheme, _, rest = cfg.data.source.partition(":")
+    if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
+        raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
+    tasks.check_names("data.tasks", cfg.data.tasks)
+    for logical, axes in cfg.rules.items():
+        unknown = [a for a in axes.split(",") if a and a not in sizes]
+        if unknown:
+            raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
+    objective.validate(cfg, sizes)
+    return sizes
+
+
+def task(cfg, workdir: str, mesh=None) -> loop.Task:
+    """The validated config's objective as the loop's Task (on `mesh`, default the config's)."""
+    validate(cfg, len(mesh.devices.flat) if mesh is not None else jax.device_count())
+    return get(cfg).task(cfg, workdir, mesh or make_mesh(cfg.mesh))
+
+
+def train(cfg, workdir: str) -> TrainState:
+    """Trains cfg's objective to cfg.steps in `workdir` (resuming what is there): what `python -m llmjax.main`
+    runs."""
+    return loop.run(cfg, workdir, task(cfg, workdir))
