@@ -27,7 +27,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
             batch = batch | {"loss_mask": batch["loss_mask"] * np.inf}
         return batch, made
 
-    with pytest.raises(loop.Diverged, match=r"3 steps in a row up to step 10 .* optim.max_nonfinite=3"):
+    with pytest.raises(loop.Diverged, match=r"3 steps in a row up to step 10 .*optim.max_nonfinite=3"):
         loop.run(cfg, str(tmp_path), task._replace(source=poisoned))
     mngr = checkpoint.manager(str(tmp_path), cfg)
     assert mngr.all_steps() == [5]

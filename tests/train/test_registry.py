@@ -50,9 +50,9 @@ def test_sft_and_dpo_from_a_ppo_run_take_its_policy(runs):
     lm = jax.device_get(checkpoint.load_params(runs["lm"], mesh))
     assert not np.allclose(policy["embed"], lm["embed"])  # the PPO run moved off its start
     sft = tiny_config(**CHAT, init_from=runs["ppo"])
-    start = registry.task(sft, "").start()
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(start.params), policy)
-    np.testing.assert_array_equal(logits(start.params, sft), logits(policy, sft))
+    start = jax.device_get(registry.task(sft, "").start().params)
+    jax.tree.map(np.testing.assert_array_equal, start, policy)
+    np.testing.assert_array_equal(logits(start, sft), logits(policy, sft))
     task = registry.task(dpo_config(runs["ppo"]), "")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(task.start().params), policy)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(task.frozen[0]), policy)

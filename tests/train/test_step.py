@@ -13,6 +13,8 @@ from llmjax.train.state import TrainState
 from llmjax.train.step import grads, make_step
 
 TWO_DEVICES = dict(data=1, fsdp=2, tensor=1)
+# Statistics that are not means over the loss's units: over microbatches they are averaged, not recomputed.
+NONLINEAR = {"reward_std", "explained_variance"}
 
 
 def objective_config(name: str, lm_dir: str):
@@ -60,7 +62,8 @@ def test_grad_accumulation_equals_one_batch(name, lm_dir, tmp_path):
         results.append(jax.device_get((new.params, m)))
     (params, m), (params_k, m_k) = results
     assert m_k["nonfinite"] == 0 and set(m_k) == set(m)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), m_k, m)
+    for key in set(m) - NONLINEAR:
+        np.testing.assert_allclose(m_k[key], m[key], rtol=2e-5, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params_k, params)
 
 
