@@ -1,1 +1,10 @@
-"""llmjax: every stage of LLM training as pure JAX functions."""
+"""llmjax: every stage of LLM training as pure JAX functions.
+
+Array names end in their shape, one letter a dimension, with one alphabet for the whole codebase (`logits_BTV`):
+  B batch rows          T sequence (query) length    S key/value length (cache slots)    D model width
+  F MLP width           V vocabulary                 N query heads    K key/value heads   H head width
+  L layers              P prompt length              R response (generated) length
+  C candidates per prompt (ranked responses, a GRPO group's samples)    G groups    Q pairs of a ranked list
+  M microbatches
+A digit is a dimension of that size (`mask_B1TS`).
+"""

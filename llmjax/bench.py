@@ -102,14 +102,14 @@ def bench_generate(cfg, prompts: int = 8, prompt_len: int = 16, new: int = 256) 
     @jax.jit
     def recompute(params, tokens_BP):
         L = prompt_len + new
-        buf_BL = jnp.zeros((prompts, L), jnp.int32).at[:, :prompt_len].set(tokens_BP)
-        positions_BL = jnp.broadcast_to(jnp.arange(L), (prompts, L))
+        buf_BT = jnp.zeros((prompts, L), jnp.int32).at[:, :prompt_len].set(tokens_BP)
+        positions_BT = jnp.broadcast_to(jnp.arange(L), (prompts, L))
 
-        def body(i, buf_BL):  # causal attention: slots after i are never seen
-            logits_BLV = transformer.forward(params, buf_BL, positions_BL, jnp.ones_like(buf_BL), m)[0]
-            return buf_BL.at[:, prompt_len + i].set(jnp.argmax(logits_BLV[:, prompt_len + i - 1], axis=-1))
+        def body(i, buf_BT):  # causal attention: slots after i are never seen
+            logits_BTV = transformer.forward(params, buf_BT, positions_BT, jnp.ones_like(buf_BT), m)[0]
+            return buf_BT.at[:, prompt_len + i].set(jnp.argmax(logits_BTV[:, prompt_len + i - 1], axis=-1))
 
-        return jax.lax.fori_loop(0, new, body, buf_BL)[:, prompt_len:]
+        return jax.lax.fori_loop(0, new, body, buf_BT)[:, prompt_len:]
 
     cache_s, out = _timed(cached, params, tokens_BP, lengths_B, jax.random.key(0))
     recompute_s, ref = _timed(recompute, params, tokens_BP)

@@ -251,11 +251,11 @@ def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6, s
     n = rewards_B.shape[0]
     if group_size < 2 or n % group_size:
         raise ValueError(f"group_size must be >= 2 and divide the batch; got {group_size} for {n} rows")
-    r_GK = rewards_B.astype(jnp.float32).reshape(n // group_size, group_size)
-    adv_GK = r_GK - jnp.mean(r_GK, axis=1, keepdims=True)
+    r_GC = rewards_B.astype(jnp.float32).reshape(n // group_size, group_size)
+    adv_GC = r_GC - jnp.mean(r_GC, axis=1, keepdims=True)
     if scale:
-        adv_GK = adv_GK / (jnp.std(r_GK, axis=1, keepdims=True, ddof=1) + eps)
-    return adv_GK.reshape(n)
+        adv_GC = adv_GC / (jnp.std(r_GC, axis=1, keepdims=True, ddof=1) + eps)
+    return adv_GC.reshape(n)
 
 
 def adaptive_kl_coef(coef: float | jax.Array, observed_kl: float | jax.Array, target_kl: float,

@@ -160,9 +160,9 @@ def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, s
         logger.warning("the policy trained on data.format=%r, but rejection sampling asks it through the chat "
                        "template; start from an SFT run", cfg.data.format)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    tokens_PW, lengths_P = sampling.left_pad([chat.prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
-    if tokens_PW.shape[1] + max_new_tokens > cfg.model.max_seq_len:
-        raise ConfigError(f"prompts of {tokens_PW.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceed the "
+    tokens_BP, lengths_B = sampling.left_pad([chat.prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
+    if tokens_BP.shape[1] + max_new_tokens > cfg.model.max_seq_len:
+        raise ConfigError(f"prompts of {tokens_BP.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceed the "
                           f"model's max_seq_len={cfg.model.max_seq_len}; lower --max_new_tokens or shorten the prompts")
     generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -173,7 +173,7 @@ def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, s
     with tqdm(total=len(rows), desc=f"best-of-{n}", unit="sample", disable=not progress) as bar:
         for chunk, start in enumerate(range(0, len(rows), batch_size)):
             idx = np.resize(rows[start:start + batch_size], batch_size)  # a full batch: one shape, one compilation
-            out = jax.device_get(generate(params, tokens_PW[idx], lengths_P[idx], jax.random.fold_in(key, chunk)))
+            out = jax.device_get(generate(params, tokens_BP[idx], lengths_B[idx], jax.random.fold_in(key, chunk)))
             texts = [tokenizer.decode(t[:m]) for t, m in zip(out["tokens"], out["lengths"], strict=True)]
             scores.append(np.asarray(score_fn([prompts[i] for i in idx], texts), np.float32))
             valid.append((out["tokens"] == tokenizer.eos_id).any(axis=1))

@@ -52,7 +52,7 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     """Continues left-padded prompts (row b's prompt fills its last lengths_B[b] slots), sampling only ids below
     vocab_size (the tokenizer's; 0: all of the model's).
 
-    Returns tokens_BN (pad after EOS), logprobs_BN (0 after EOS) and lengths_B (tokens up to and including
+    Returns tokens_BR (pad after EOS), logprobs_BR (0 after EOS) and lengths_B (tokens up to and including
     EOS). Jit it with the sampling settings static, e.g. through `sampler`.
     """
     B, P = prompts_BP.shape
@@ -61,30 +61,30 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     cache = transformer.init_cache(cfg, B, P + max_new_tokens)
     logits_BPV, _, cache = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg,
                                                constrain, cache)
-    out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+    out_BR = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
     logits_BV = limit_vocab(logits_BPV[:, -1], vocab_size)
-    init = (0, logits_BV, cache, jnp.zeros(B, bool), out_BN, jnp.zeros((B, max_new_tokens)), key)
+    init = (0, logits_BV, cache, jnp.zeros(B, bool), out_BR, jnp.zeros((B, max_new_tokens)), key)
 
     def cond(carry):
         i, _, _, done_B, *_ = carry
         return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def body(carry):
-        i, logits_BV, cache, done_B, out_BN, logp_BN, key = carry
+        i, logits_BV, cache, done_B, out_BR, logp_BR, key = carry
         key, sub = jax.random.split(key)
         token_B = jnp.where(done_B, pad_id, _choose(logits_BV, sub, temperature, top_k, top_p))
         logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
-        out_BN = out_BN.at[:, i].set(token_B)
-        logp_BN = logp_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+        out_BR = out_BR.at[:, i].set(token_B)
+        logp_BR = logp_BR.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
         done_B = done_B | (token_B == eos_id)
         logits_B1V, _, cache = transformer.forward(params, token_B[:, None], (lengths_B + i)[:, None],
                                                    (~done_B).astype(jnp.int32)[:, None], cfg, constrain, cache)
-        return i + 1, limit_vocab(logits_B1V[:, 0], vocab_size), cache, done_B, out_BN, logp_BN, key
+        return i + 1, limit_vocab(logits_B1V[:, 0], vocab_size), cache, done_B, out_BR, logp_BR, key
 
-    _, _, _, _, out_BN, logp_BN, _ = jax.lax.while_loop(cond, body, init)
-    ended = out_BN == eos_id
+    _, _, _, _, out_BR, logp_BR, _ = jax.lax.while_loop(cond, body, init)
+    ended = out_BR == eos_id
     lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, max_new_tokens)
-    return {"tokens": out_BN, "logprobs": logp_BN, "lengths": lengths.astype(jnp.int32)}
+    return {"tokens": out_BR, "logprobs": logp_BR, "lengths": lengths.astype(jnp.int32)}
 
 
 def sampler(cfg, *, max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,

@@ -16,11 +16,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 from experiments.pipeline import run  # noqa: E402  (after the device count is set)
 from llmjax.train import registry  # noqa: E402  (after the device count is set)
 
+TRAINED_RUNS = {"sft_dir", "rm_dir", "pipeline_dir"}  # fixtures that train: a test that needs one is slow
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "pipeline_dir" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("pipeline"))
+        if TRAINED_RUNS & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

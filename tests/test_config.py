@@ -118,6 +118,7 @@ def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
     assert registry.validate(tiny_config(**overrides), n_devices) == sizes
 
 
+@pytest.mark.slow
 def test_cli_good_run(tmp_path):
     args = [f"{PRETRAIN}:model=tiny,steps=3", "--config.batch_size=8", "--config.seq_len=32",
             "--config.optim.warmup_steps=1", "--config.checkpoint.every=2", "--config.peak_flops=1e12",

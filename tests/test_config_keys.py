@@ -244,13 +244,11 @@ def rollout(task):
     return batch
 
 
-def start(task) -> str:
-    """The start state: its traced initialisation, or its values where it reads another run's checkpoint (which
-    cannot be traced); and the step's frozen arguments (a DPO reference)."""
-    try:
-        init = traced(jax.jit(task.start).trace(), ())
-    except Exception:  # reads a checkpoint: run it (with init_from, its init compiles to almost nothing)
-        init = digest(task.start())
+def start(cfg, task) -> str:
+    """The start state: its traced initialisation, or its values for a run started from another's parameters (its
+    start reads them from the checkpoint, which cannot be traced; and its init compiles to almost nothing); and
+    the step's frozen arguments (a DPO reference)."""
+    init = digest(task.start()) if cfg.init_from else traced(jax.jit(task.start).trace(), ())
     return init + digest(task.frozen)
 
 
@@ -269,7 +267,7 @@ def fingerprint(cfg, workdir: str):
         shardings = jax.tree.map(lambda x: x.sharding, task.abstract)
         args = (task.abstract, batch, *task.frozen)
         yield "step", traced(task.jit_step(shardings).trace(*args), args)
-        yield "start", start(task)
+        yield "start", start(cfg, task)
     except ConfigError as e:
         yield "refused", str(e)
     except Exception as e:  # reported by the test

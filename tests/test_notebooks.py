@@ -11,6 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart", "sharding", "alignment"])
 def test_notebook_executes(name, request, monkeypatch):
     if name == "alignment":

@@ -6,7 +6,7 @@ of step s is a pure function of (seed, s, r) (a files source is read in a seeded
 after epoch), so runs resume exactly and each process builds only its own rows.
 
 Layouts, every sequence through the chat template with its loss mask on the response (and eos) only:
-  ranked   {"responses": rows [B, K, T]}: K responses per prompt; a record with fewer leaves empty rows
+  ranked   {"responses": rows [B, C, T]}: C responses per prompt; a record with fewer leaves empty rows
   pairs    {"chosen": rows, "rejected": rows} [B, T]: the best and the worst response (DPO)
   packed   {"packed": rows [B, T]}: chosen as segment 1 and rejected as segment 2 of one row
 """

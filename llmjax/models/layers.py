@@ -1,8 +1,4 @@
-"""Transformer building blocks as pure functions of arrays.
-
-Shape suffixes name dimensions: B batch, T query length, S key length, D model width, N query heads,
-K key/value heads, H head dim, F MLP width, V vocabulary.
-"""
+"""Transformer building blocks as pure functions of arrays (shape suffixes: the alphabet in llmjax/__init__.py)."""
 
 import math
 

@@ -57,20 +57,20 @@ def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
     response tokens up to and including eos, old_logp (the sampler's log-probs) aligned with the targets; and
     as a reward model's rows, the whole sequence as inputs with the mask ending where the score is read (at the
     eos, or at the response's last token before it)."""
-    P, N = prompts_BP.shape[1], out["tokens"].shape[1]
-    seq_BS = jnp.concatenate([prompts_BP, out["tokens"]], axis=1)
+    P, R = prompts_BP.shape[1], out["tokens"].shape[1]
+    seq_BT = jnp.concatenate([prompts_BP, out["tokens"]], axis=1)
     slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])
-    response_BN = jnp.arange(N)[None] < out["lengths"][:, None]
-    positions = jnp.concatenate([jnp.maximum(slot_BP, 0), lengths_B[:, None] + jnp.arange(N)[None]], axis=1)
-    segments = jnp.concatenate([slot_BP >= 0, response_BN], axis=1).astype(jnp.int32)
-    mask_BS = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), response_BN.astype(jnp.float32)], axis=1)
-    old_BS = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), out["logprobs"] * response_BN], axis=1)
-    rows = {"inputs": seq_BS[:, :-1], "targets": seq_BS[:, 1:], "positions": positions[:, :-1],
-            "segment_ids": segments[:, :-1], "loss_mask": mask_BS[:, 1:], "old_logp": old_BS[:, 1:]}
+    response_BR = jnp.arange(R)[None] < out["lengths"][:, None]
+    positions = jnp.concatenate([jnp.maximum(slot_BP, 0), lengths_B[:, None] + jnp.arange(R)[None]], axis=1)
+    segments = jnp.concatenate([slot_BP >= 0, response_BR], axis=1).astype(jnp.int32)
+    mask_BT = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), response_BR.astype(jnp.float32)], axis=1)
+    old_BT = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), out["logprobs"] * response_BR], axis=1)
+    rows = {"inputs": seq_BT[:, :-1], "targets": seq_BT[:, 1:], "positions": positions[:, :-1],
+            "segment_ids": segments[:, :-1], "loss_mask": mask_BT[:, 1:], "old_logp": old_BT[:, 1:]}
     ended_B = jnp.any(out["tokens"] == eos_id, axis=1)
-    read_BN = jnp.arange(N)[None] < (out["lengths"] - (ended_B & (not read_eos)))[:, None]
-    scored = {"inputs": seq_BS, "positions": positions, "segment_ids": segments,
-              "loss_mask": jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), read_BN.astype(jnp.float32)], 1)}
+    read_BR = jnp.arange(R)[None] < (out["lengths"] - (ended_B & (not read_eos)))[:, None]
+    scored = {"inputs": seq_BT, "positions": positions, "segment_ids": segments,
+              "loss_mask": jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), read_BR.astype(jnp.float32)], 1)}
     return rows, scored
 
 

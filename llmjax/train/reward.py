@@ -29,29 +29,29 @@ PARTS = {"scorer": ()}  # the whole of the parameters: {"trunk": a language mode
 
 
 def scores(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> jax.Array:
-    """The reward of every sequence of rows [B, K, T] (or [B, T]): scores_BK (scores_B)."""
+    """The reward of every sequence of rows [B, C, T] (or [B, T]): scores_BC (scores_B)."""
     lead = rows["inputs"].shape[:-1]
     flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)
-    r_N = heads.at_last(heads.values(params, flat, cfg.model, constrain), flat["loss_mask"])
-    return r_N.reshape(lead)
+    r_B = heads.at_last(heads.values(params, flat, cfg.model, constrain), flat["loss_mask"])
+    return r_B.reshape(lead)
 
 
 def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
     """Bradley-Terry over every ranked pair (i better than j), margin reward.margin per rank apart."""
     rows = batch["responses"]
-    r_BK = scores(params, rows, cfg, constrain)
-    valid_BK = jnp.any(rows["loss_mask"] > 0, axis=-1).astype(jnp.float32)
-    n_B = jnp.sum(valid_BK, axis=-1)
-    pairs = list(itertools.combinations(range(r_BK.shape[1]), 2))
+    r_BC = scores(params, rows, cfg, constrain)
+    valid_BC = jnp.any(rows["loss_mask"] > 0, axis=-1).astype(jnp.float32)
+    n_B = jnp.sum(valid_BC, axis=-1)
+    pairs = list(itertools.combinations(range(r_BC.shape[1]), 2))
     better, worse = (np.array(idx) for idx in zip(*pairs, strict=True))
-    weight_BP = valid_BK[:, better] * valid_BK[:, worse] / jnp.maximum(n_B * (n_B - 1) / 2, 1)[:, None]
-    margin_P = cfg.reward.margin * (worse - better)
-    loss, aux = losses.bradley_terry(r_BK[:, better].ravel(), r_BK[:, worse].ravel(),
-                                     jnp.broadcast_to(margin_P, weight_BP.shape).ravel(), weight_BP.ravel())
-    count = jnp.maximum(jnp.sum(valid_BK), 1)
-    mean = jnp.sum(r_BK * valid_BK) / count
-    std = jnp.sqrt(jnp.sum(jnp.square(r_BK - mean) * valid_BK) / count)
-    return loss, aux | {"reward_mean": mean, "reward_std": std, "reward_best": jnp.mean(r_BK[:, 0])}
+    weight_BQ = valid_BC[:, better] * valid_BC[:, worse] / jnp.maximum(n_B * (n_B - 1) / 2, 1)[:, None]
+    margin_Q = cfg.reward.margin * (worse - better)
+    loss, aux = losses.bradley_terry(r_BC[:, better].ravel(), r_BC[:, worse].ravel(),
+                                     jnp.broadcast_to(margin_Q, weight_BQ.shape).ravel(), weight_BQ.ravel())
+    count = jnp.maximum(jnp.sum(valid_BC), 1)
+    mean = jnp.sum(r_BC * valid_BC) / count
+    std = jnp.sqrt(jnp.sum(jnp.square(r_BC - mean) * valid_BC) / count)
+    return loss, aux | {"reward_mean": mean, "reward_std": std, "reward_best": jnp.mean(r_BC[:, 0])}
 
 
 def pairs(batch: dict) -> jax.Array:

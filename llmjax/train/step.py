@@ -38,8 +38,8 @@ def grads(loss_fn: LossFn, k: int = 1, weight: Callable | None = None) -> Callab
 
     def accumulated(params, batch, *frozen):
         micro = microbatches(batch, k)
-        w_K = jnp.ones(k) if weight is None else jax.vmap(weight)(micro).astype(jnp.float32)
-        share_K = w_K / jnp.maximum(jnp.sum(w_K), 1e-9)
+        w_M = jnp.ones(k) if weight is None else jax.vmap(weight)(micro).astype(jnp.float32)
+        share_M = w_M / jnp.maximum(jnp.sum(w_M), 1e-9)
 
         def add(total, xs):
             mb, share = xs
@@ -47,7 +47,7 @@ def grads(loss_fn: LossFn, k: int = 1, weight: Callable | None = None) -> Callab
 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                              jax.eval_shape(one, params, jax.tree.map(lambda x: x[0], micro), *frozen))
-        return jax.lax.scan(add, zeros, (micro, share_K))[0]
+        return jax.lax.scan(add, zeros, (micro, share_M))[0]
 
     return accumulated
 

@@ -1,6 +1,7 @@
 """Training on a folder of text files: tfds array_record + grain, with the iterator resumed exactly and the
 validation split evaluated."""
 
+import pytest
 from helpers import losses, metric_rows, tiny_config
 
 from llmjax.train import registry
@@ -8,6 +9,7 @@ from llmjax.train import registry
 DOC = "The quick brown fox jumps over the lazy dog number {i}. It was a sunny day in the park, number {i}."
 
 
+@pytest.mark.slow
 def test_files_source_resumes_exactly(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

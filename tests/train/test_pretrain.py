@@ -59,6 +59,7 @@ def test_grad_accumulation_equals_one_batch(reference):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, reference[2])
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, monkeypatch):
     """20 steps straight == 10 steps, a SIGTERM (preemption: save and stop), then resume to 20."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -79,6 +80,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert sorted(losses(split)) == list(range(1, 21))
 
 
+@pytest.mark.slow
 def test_default_run_learns(tmp_path):
     """The README's default command, cut to 25 steps, on the one CPU device a user has."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -20,6 +20,7 @@ def test_config_reads_the_standard_library():
         stdlib_config.get_config("subdir=no_such_package")
 
 
+@pytest.mark.slow
 def test_held_out_perplexity_falls_on_a_stdlib_package(tmp_path):
     cfg = stdlib_config.get_config("subdir=email,validation=0.2,model=tiny,steps=24")
     cfg.batch_size, cfg.seq_len = 8, 64
