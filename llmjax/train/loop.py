@@ -1,8 +1,8 @@
-"""The one training loop every objective shares: resume, step, log, checkpoint, stop cleanly on preemption.
+"""The one training loop every objective shares: resume, step, log, checkpoint, stop on preemption or divergence.
 
 The step and the batches are an objective's (a `Task`); the loop jits the step once with the state's
-shardings and donates the state. Metrics stay on the device between log steps, so the host never
-waits on the accelerator except to log.
+shardings and donates the state. Metrics stay on the device between log steps; the host reads a step's
+non-finite count only while the next step runs, so it waits on the accelerator only to log.
 """
 
 import logging
@@ -99,16 +99,32 @@ def _check_finite(m: dict, cfg, step: int) -> None:
                        "last good parameters: lower --config.optim.lr, or check the data")
 
 
+def _start(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
+    if mngr.latest_step() is None:
+        if cfg.init_from:
+            log.info("starting from the parameters of %s", cfg.init_from)
+        return task.start()
+    log.info("resumed from %s at step %d", workdir, mngr.latest_step())
+    return checkpoint.restore(mngr, task.abstract, data_iterator=task.data_iterator)
+
+
+def _row(fetched: list[dict], seconds: float, compiled: bool, tokens: int, flops_per_token: float,
+         peak: float) -> dict[str, float]:
+    """One log row: the mean of each metric over the steps since the last row, and their speed (the first step
+    after a start compiles, so it reports the compile time instead)."""
+    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    if compiled:
+        return row | {"compile_s": seconds}
+    tokens_per_s = tokens * len(fetched) / seconds
+    return row | {"tokens_per_s": tokens_per_s, "mfu": metrics.mfu(tokens_per_s, flops_per_token, peak)}
+
+
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(). Stops with Diverged
     after optim.max_nonfinite skipped steps in a row, saving nothing more."""
     checkpoint.claim_workdir(workdir, cfg, task.parts)
     mngr = checkpoint.manager(workdir, cfg)
-    if mngr.latest_step() is None:
-        state = task.start()
-    else:
-        state = checkpoint.restore(mngr, task.abstract, data_iterator=task.data_iterator)
-        log.info("resumed from %s at step %d", workdir, mngr.latest_step())
+    state = _start(cfg, workdir, task, mngr)
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
@@ -134,14 +150,9 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
                 checkpoint.save(mngr, done, state, task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
-                fetched = jax.device_get(pending)
-                row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 now = time.perf_counter()
-                if done == start + 1:  # the first step includes compilation
-                    row["compile_s"] = now - t_last
-                else:
-                    row["tokens_per_s"] = tokens_in(batch) * len(pending) / (now - t_last)
-                    row["mfu"] = metrics.mfu(row["tokens_per_s"], task.flops_per_token, peak)
+                row = _row(jax.device_get(pending), now - t_last, done == start + 1, tokens_in(batch),
+                           task.flops_per_token, peak)
                 writer.write(done, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})
                 log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))

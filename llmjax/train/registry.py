@@ -35,9 +35,7 @@ def _get(cfg, dotted: str):
     return cfg
 
 
-def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
-    """Checks the config against itself, the devices and its objective; returns the resolved mesh shape."""
-    objective = get(cfg)
+def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
@@ -55,6 +53,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
                           "grouped-query attention needs whole groups")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Checks the config against itself, the devices and its objective; returns the resolved mesh shape."""
+    objective = get(cfg)
+    _validate_model(cfg)
+    m = cfg.model
     sizes = mesh_shape(cfg.mesh, n_devices)
     for axis in ("n_heads", "n_kv_heads"):
         if m[axis] % sizes["tensor"]:
