@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
         value="separate",          # separate: a value model initialised from the reward model | shared: a head
         max_new_tokens=24, temperature=1.0,
         kl_coef=0.2,               # PPO: per-token penalty on the reward; GRPO: weight of the KL term in the loss
-        kl_estimator="k1",         # k1 | k2 | k3: the per-token KL estimate in PPO's penalty
+        kl_estimator="k1",         # k1 | k2 | k3: the per-token KL (PPO: in the reward penalty; GRPO: the loss term)
         target_kl=0.0,             # > 0: adapt kl_coef toward this KL per sequence (Ziegler et al. 2019)
         kl_horizon=10_000,
         gamma=1.0, lam=0.95,       # GAE

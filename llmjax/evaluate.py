@@ -43,6 +43,8 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     else:
         try:
             eval_batches = pipeline.validation_batches(cfg, sharding, batches)
+        except ConfigError:
+            raise
         except ValueError as e:
             raise ConfigError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
                               "--config.data.validation or set --config.eval_every=0") from None

@@ -40,6 +40,7 @@ ALLOW = {
     "optim.max_nonfinite": "when the loop stops a diverging run; no step of a finite run reads it",
     "peak_flops": "the MFU the loop logs",
     "distributed": "read by llmjax.main before any run: jax.distributed.initialize()",
+    "model.name": "a label: the preset's name in logs, bench and estimate output, and error messages",
     "data.data_dir": "where a files: source's prepared copy is cached (a tfds: one found): the same records",
 }
 
@@ -64,6 +65,7 @@ CASES = {
 # config's kind of records). A key whose setting the config refuses cannot matter there and is not walked.
 CONTEXT = {
     "model.max_seq_len": {"model.pos": "learned"},  # the learned position table; RoPE has none
+    "mesh.fsdp": {"mesh.data": -1, "mesh.fsdp": 2},  # with fsdp=-1 and the rest 1, its only valid value is 8
     **{f"model.rope_{k}": {"model.rope_scaling": 8.0}  # Llama 3.1's frequency scaling
        for k in ("low_freq_factor", "high_freq_factor", "original_max_len")},
     **{f"rules.{k}": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}  # a rule naming a size-1 axis places nothing
@@ -347,6 +349,7 @@ def runs(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_key_changes_the_run_or_is_refused(case, runs, tmp_path):
+    """Each key of the config, changed alone (in its CONTEXT), is refused or changes the run's fingerprint."""
     cfg, baselines = load(case, runs), {}
 
     def baseline(context: dict) -> Run:

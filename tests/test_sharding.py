@@ -1,14 +1,12 @@
 import re
 
 import jax
-import optax
 import pytest
 from helpers import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from llmjax import config, optim, sharding
+from llmjax import config, sharding
 from llmjax.models import transformer
-from llmjax.train import state
 
 # The tiny model's parameters on a (data=2, fsdp=2, tensor=2) mesh under the base rules: embed -> fsdp;
 # vocab, heads, kv_heads, mlp -> tensor; layers, head_dim -> replicated.
@@ -55,21 +53,6 @@ def test_make_mesh_rejects_wrong_sizes(mesh_cfg):
 
 def test_param_shardings_follow_rules(cfg, mesh):
     assert specs_by_path(sharding.tree_shardings(transformer.specs(cfg.model), cfg.rules, mesh)) == EXPECTED
-
-
-def test_created_state_is_sharded(cfg, mesh):
-    default_impl = jax.config.jax_default_prng_impl
-    jax.config.update("jax_default_prng_impl", "rbg")  # compiles several times faster than threefry on CPU
-    try:
-        specs = transformer.specs(cfg.model)
-        st = state.create(specs, cfg, mesh, optim.make(cfg, specs))
-    finally:
-        jax.config.update("jax_default_prng_impl", default_impl)
-    assert specs_by_path(jax.tree.map(lambda a: a.sharding, st.params)) == EXPECTED
-    for moment in ("mu", "nu"):
-        assert specs_by_path(jax.tree.map(lambda a: a.sharding, optax.tree_utils.tree_get(st.opt_state, moment))) \
-            == EXPECTED
-    assert st.params["layers"]["w_gate"].addressable_shards[0].data.shape == (2, 32, 64)  # [L, D/fsdp, F/tensor]
 
 
 def test_spec_replicates_indivisible_dims(cfg, mesh):

@@ -22,13 +22,15 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from llmjax.config import ConfigError
 from llmjax.data import chat, sources
 from llmjax.data.tokenizer import Tokenizer, get_tokenizer
 from llmjax.sharding import global_batch
 
 Record = dict[str, Any]
 Document = dict[str, np.ndarray]  # "tokens" (int32) and "weights" (float32, each token's weight as a target)
-FORMATS = ("text", "chat")
+FIELDS = {"text": ("text",), "chat": ("prompt", "response")}  # what each data.format reads of a record
+FORMATS = tuple(FIELDS)
 
 
 def _str(value: str | bytes) -> str:
@@ -109,6 +111,10 @@ def make_iterator(
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if not len(source):
         raise ValueError("the data source holds no records")
+    missing = [k for k in FIELDS[format] if k not in source[0]]
+    if missing:
+        raise ConfigError(f"data.format={format!r} reads {', '.join(FIELDS[format])} but the records hold "
+                          f"{', '.join(sorted(source[0]))}; set --config.data.format to match the data")
     rows, length = batch_size // process_count, seq_len + 1
     records = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)[process_index::process_count]
     # Tokenizing in grain's reader threads only adds overhead: the tokenizers hold the GIL (measured 2-5x slower).

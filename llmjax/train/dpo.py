@@ -94,6 +94,11 @@ def validate(cfg, sizes: dict[str, int]) -> None:
                           f"{cfg.dpo.loss!r}; set --config.dpo.label_smoothing=0")
     if not cfg.init_from:
         raise ConfigError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
+    if cfg.loss.z_loss:
+        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
+    if cfg.eval_every and cfg.data.source != "synthetic":
+        raise ConfigError(f"DPO evaluates on the synthetic tasks' held-out prompts, not data.source="
+                          f"{cfg.data.source!r}; set --config.eval_every=0")
 
 
 def flops_per_token(cfg) -> float:

@@ -5,8 +5,8 @@ sampler, scores them (a reward model run, or the synthetic tasks' checkers with 
 the reference's log-probs and the values; PPO adds the per-token KL penalty to the reward and takes GAE
 advantages, GRPO normalises each prompt's K scores within their group. The update is the usual
 step(state, batch) -> (state, metrics), jitted once: ppo.epochs passes over ppo.minibatches minibatches of the
-rollout with the clipped policy loss (+ the clipped value loss and an entropy bonus for PPO, + the k3 KL to the
-reference for GRPO).
+rollout with the clipped policy loss (+ the clipped value loss and an entropy bonus for PPO, + for GRPO the KL
+to the reference, estimated as ppo.kl_estimator says: k3 in configs/ppo.py).
 
 Parameters: {"policy": a language model, "value": a reward-model-shaped value model (ppo.value=separate,
 initialised from the reward model, or from the SFT trunk with ppo.reward=tasks) or "value_head": a head on the
@@ -106,7 +106,8 @@ def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dic
     aux["entropy"] = losses.entropy(logits, mask)
     aux["policy_loss"] = loss
     if p.algorithm == "grpo":
-        kl = jnp.sum(losses.kl_estimate(logp, mb["ref_logp"], "k3") * mask) / jnp.maximum(jnp.sum(mask), 1)
+        kl_BT = losses.kl_estimate(logp, mb["ref_logp"], p.kl_estimator)
+        kl = jnp.sum(jnp.where(mask > 0, kl_BT, 0.0)) / jnp.maximum(jnp.sum(mask > 0), 1)
         return loss + p.kl_coef * kl, aux | {"kl_loss": kl}
     values = value_estimates(params, mb, h, cfg, constrain)
     value_loss, value_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps)
@@ -254,6 +255,11 @@ def validate(cfg, sizes: dict[str, int]) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
                           f"that divide over data*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
                           f"{group})")
+    if cfg.loss.z_loss:
+        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
+    if p.algorithm == "grpo" and p.target_kl:
+        raise ConfigError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
+                          "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
     if p.epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
         raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1 and ppo.temperature > 0")
 

@@ -60,6 +60,11 @@ def pairs(batch: dict) -> jax.Array:
 
 
 def validate(cfg, sizes: dict[str, int]) -> None:
+    if cfg.data.format != "chat":
+        raise ConfigError(f"data.format={cfg.data.format!r}: a reward model reads prompts and responses through the "
+                          "chat template; set --config.data.format=chat")
+    if cfg.loss.z_loss:
+        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
     if "reward" not in cfg or cfg.reward.read not in ("last", "eos") or cfg.reward.responses < 2:
         raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
                           "ranked per prompt); start from configs/reward.py")

@@ -1,23 +1,19 @@
-"""The pretraining step: sharded equals unsharded, accumulation equals one big batch, resume is exact, and
-the default run learns."""
+"""The pretraining step: sharded equals unsharded, accumulation equals one big batch, and resume is exact."""
 
 import os
 import signal
-import subprocess
-import sys
 from functools import partial
 
 import jax
 import numpy as np
 import pytest
-from helpers import losses, metric_rows, tiny_config
+from helpers import losses, tiny_config
 
 from llmjax import optim, sharding
 from llmjax.data import synthetic
 from llmjax.models import transformer
 from llmjax.train import pretrain, registry, state, step
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESHES = {
     "fsdp8": dict(data=1, fsdp=8, tensor=1),
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
@@ -78,16 +74,3 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     registry.train(cfg, split)
     assert losses(split) == losses(straight)
     assert sorted(losses(split)) == list(range(1, 21))
-
-
-@pytest.mark.slow
-def test_default_run_learns(tmp_path):
-    """The README's default command, cut to 25 steps, on the one CPU device a user has."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    subprocess.run([sys.executable, "-m", "llmjax.main", "--config=configs/pretrain.py:steps=25",
-                    "--config.eval_prompts=16", f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=600)
-    loss = losses(str(tmp_path))
-    assert loss[25] < 0.55 * loss[1], loss  # measured 5.76 -> 2.46
-    evals = [row for row in metric_rows(tmp_path) if "eval/perplexity" in row]
-    assert [row["step"] for row in evals] == [25] and 0 <= evals[0]["eval/accuracy"] <= 1

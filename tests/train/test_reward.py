@@ -1,44 +1,19 @@
-"""Reward model: the score is read where it should be, K-ranked lists expand to weighted pairs, sharded equals
-unsharded, the trunk starts from the SFT run, and it learns to prefer correct answers on held-out pairs."""
+"""Reward model: K-ranked lists expand to weighted pairs, sharded equals unsharded, the trunk starts from the SFT
+run, and it learns to prefer correct answers on held-out pairs."""
 
 import itertools
-import json
-import subprocess
-import sys
 from functools import partial
 
 import jax
 import numpy as np
-import pytest
 from helpers import metric_rows, reward_config
 
-from llmjax import checkpoint, generate, sharding
-from llmjax.config import ConfigError
-from llmjax.data import preference, tasks
+from llmjax import checkpoint, sharding
+from llmjax.data import preference
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.models import heads
 from llmjax.models.transformer import init_tree
 from llmjax.train import registry, reward
-
-
-def test_reads_the_last_response_token_or_the_eos():
-    ranked = preference.synthetic(0, ["sort"], 2)
-    prompt, responses = ranked(0, 0)
-    tok = ByteTokenizer()
-    for eos_input, last_input in ((False, tok.encode(responses[0])[-1]), (True, tok.eos_id)):
-        rows = preference.make(ranked, step=0, rows=range(1), seq_len=64, tokenizer=tok, layout="ranked",
-                               eos_input=eos_input)["responses"]
-        index = int(heads.last_index(rows["loss_mask"][0, :1])[0])
-        assert rows["inputs"][0, 0, index] == last_input
-        assert rows["inputs"][0, 0, index + 1] == 0  # nothing after it
-
-
-def test_ranked_lists_are_ordered_and_wrong_after_the_first():
-    for name in ("sort", "add"):
-        prompt, responses = preference.synthetic(3, [name], 4)(5, 1)
-        check = tasks.TASKS[name].check
-        assert len(set(responses)) == 4 and check(prompt, responses[0])
-        assert not any(check(prompt, r) for r in responses[1:])
 
 
 def numpy_ranked_loss(r_BK, valid_BK, margin):
@@ -108,19 +83,3 @@ def test_starts_from_the_sft_trunk_with_a_fresh_head(sft_dir, tmp_path):
     start = registry.task(cfg, str(tmp_path), mesh).start()
     jax.tree.map(np.testing.assert_array_equal, start.params["trunk"], sft)
     assert float(np.abs(start.params["head"]["w"]).sum()) > 0
-
-
-def test_score_cli(rm_dir, tmp_path):
-    prompt = "sort: dcba"
-    lines = tmp_path / "in.jsonl"
-    lines.write_text("\n".join(json.dumps({"prompt": prompt, "response": r}) for r in ("abcd", "abdc")) + "\n")
-    out = subprocess.run([sys.executable, "-m", "llmjax.score", f"--workdir={rm_dir}", f"--input={lines}",
-                          f"--output={tmp_path / 'out.jsonl'}"], capture_output=True, text=True, check=True)
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["response"] for r in rows] == ["abcd", "abdc"] and all(np.isfinite(r["score"]) for r in rows)
-    assert "abcd" in out.stdout
-
-
-def test_a_reward_model_does_not_generate(rm_dir):
-    with pytest.raises(ConfigError, match="holds a reward model, which scores text but does not write it"):
-        generate.complete(rm_dir, ["sort 21 = "])
