@@ -37,7 +37,7 @@ def apply(head: Params, h_BTD: jax.Array) -> jax.Array:
 
 
 def last_index(mask_BT: jax.Array) -> jax.Array:
-    """Each row's last position where mask_BT is nonzero (0 for an empty row)."""
+    """Each row's last position where mask_BT is nonzero (T - 1 for an empty row, which callers weigh 0)."""
     T = mask_BT.shape[-1]
     return T - 1 - jnp.argmax(jnp.flip(mask_BT > 0, axis=-1), axis=-1)
 
