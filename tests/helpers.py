@@ -39,17 +39,19 @@ def losses(workdir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metric_rows(workdir) if "loss" in row}
 
 
-def saved_run(cfg, workdir: str, scale: float = 1.0):
-    """A run of cfg's objective saved at step 1 without training (cheap stand-in for a trained one): its start
-    state with the parameters scaled by `scale`, so that they differ from what they started from."""
+def saved_run(cfg, workdir: str, scale: float = 1.0, state=None):
+    """A run of cfg's objective saved at step 1 without training (cheap stand-in for a trained one): `state`, by
+    default its start state with the parameters scaled by `scale`, so that they differ from what they started
+    from."""
     import jax
 
     from llmjax import checkpoint
     from llmjax.train import registry
 
     task = registry.task(cfg, workdir)
-    state = task.start()
-    state = state.replace(params=jax.tree.map(lambda x: x * scale, state.params))
+    if state is None:
+        state = task.start()
+        state = state.replace(params=jax.tree.map(lambda x: x * scale, state.params))
     checkpoint.claim_workdir(workdir, cfg, task.parts)
     mngr = checkpoint.manager(workdir, cfg)
     checkpoint.save(mngr, 1, state)

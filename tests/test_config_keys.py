@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import saved_run
 
-from llmjax import checkpoint, config, sampling
+from llmjax import config, sampling
 from llmjax.config import ConfigError
 from llmjax.data import chat, tasks
 from llmjax.train import ppo, registry
@@ -311,11 +312,7 @@ def fake_run(cfg, workdir: str) -> str:
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda a: jax.device_put((0.02 * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding),
                          task.abstract)
-    checkpoint.claim_workdir(workdir, cfg, task.parts)
-    mngr = checkpoint.manager(workdir, cfg)
-    checkpoint.save(mngr, 1, state)
-    mngr.wait_until_finished()
-    mngr.close()
+    saved_run(cfg, workdir, state=state)
     return workdir
 
 
