@@ -39,6 +39,20 @@ def reference():
     return loss_and_grads(tiny_config(**{"mesh.fsdp": 1}), jax.devices()[:1])
 
 
+def test_foreign_padding_changes_nothing():
+    """Masked targets of -100 (PyTorch's convention) give the loss and gradients of clean padding."""
+    cfg = tiny_config(**{"mesh.fsdp": 1, "data.format": "chat"})
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    params = state.create(transformer.specs(cfg.model), cfg, mesh, optim.make(cfg, transformer.specs(cfg.model))).params
+    batch = jax.device_get(synthetic.batches(cfg, sharding.batch_sharding(mesh, cfg.rules))(0))
+    assert (batch["loss_mask"] == 0).any()
+    grad = jax.jit(jax.value_and_grad(lambda p, b: pretrain.loss_fn(p, b, cfg, sharding.no_constrain)[0]))
+    foreign = batch | {"targets": np.where(batch["loss_mask"] > 0, batch["targets"], -100)}
+    (loss, g), (loss_f, g_f) = grad(params, batch), grad(params, foreign)
+    assert np.isfinite(loss_f) and float(loss_f) == float(loss)
+    jax.tree.map(np.testing.assert_array_equal, g_f, g)
+
+
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_step_equals_single_device(reference, mesh):
     cfg = tiny_config()
