@@ -1,12 +1,19 @@
 """Checkpoints with orbax: async saves every N steps and at the end, the last K kept, restore onto any mesh.
 
 Orbax writes each step into a temporary directory and renames it only when complete, so a crash mid-save
-leaves the previous checkpoint intact. A workdir is claimed by the run that wrote its config.json: a run
-whose model differs refuses to touch it.
+leaves the previous checkpoint intact. A workdir is claimed by the run that wrote its config.json: a run whose
+parameters would mean something else (another objective, model or tokenizer) is refused before it writes
+anything, and a live run holds a lock on it that the OS drops when the process dies.
 """
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import shutil
+import socket
 
 import grain
 import jax
@@ -52,23 +59,105 @@ PARTS = {
 }
 
 
-def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
-    """Writes the resolved config and the run's parts, after checking that any run already in `workdir` has the
-    same model."""
+# What a run's parameters mean: a run in a workdir holding another value of one of these is refused.
+MEANING = ("trainer", "model", "data.tokenizer", "ppo.algorithm", "ppo.value")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def check_workdir(workdir: str, cfg) -> None:
+    """Refuses, writing nothing, a workdir holding a run whose parameters would mean something else to this one
+    (MEANING: another objective, model, tokenizer or parameter layout)."""
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get("model")
-        if old != json.loads(cfg.model.to_json()):
-            diff = sorted(k for k in set(old or {}) | set(cfg.model) if (old or {}).get(k) != cfg.model.get(k))
-            raise ConfigError(f"workdir {workdir!r} holds a run of a different model (model.{', model.'.join(diff)} "
-                              "differ); pass a new --workdir, or the same model config to resume")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = _flat(json.load(f))
+    new = _flat(json.loads(cfg.to_json_best_effort()))
+    means = lambda key: any(key == m or key.startswith(m + ".") for m in MEANING)  # noqa: E731
+    diff = sorted(k for k in set(old) | set(new) if means(k) and old.get(k) != new.get(k))
+    if diff:
+        what = "model" if all(k.startswith("model.") for k in diff) else "kind"
+        raise ConfigError(f"workdir {workdir!r} holds a run of a different {what} ({', '.join(diff)} differ); pass a "
+                          f"new --workdir, or the same {what} to resume")
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+    """An exclusive lock on workdir/lock while a run writes there; a second run is refused in one line. The OS
+    releases the lock when the process dies, so a crashed run never leaves it stuck. Only process 0 locks: a
+    pod's processes share one workdir."""
+    if jax.process_index() != 0:
+        yield
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        f = open(os.path.join(workdir, "lock"), "a+")  # noqa: SIM115 (held for the run's whole life)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a writable "
+                          "disk") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"workdir {workdir!r} is in use by a live run ({holder}); wait for it to end, or pass "
+                          "another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
+    """Writes the resolved config and the run's parts, after check_workdir."""
+    check_workdir(workdir, cfg)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "parts.json"), "w") as f:
             json.dump({name: list(where) for name, where in parts.items()}, f)
+
+
+def _full(workdir: str, step, detail: str) -> ConfigError:
+    root = os.path.join(workdir, "checkpoints")
+    complete = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
+    intact = f"checkpoint {max(complete)} is intact" if complete else "no checkpoint was written yet"
+    return ConfigError(f"disk full at step {step} ({detail}) in {workdir!r}; {intact}: free space and rerun to resume")
+
+
+def check_space(mngr: ocp.CheckpointManager, workdir: str, state, step: int) -> None:
+    """Stops before a save that cannot fit: cleaner than orbax failing in its writer threads (which disk_full
+    still reports, for a disk that others fill meanwhile). Waits for the save in flight, as orbax's next save
+    would, so that the space it takes is counted."""
+    mngr.wait_until_finished()
+    need = sum(x.nbytes for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise _full(workdir, step, f"{free / 2**20:.1f} MiB free, a checkpoint takes {need / 2**20:.1f} MiB")
+
+
+def disk_full(error: Exception, workdir: str) -> ConfigError | None:
+    """What to tell a user whose disk filled during a save (orbax reports it at the next save or wait), else
+    None: the step that failed, and the newest complete checkpoint, intact since orbax writes into a temporary
+    directory."""
+    if not isinstance(error, OSError | ValueError) or not (
+            getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)):
+        return None
+    failed = re.search(r"(\d+)\.orbax-checkpoint-tmp", str(error))
+    return _full(workdir, failed[1] if failed else "?", "no space left while saving")
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -32,6 +32,20 @@ from jax.typing import DTypeLike
 from tensorboardX import SummaryWriter
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Keeps one row per step: a run resumed at `step` replays the steps after it, so their rows go (atomically:
+    a crash here leaves the old file)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
     """Logs scalars twice: `metrics.jsonl` for scripts and notebooks, TensorBoard for watching a run.
 
@@ -39,11 +53,13 @@ class MetricsWriter:
     process can call `write` unconditionally.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if resumed_at is not None:  # a run (re)starting at this step: the rows after it are replayed
+            _drop_rows_after(os.path.join(workdir, "metrics.jsonl"), resumed_at)
         # Append with line buffering: a resumed run extends the log and a crash loses no logged line.
         # The file stays open until close(), hence no context manager.
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115

@@ -1,19 +1,24 @@
-"""Checkpoints restore onto any mesh, a workdir refuses a different model, and a crash mid-save leaves the last
-good checkpoint usable."""
+"""Checkpoints restore onto any mesh; a workdir refuses a run that would misread it, and a second live run; a
+crash mid-save, or a disk with no room for the next save, leaves the last good checkpoint usable."""
 
+import collections
+import errno
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import reward_config, tiny_config
 from jax.sharding import PartitionSpec
 
 from llmjax import checkpoint, config, optim
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
+from llmjax.train import registry
 from llmjax.train import state as state_lib
 
 TENSOR2 = dict(data=1, fsdp=4, tensor=2)
@@ -123,3 +128,63 @@ def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
     mngr = checkpoint.manager(str(workdir), cfg)
     assert_same_values(checkpoint.restore(mngr, state_lib.abstract(transformer.specs(cfg.model), cfg, mesh, tx)), saved)
     mngr.close()
+
+
+def test_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom llmjax import checkpoint\n"
+                               f"with checkpoint.locked({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(config.ConfigError, match=rf"in use by a live run \(pid {holder.pid} on "), \
+                checkpoint.locked(str(tmp_path)):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: nothing in the process runs to release the lock
+        holder.wait()
+    with checkpoint.locked(str(tmp_path)):
+        assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
+
+
+@pytest.mark.parametrize("overrides, differ", [
+    ({"trainer": "reward"}, r"holds a run of a different kind \(trainer differ\)"),
+    ({"data.tokenizer": "byte"}, r"holds a run of a different kind \(data.tokenizer differ\)"),
+])
+def test_a_run_that_would_misread_the_workdir_writes_nothing(run, tmp_path, overrides, differ):
+    """Another objective (same model), or resuming with another tokenizer: refused before anything is written."""
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    before = files(workdir)
+    cfg = reward_config() if overrides.get("trainer") == "reward" else tiny_config(seed=7, **overrides)
+    with pytest.raises(config.ConfigError, match=differ):
+        registry.train(cfg, str(workdir))
+    assert files(workdir) == before
+
+
+def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(config.ConfigError, match=r"is not writable \(Read-only file system\); pass a --workdir"), \
+            checkpoint.locked(str(tmp_path / "run")):
+        pass
+
+
+def test_a_save_that_cannot_fit_stops_before_writing(tmp_path, monkeypatch):
+    """A disk with too little room left: the run stops at the checkpoint step, naming the last intact one."""
+    free = iter([1e9, 1e9, 1.0])  # room for checkpoints 2 and 4, none for 6
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("Usage", "free")(next(free)))
+    with pytest.raises(config.ConfigError, match=r"^disk full at step 6 \(0.0 MiB free, a checkpoint takes .* MiB\) "
+                       r"in .*; checkpoint 4 is intact: free space and rerun to resume$"):
+        registry.train(tiny_config(steps=10, **{"checkpoint.every": 2}), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_a_save_that_fails_for_space_is_reported_in_one_line(tmp_path):
+    (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+    error = ValueError(f'RESOURCE_EXHAUSTED: Error writing "x" at "{tmp_path}/checkpoints/8.orbax-checkpoint-tmp/'
+                       'state": No space left on device [os_error_code=\'28\']')
+    message = str(checkpoint.disk_full(error, str(tmp_path)))
+    assert message.startswith("disk full at step 8 (no space left while saving)")
+    assert "checkpoint 6 is intact" in message
+    assert checkpoint.disk_full(ValueError("another problem"), str(tmp_path)) is None

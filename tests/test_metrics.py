@@ -111,3 +111,16 @@ def test_matmul_flops_per_s_is_positive_and_finite(backend, dtype):
 def test_matmul_flops_per_s_rejects_unknown_backend():
     with pytest.raises(ValueError):
         matmul_flops_per_s("torch", n=8, seconds=0.0)
+
+
+def test_a_resumed_writer_keeps_one_row_per_step(tmp_path):
+    """A run resumed at step 5 replays steps 6-8: their old rows go, so readers need no special case."""
+    writer = MetricsWriter(str(tmp_path))
+    for step in range(1, 9):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    writer = MetricsWriter(str(tmp_path), resumed_at=5)
+    writer.write(6, {"loss": 60.0})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                                      (5, 5.0), (6, 60.0)]

@@ -61,22 +61,28 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
 
 def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict], sharding,
                          constrain: Constrain) -> Callable[[int], dict]:
-    """Reference log-probs of every batch of the run, computed once into workdir/reference_logps.npz; returns
-    the batches with them attached as ref_chosen / ref_rejected."""
+    """The batches with the reference's log-probs attached as ref_chosen / ref_rejected: those of every batch of
+    the run, computed once into workdir/reference_logps.npz at the first call (inside the loop, which holds the
+    workdir: building a task writes nothing)."""
     path = os.path.join(workdir, "reference_logps.npz")
-    if not os.path.exists(path):
-        fn = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain))
-        logps = [multihost_utils.process_allgather(fn(reference, get(s)), tiled=True) for s in range(cfg.steps)]
-        if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            np.savez(path + ".tmp.npz", ref_chosen=np.stack([c for c, _ in logps]),
-                     ref_rejected=np.stack([r for _, r in logps]))
-            os.replace(path + ".tmp.npz", path)  # never a half-written file under the real name
-        multihost_utils.sync_global_devices("reference_logps")
-    stored = dict(np.load(path))
     rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
+    stored = {}
+
+    def load() -> dict[str, np.ndarray]:
+        if not os.path.exists(path):
+            fn = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain))
+            logps = [multihost_utils.process_allgather(fn(reference, get(s)), tiled=True) for s in range(cfg.steps)]
+            if jax.process_index() == 0:
+                os.makedirs(workdir, exist_ok=True)
+                np.savez(path + ".tmp.npz", ref_chosen=np.stack([c for c, _ in logps]),
+                         ref_rejected=np.stack([r for _, r in logps]))
+                os.replace(path + ".tmp.npz", path)  # never a half-written file under the real name
+            multihost_utils.sync_global_devices("reference_logps")
+        return dict(np.load(path))
 
     def with_reference(step: int) -> dict:
+        if not stored:
+            stored.update(load())
         return get(step) | {k: jax.make_array_from_process_local_data(sharding, v[step][rows.start:rows.stop],
                                                                       (cfg.batch_size,)) for k, v in stored.items()}
 

@@ -5,6 +5,7 @@ shardings and donates the state. Metrics stay on the device between log steps; t
 non-finite count only while the next step runs, so it waits on the accelerator only to log.
 """
 
+import contextlib
 import logging
 import signal
 import time
@@ -120,17 +121,32 @@ def _row(fetched: list[dict], seconds: float, compiled: bool, tokens: int, flops
 
 
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
-    """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(). Stops with Diverged
-    after optim.max_nonfinite skipped steps in a row, saving nothing more."""
-    checkpoint.claim_workdir(workdir, cfg, task.parts)
-    mngr = checkpoint.manager(workdir, cfg)
+    """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(), holding the workdir's
+    lock. Stops with Diverged after optim.max_nonfinite skipped steps in a row, saving nothing more; a disk that
+    fills during a save stops it with one line (a ConfigError)."""
+    checkpoint.check_workdir(workdir, cfg)  # before the lock: a refused run writes nothing
+    with checkpoint.locked(workdir):
+        checkpoint.claim_workdir(workdir, cfg, task.parts)
+        mngr = checkpoint.manager(workdir, cfg)
+        try:
+            return _train(cfg, workdir, task, mngr)
+        except Exception as e:
+            if (full := checkpoint.disk_full(e, workdir)) is None:
+                raise
+            raise full from None
+        finally:
+            with contextlib.suppress(Exception):  # a failed save raises again on close; it was reported above
+                mngr.close()
+
+
+def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
     state = _start(cfg, workdir, task, mngr)
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
     preempted = _Preemption(mngr)
     pending, last, t_last = [], None, time.perf_counter()
-    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, resumed_at=start)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
                dynamic_ncols=True)
     try:
@@ -147,6 +163,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
             done = step + 1
             if done % cfg.checkpoint.every == 0:
                 _check_finite(m, cfg, done)
+                checkpoint.check_space(mngr, workdir, state, done)
                 checkpoint.save(mngr, done, state, task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
@@ -165,11 +182,11 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
         if last is not None:
             _check_finite(last, cfg, int(state.step))
         if mngr.latest_step() != int(state.step):
+            checkpoint.check_space(mngr, workdir, state, int(state.step))
             checkpoint.save(mngr, int(state.step), state, task.data_iterator)
         mngr.wait_until_finished()
     finally:
         preempted.close()
         bar.close()
         writer.close()
-        mngr.close()
     return state

@@ -26,13 +26,14 @@ def test_precomputed_reference_equals_live(sft_dir, tmp_path):
     pre = dpo_config(sft_dir, steps=3)
     pre.dpo.reference = "precomputed"
     pre_task = registry.task(pre, str(tmp_path / "pre"))
-    assert pre_task.frozen == () and (tmp_path / "pre" / "reference_logps.npz").exists()
+    assert not (tmp_path / "pre").exists()  # building a task writes nothing; the first batch computes them
     constrain = sharding.make_constrain(sharding.make_mesh(live.mesh), live.rules)
     policy = jax.tree.map(lambda x: x * 1.01, reference)  # a policy that differs from the reference
     for step in range(3):
         want = dpo.loss_fn(policy, task.source(None, step)[0], live, constrain, reference)
         got = dpo.loss_fn(policy, pre_task.source(None, step)[0], pre, constrain)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    assert pre_task.frozen == () and (tmp_path / "pre" / "reference_logps.npz").exists()
 
 
 def test_packed_equals_two_rows(sft_dir, tmp_path):

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import losses, tiny_config
+from helpers import losses, metric_rows, tiny_config
 
 from llmjax import checkpoint, sharding
 from llmjax.train import loop, registry
@@ -37,3 +37,19 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     at_5 = loop.run(cfg, str(tmp_path / "five"), task).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(at_5))
 
+
+
+def test_a_crashed_run_resumes_with_one_row_per_step(tmp_path):
+    """A crash after step 7 (checkpoint 5): the rerun replays steps 6 and 7 and their rows are written once."""
+    cfg = tiny_config(steps=10, log_every=1)
+    task = registry.task(cfg, str(tmp_path))
+
+    def crashing(state, step):
+        if step == 7:
+            raise RuntimeError("crash")
+        return task.source(state, step)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        loop.run(cfg, str(tmp_path), task._replace(source=crashing))
+    loop.run(cfg, str(tmp_path), task)
+    assert [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == list(range(1, 11))
