@@ -1,27 +1,48 @@
 """What every entry point shares: absl flags with config mistakes as one line, and exit status 2 for them."""
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from llmjax.config import ConfigError
+
+# ml_collections keeps a config file it could not load as this placeholder, and raises only when it is read.
+_UNLOADED = getattr(config_flags.config_flags, "_ErrorConfig", ())
+
+
+def _unloadable(error: BaseException) -> ConfigError:
+    """A config file ml_collections could not load (its message lists each path it tried), as one line."""
+    text = str(error)
+    tried = re.search(r"Attempted \[.*?\]:\n\s*(.+)\n\s*(.+)", text)
+    path, reason = (tried[1].strip(), tried[2].strip()) if tried else ("", text.strip().splitlines()[-1])
+    if "No such file" in reason:
+        reason = f"no such file (relative paths start at {os.getcwd()!r}); pass one of configs/*.py"
+    return ConfigError(f"--config={path}: {reason}" if path else f"config file: {reason}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with mistakes in the config file or its overrides raised as one ConfigError:
     ml_collections wraps them (the config file's own ConfigError, or an AttributeError for a misspelt
-    --config.key) in errors whose messages carry whole tracebacks."""
+    --config.key) in errors whose messages carry whole tracebacks, and defers a config file it cannot load
+    (missing, unreadable) to the first read of the config."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as e:
+        argv = flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, OSError) as e:
         chain, link = [], e
         while link is not None:
             chain.append(link)
             link = link.__cause__ or link.__context__
+        unloaded = [x for x in chain if isinstance(x, OSError) and "Failed loading config file" in str(x)]
+        if unloaded:  # an override of a config file that did not load
+            raise _unloadable(unloaded[-1]) from None
+        if isinstance(e, OSError):
+            raise
         config_errors = [x for x in chain if isinstance(x, ConfigError)]
         if config_errors:  # the innermost one is ours; outer ones carry its traceback as text
             raise ConfigError(str(config_errors[-1])) from None
@@ -31,6 +52,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise ConfigError(f"--config override: no config key named {bad[0] if bad else str(e)!r}"
                               + (f"; did you mean {hint[1]!r}?" if hint else "; check the key's spelling")) from None
         raise ConfigError(f"bad flags: {e}") from None
+    for name in flags.FLAGS:
+        value = flags.FLAGS[name].value
+        if _UNLOADED and isinstance(value, _UNLOADED):
+            raise _unloadable(object.__getattribute__(value, "_error"))
+    return argv
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:

@@ -2,11 +2,14 @@
 
 Configs are plain Python returning a ConfigDict (`get_config(arg)`); `arg` is the `:k=v,...` suffix of
 `--config=configs/x.py:k=v`, parsed by `parse_arg`. Checking a config is the objectives' business
-(`llmjax.train.registry.validate`), so this module imports nothing of the library but the model presets.
+(`llmjax.train.registry.validate`; `check_ranges` is the interval check they share), so this module imports
+nothing of the library but the model presets.
 """
 
 import importlib.util
 import os
+import re
+from collections.abc import Callable
 
 import ml_collections
 
@@ -58,6 +61,25 @@ def load(spec: str, **overrides) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
         override(cfg, key, value)
     return cfg
+
+
+def _interval(text: str) -> Callable[[float], bool]:
+    """A membership test for an interval written as in maths: "(0, inf)", "[0, 1)", "[1, inf)"."""
+    left, lo, hi, right = re.fullmatch(r"([\[(])([^,]+), ([^\])]+)([\])])", text).groups()
+    lo, hi = float(lo), float(hi)
+    return lambda x: (lo <= x if left == "[" else lo < x) and (x <= hi if right == "]" else x < hi)
+
+
+def check_ranges(cfg: ml_collections.ConfigDict, ranges: dict[str, tuple[str, str]]) -> None:
+    """Refuses the first key outside its interval: `ranges` maps a dotted key to (interval, what the value means),
+    e.g. {"optim.lr": ("(0, inf)", "0 trains nothing, below 0 is gradient ascent")}. Checked before anything
+    compiles, as a value the maths forbids would train on nothing, diverge, or crash mid-run."""
+    for key, (interval, meaning) in ranges.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _interval(interval)(value):
+            raise ConfigError(f"{key}={value!r} is outside {interval} ({meaning}); set --config.{key} within it")
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llmjax import losses, optim
-from llmjax.config import ConfigError
+from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
@@ -89,9 +89,17 @@ def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict
     return with_reference
 
 
+RANGES = {
+    "dpo.beta": ("(0, inf)", "the strength of the pull to the reference, in every DPO loss; IPO divides by it"),
+    "dpo.label_smoothing": ("[0, 0.5)", "the chance that a pair's labels are flipped; at 0.5 no preference is left"),
+    "dpo.nll_weight": ("[0, inf)", "the weight of the chosen response's NLL; below 0 it unlearns the chosen"),
+}
+
+
 def validate(cfg, sizes: dict[str, int]) -> None:
     if "dpo" not in cfg:
         raise ConfigError("a dpo run needs the dpo section; start from configs/dpo.py")
+    check_ranges(cfg, RANGES)
     if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
         raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
                           f"{DPO_LOSSES} and a reference from ('live', 'precomputed')")

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import checkpoint, losses, optim, sampling
-from llmjax.config import ConfigError
+from llmjax.config import ConfigError, check_ranges
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
@@ -233,6 +233,23 @@ def specs(cfg) -> dict:
     return out
 
 
+RANGES = {
+    "ppo.clip_eps": ("(0, inf)", "how far a step may move the policy's probability ratio from 1"),
+    "ppo.value_clip_eps": ("(0, inf)", "how far a step may move a value from the rollout's"),
+    "ppo.vf_coef": ("[0, inf)", "the value loss's weight; below 0 it unlearns the values"),
+    "ppo.entropy_coef": ("[0, inf)", "the entropy bonus's weight; below 0 it rewards collapse"),
+    "ppo.kl_coef": ("[0, inf)", "the KL penalty's weight; below 0 it rewards leaving the reference"),
+    "ppo.target_kl": ("[0, inf)", "the KL the adaptive coefficient aims at; 0 keeps ppo.kl_coef fixed"),
+    "ppo.kl_horizon": ("(0, inf)", "the samples over which the adaptive KL coefficient moves; it divides by it"),
+    "ppo.gamma": ("[0, 1]", "GAE's discount"),
+    "ppo.lam": ("[0, 1]", "GAE's lambda"),
+    "ppo.temperature": ("(0, inf)", "the rollout's sampling temperature; it divides the logits"),
+    "ppo.epochs": ("[1, inf)", "passes over each rollout"),
+    "ppo.minibatches": ("[1, inf)", "minibatches per pass"),
+    "ppo.max_new_tokens": ("[1, inf)", "tokens per response at most"),
+}
+
+
 def validate(cfg, sizes: dict[str, int]) -> None:
     p = cfg.get("ppo")
     if p is None:
@@ -241,6 +258,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
                          ("kl_estimator", ("k1", "k2", "k3"))):
         if p[key] not in allowed:
             raise ConfigError(f"ppo.{key}={p[key]!r} is not one of {allowed}; set --config.ppo.{key}=...")
+    check_ranges(cfg, RANGES)
     if not cfg.init_from:
         raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
     if cfg.data.source != "synthetic":
@@ -260,8 +278,6 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     if p.algorithm == "grpo" and p.target_kl:
         raise ConfigError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
                           "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
-    if p.epochs < 1 or p.max_new_tokens < 1 or p.temperature <= 0:
-        raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1 and ppo.temperature > 0")
 
 
 def task(cfg, workdir: str, mesh: Mesh) -> loop.Task:

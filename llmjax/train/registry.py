@@ -5,7 +5,7 @@ come through here, so no run trains on a config that has not been checked."""
 import jax
 import ml_collections
 
-from llmjax.config import ConfigError
+from llmjax.config import ConfigError, check_ranges
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.sharding import make_mesh, mesh_shape
@@ -20,6 +20,26 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("text", "chat"),
+}
+
+# The common numeric keys: (the interval the maths allows, what the value means). Each objective checks its own
+# section the same way (llmjax.config.check_ranges).
+RANGES = {
+    "optim.lr": ("(0, inf)", "the peak learning rate: 0 trains nothing, below 0 is gradient ascent"),
+    "optim.min_lr_ratio": ("[0, 1]", "the fraction of optim.lr the schedule decays to"),
+    "optim.b1": ("[0, 1)", "Adam's first-moment decay"),
+    "optim.b2": ("[0, 1)", "Adam's second-moment decay"),
+    "optim.eps": ("(0, inf)", "Adam divides by sqrt(v) + eps"),
+    "optim.weight_decay": ("[0, inf)", "below 0 it grows the weights"),
+    "optim.clip_norm": ("(0, inf)", "the largest global gradient norm; 0 zeroes every update"),
+    "loss.z_loss": ("[0, inf)", "the weight of log(Z)^2; below 0 it rewards a large normaliser"),
+    "data.validation": ("[0, 1)", "the fraction of a files: source held out for evaluation"),
+    "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),
+    "model.rope_theta": ("(0, inf)", "RoPE's base wavelength"),
+    "model.init_std": ("(0, inf)", "0 starts every weight equal, which no gradient tells apart"),
+    "eval_every": ("[0, inf)", "steps between evaluations; 0 never evaluates"),
+    "eval_prompts": ("[1, inf)", "held-out prompts per task (reward: pairs) an evaluation reads"),
+    "peak_flops": ("[0, inf)", "FLOP/s per device for MFU; 0 measures this device"),
 }
 
 
@@ -80,6 +100,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
         raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
                           "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
+    check_ranges(cfg, RANGES)
     scheme, _, rest = cfg.data.source.partition(":")
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
         raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")

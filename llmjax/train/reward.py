@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax import checkpoint, losses, optim
-from llmjax.config import ConfigError
+from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import HELD_OUT
 from llmjax.models import heads
@@ -68,6 +68,8 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     if "reward" not in cfg or cfg.reward.read not in ("last", "eos") or cfg.reward.responses < 2:
         raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
                           "ranked per prompt); start from configs/reward.py")
+    check_ranges(cfg, {"reward.margin": ("[0, inf)", "how much more a response one rank better must score; "
+                                                      "below 0 a worse response may outscore a better one")})
 
 
 def reads_scorer(cfg, workdir: str, mesh, reader: str) -> Callable[[], dict]:
