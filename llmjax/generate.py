@@ -3,9 +3,13 @@
   python -m llmjax.generate --workdir=runs/demo --prompt="reverse abc = "
   python -m llmjax.generate --workdir=runs/sft --prompts_file=prompts.txt --temperature=0.8 --top_p=0.9
 
-Prompts go through the chat template when the run trained on chat data (or with --format=chat).
+Prompts go through the chat template when the run trained on chat data (or with --format=chat). A prompt that
+does not fit the model's context with --max_new_tokens after it is refused, as in llmjax.rejection_sample: the
+model never saw positions past model.max_seq_len (a learned position table has none), so what it wrote there
+would be noise.
 """
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -23,14 +27,26 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """The completions of a run's latest checkpoint (a PPO run's policy), each prompt in the run's data.format
     unless `fmt` says otherwise."""
+    if not prompts:
+        raise ConfigError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}: "
+                          "need max_new_tokens >= 1, temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1")
     cfg = checkpoint.run_config(workdir)
     if cfg.trainer == "reward":
         raise ConfigError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
                           "with python -m llmjax.score")
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    ids = [prompt_ids(tokenizer, p, fmt or cfg.data.format) for p in prompts]
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[longest]) + max_new_tokens > cfg.model.max_seq_len:
+        shown = prompts[longest] if len(prompts[longest]) <= 40 else prompts[longest][:40] + "..."
+        raise ConfigError(f"prompt {longest + 1} ({shown!r}) takes {len(ids[longest])} tokens; with max_new_tokens="
+                          f"{max_new_tokens} it exceeds the model's max_seq_len={cfg.model.max_seq_len}; shorten the "
+                          "prompt or lower --max_new_tokens")
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
     params = checkpoint.load_params(workdir, mesh, reader="generate")
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    tokens, lengths = sampling.left_pad([prompt_ids(tokenizer, p, fmt or cfg.data.format) for p in prompts])
+    tokens, lengths = sampling.left_pad(ids)
     generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
                                 vocab_size=tokenizer.vocab_size, constrain=make_constrain(mesh, cfg.rules))
@@ -43,6 +59,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     prompts = list(f.prompt)
     if f.prompts_file:
+        if not os.path.isfile(f.prompts_file):
+            raise ConfigError(f"--prompts_file={f.prompts_file!r} does not exist; pass a text file with one prompt "
+                              "per line")
         with open(f.prompts_file) as file:
             prompts += [line.rstrip("\n") for line in file if line.strip()]
     if not prompts:

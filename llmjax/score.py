@@ -2,13 +2,18 @@
 
   python -m llmjax.score --workdir=runs/rm --prompt="sort: dcba" --response=abcd --response=abdc
   python -m llmjax.score --workdir=runs/rm --input=pairs.jsonl --output=scored.jsonl   # {"prompt", "response"}
+
+A prompt and response longer than the reward model's max_seq_len are refused, naming the line, as in
+llmjax.rejection_sample: scoring a truncated response would score other text.
 """
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 
@@ -21,14 +26,30 @@ from llmjax.sharding import make_constrain, make_mesh
 from llmjax.train import reward
 
 
+def reward_run(workdir: str) -> ml_collections.ConfigDict:
+    """The config of a reward run; any other run refused in one line."""
+    cfg = checkpoint.run_config(workdir)
+    if cfg.trainer != "reward":
+        raise ConfigError(f"{workdir!r} holds a {cfg.trainer!r} run, not a reward model; train one with "
+                          "configs/reward.py")
+    return cfg
+
+
+def render(cfg, tokenizer, prompt: str, response: str, where: str) -> tuple[list[int], list[float]]:
+    """(ids, weights) of a prompt and response as the reward run `cfg` reads them; refused, naming `where`, when
+    they do not fit its max_seq_len (it never saw later positions; a learned position table has none)."""
+    ids, weights = preference.render(tokenizer, prompt, response, cfg.reward.read == "eos")
+    if len(ids) - 1 > cfg.model.max_seq_len:
+        raise ConfigError(f"{where}: the prompt and response take {len(ids) - 1} tokens, more than the reward model's "
+                          f"max_seq_len={cfg.model.max_seq_len}; shorten the response (or the prompt)")
+    return ids, weights
+
+
 class Scorer:
     """A reward run's model, compiled once per padded length: scorer(prompts, responses) -> scores."""
 
     def __init__(self, workdir: str):
-        self.cfg = checkpoint.run_config(workdir)
-        if self.cfg.trainer != "reward":
-            raise ConfigError(f"{workdir!r} holds a {self.cfg.trainer!r} run, not a reward model; train one with "
-                              "configs/reward.py")
+        self.cfg = reward_run(workdir)
         mesh = make_mesh(self.cfg.mesh)
         self.params = checkpoint.load_params(workdir, mesh, "scorer", reader="score")
         self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
@@ -37,8 +58,8 @@ class Scorer:
 
     def rows(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
         """The reward model's input rows, as in training (next-token layout, loss mask on the response)."""
-        eos = self.cfg.reward.read == "eos"
-        seqs = [preference.render(self.tokenizer, p, r, eos) for p, r in zip(prompts, responses, strict=True)]
+        seqs = [render(self.cfg, self.tokenizer, p, r, f"the response {r[:40]!r} to {p[:40]!r}")
+                for p, r in zip(prompts, responses, strict=True)]
         width = -(-max(len(ids) - 1 for ids, _ in seqs) // 64) * 64  # few distinct shapes, few compilations
         out = preference.empty((len(seqs), width))
         for i, seq in enumerate(seqs):
@@ -49,19 +70,45 @@ class Scorer:
         return np.asarray(self._scores(self.params, self.rows(prompts, responses)))
 
 
+def read_input(path: str) -> list[tuple[str, dict]]:
+    """(FILE:LINE, {"prompt", "response", ...}) of every line of a .jsonl file; a missing file or a line that is
+    not such an object refused in one line naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--input={path!r} does not exist; pass a .jsonl file of {{\"prompt\", \"response\"}} lines")
+    items = []
+    with open(path) as file:
+        for n, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); write one "
+                                  "{\"prompt\": ..., \"response\": ...} object per line") from None
+            if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("prompt", "response"))):
+                raise ConfigError(f"{path}:{n}: not a JSON object with string \"prompt\" and \"response\" fields")
+            items.append((f"{path}:{n}", item))
+    if not items:
+        raise ConfigError(f"--input={path!r} holds no lines; write one {{\"prompt\", \"response\"}} object per line")
+    return items
+
+
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     if f.input:
-        with open(f.input) as file:
-            items = [json.loads(line) for line in file if line.strip()]
+        lines = read_input(f.input)
     elif f.prompt is not None and f.response:
-        items = [{"prompt": f.prompt, "response": r} for r in f.response]
+        lines = [(f"--response={r if len(r) <= 40 else r[:40] + '...'!r}", {"prompt": f.prompt, "response": r})
+                 for r in f.response]
     else:
         raise ConfigError("give --input=FILE.jsonl of {prompt, response} lines, or --prompt and --response")
-    missing = [i for i, item in enumerate(items) if not {"prompt", "response"} <= item.keys()]
-    if missing:
-        raise ConfigError(f"{f.input}: lines {[i + 1 for i in missing[:5]]} lack a prompt or response field")
+    cfg, items = reward_run(f.workdir), [item for _, item in lines]
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    for where, item in lines:  # every line checked before the model is read
+        render(cfg, tokenizer, item["prompt"], item["response"], where)
+    if f.output:
+        os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
     scorer = Scorer(f.workdir)
     n = scorer.cfg.batch_size
     scores = np.concatenate([scorer([x["prompt"] for x in items[i:i + n]], [x["response"] for x in items[i:i + n]])

@@ -10,6 +10,8 @@ import sys
 import pytest
 from helpers import metric_rows
 
+from llmjax import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 fake devices and the tests' compilation cache (see conftest.py) in every subprocess.
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -32,8 +34,49 @@ CLI_CASES = {
 }
 
 
-def cli(args: list[str], workdir) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
+# Bad input, whatever the entry point: name -> (module, arguments, fragments stderr must contain). {in} is a folder
+# of inputs (see `bad_inputs`), {lm} and {rm} workdirs holding only the config.json of a language model and of a
+# reward model run. Runs that were accepted before these checks are 2 tiny steps, so that they fail fast.
+DPO = "--config=configs/dpo.py:model=tiny"
+TINY = f"{PRETRAIN}:model=tiny,steps=2"
+FILES = [f"{PRETRAIN}:model=tiny", "--config.data.data_dir={in}/tfds"]
+INPUT_CASES = {
+    "config_file_missing": ("llmjax.main", ["--config=configs/nope.py"], ["--config=configs/nope.py: no such file"]),
+    "config_file_missing_overridden": ("llmjax.main", ["--config=configs/nope.py", "--config.optim.lr=1"],
+                                       ["--config=configs/nope.py: no such file", "configs/*.py"]),
+    "files_empty_folder": ("llmjax.main", [*FILES, "--config.data.source=files:{in}/empty"],
+                           ["data.source='files:", "no .txt, .jsonl or .py files", "found: nothing"]),
+    "files_only_csv": ("llmjax.main", [*FILES, "--config.data.source=files:{in}/csv"],
+                       ["data.source='files:", "no .txt, .jsonl or .py files", "found: 2 .csv"]),
+    "files_missing_path": ("llmjax.main", [*FILES, "--config.data.source=files:{in}/missing"],
+                           ["/missing' does not exist"]),
+    "files_all_malformed_jsonl": ("llmjax.main", [*FILES, "--config.data.source=files:{in}/bad.jsonl"],
+                                  ["bad.jsonl:1: not valid JSON", "write one JSON object per line"]),
+    "files_unknown_keys": ("llmjax.main", [*FILES, "--config.data.source=files:{in}/keys.jsonl"],
+                           ["cannot infer the record kind", "'colour', 'id'", '"prompt" and "response"']),
+    "validation_out_of_range": ("llmjax.main", [TINY, "--config.data.validation=1.5"],
+                                ["data.validation=1.5 is outside [0, 1)"]),
+    "zero_learning_rate": ("llmjax.main", [TINY, "--config.optim.lr=0"], ["optim.lr=0.0 is outside (0, inf)"]),
+    "negative_weight_decay": ("llmjax.main", [TINY, "--config.optim.weight_decay=-0.1"],
+                              ["optim.weight_decay=-0.1 is outside [0, inf)"]),
+    "ipo_beta_zero": ("llmjax.main", [DPO, "--config.dpo.loss=ipo", "--config.dpo.beta=0"],
+                      ["dpo.beta=0.0 is outside (0, inf)", "--config.dpo.beta"]),
+    "score_input_missing": ("llmjax.score", ["--workdir={rm}", "--input={in}/nope.jsonl"],
+                            ["--input='", "nope.jsonl' does not exist"]),
+    "score_input_malformed": ("llmjax.score", ["--workdir={rm}", "--input={in}/pairs.jsonl"],
+                              ["pairs.jsonl:2: not valid JSON"]),
+    "score_response_too_long": ("llmjax.score", ["--workdir={rm}", "--prompt=sort 21 = ", "--response=" + "1" * 300],
+                                ["--response='111", "tokens, more than the reward model's max_seq_len=256"]),
+    "generate_prompts_file_missing": ("llmjax.generate", ["--workdir={lm}", "--prompts_file={in}/nope.txt"],
+                                      ["--prompts_file='", "nope.txt' does not exist"]),
+    "generate_prompt_too_long": ("llmjax.generate", ["--workdir={lm}", "--prompt=" + "9" * 300],
+                                 ["prompt 1 ('9999", "max_seq_len=256; shorten the prompt or lower --max_new_tokens"]),
+}
+
+
+def cli(args: list[str], workdir, module: str = "llmjax.main") -> subprocess.Popen:
+    workdir_arg = [f"--workdir={workdir}"] if module == "llmjax.main" else []
+    return subprocess.Popen([sys.executable, "-m", module, *args, *workdir_arg], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -57,6 +100,45 @@ def test_cli_rejects_bad_config(bad_runs, case):
     for fragment in CLI_CASES[case][1]:
         assert fragment in stderr, stderr
     assert not started  # failed before claiming the workdir, so before anything compiled
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """All bad-input runs at once: name -> (exit code, stderr, whether a training run created its workdir)."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty").mkdir()
+    (root / "csv").mkdir()
+    (root / "csv" / "a.csv").write_text("prompt,response\n")
+    (root / "csv" / "b.csv").write_text("text\n")
+    (root / "bad.jsonl").write_text('{"text": "unclosed\n{text: "unquoted key"}\n')
+    (root / "keys.jsonl").write_text('{"id": 1, "colour": "red"}\n{"id": 2}\n')
+    (root / "pairs.jsonl").write_text('{"prompt": "sort 21 = ", "response": "12"}\n{"prompt": "sort 21 = "\n')
+    for name, cfg in (("lm", config.base("tiny")), ("rm", config.load(f"{ROOT}/configs/reward.py:model=tiny"))):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(cfg.to_json_best_effort())
+    procs = {}
+    for name, (module, args, _) in INPUT_CASES.items():
+        args = [a.replace("{in}", str(root)).replace("{lm}", str(root / "lm")).replace("{rm}", str(root / "rm"))
+                for a in args]
+        procs[name] = cli(args, root / "out" / name, module)
+    out = {}
+    for name, p in procs.items():
+        _, stderr = p.communicate(timeout=120)
+        out[name] = (p.returncode, stderr, (root / "out" / name).exists())
+    return out
+
+
+@pytest.mark.parametrize("case", list(INPUT_CASES))
+def test_cli_rejects_bad_input(bad_inputs, case):
+    """Each bad input: exit status 2 and one line, naming the input and the fix, before anything is written."""
+    code, stderr, started = bad_inputs[case]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), stderr
+    for fragment in INPUT_CASES[case][2]:
+        assert fragment in lines[0], stderr
+    assert not started
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Config mistakes are caught before anything compiles, each as one line naming the key and the fix."""
 
+import re
+
 import pytest
 from helpers import tiny_config
 
@@ -61,3 +63,45 @@ def test_validate_rejects(overrides, message):
 ])
 def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
     assert registry.validate(tiny_config(**overrides), n_devices) == sizes
+
+
+def shipped(spec: str, **overrides):
+    """A shipped config on the tiny model, with dotted-key overrides."""
+    return config.load(f"configs/{spec}", **overrides)
+
+
+# (config, key, a value outside what its maths allows): each refused naming the key and its interval.
+OUT_OF_RANGE = [
+    ("pretrain.py", "optim.lr", 0.0), ("pretrain.py", "optim.lr", -3e-4), ("pretrain.py", "optim.min_lr_ratio", 1.5),
+    ("pretrain.py", "optim.b1", 1.0), ("pretrain.py", "optim.b2", -0.1), ("pretrain.py", "optim.eps", 0.0),
+    ("pretrain.py", "optim.weight_decay", -0.1), ("pretrain.py", "optim.clip_norm", 0.0),
+    ("pretrain.py", "loss.z_loss", -1e-4), ("pretrain.py", "data.validation", 1.5),
+    ("pretrain.py", "data.validation", -0.1), ("pretrain.py", "model.norm_eps", 0.0),
+    ("pretrain.py", "model.init_std", -0.02), ("pretrain.py", "eval_prompts", 0),
+    ("pretrain.py", "eval_every", -1), ("pretrain.py", "peak_flops", -1.0),
+    ("dpo.py", "dpo.beta", 0.0), ("dpo.py", "dpo.beta", -0.1), ("dpo.py", "dpo.label_smoothing", 0.5),
+    ("dpo.py", "dpo.label_smoothing", -0.1), ("dpo.py", "dpo.nll_weight", -1.0),
+    ("reward.py", "reward.margin", -0.5),
+    ("ppo.py", "ppo.clip_eps", 0.0), ("ppo.py", "ppo.value_clip_eps", -0.2), ("ppo.py", "ppo.vf_coef", -0.1),
+    ("ppo.py", "ppo.entropy_coef", -0.01), ("ppo.py", "ppo.kl_coef", -0.2), ("ppo.py", "ppo.target_kl", -1.0),
+    ("ppo.py", "ppo.kl_horizon", 0), ("ppo.py", "ppo.gamma", 1.5), ("ppo.py", "ppo.lam", -0.5),
+    ("ppo.py", "ppo.temperature", 0.0), ("ppo.py", "ppo.epochs", 0), ("ppo.py", "ppo.minibatches", 0),
+    ("ppo.py", "ppo.max_new_tokens", 0),
+]
+
+
+@pytest.mark.parametrize("spec, key, value", OUT_OF_RANGE)
+def test_validate_refuses_values_the_maths_forbids(spec, key, value):
+    with pytest.raises(config.ConfigError, match=rf"^{re.escape(f'{key}={value!r} is outside ')}[\[(].*"
+                                                 rf"; set --config\.{re.escape(key)} within it$"):
+        registry.validate(shipped(f"{spec}:model=tiny", **{key: value}), 8)
+
+
+@pytest.mark.parametrize("spec, overrides", [
+    ("pretrain.py", {"optim.min_lr_ratio": 1.0, "optim.b1": 0.0, "optim.weight_decay": 0.0, "data.validation": 0.0,
+                     "eval_every": 0, "optim.lr": 1e-9}),
+    ("dpo.py", {"dpo.label_smoothing": 0.49, "dpo.beta": 1e-6}),
+    ("ppo.py", {"ppo.gamma": 1.0, "ppo.lam": 0.0, "ppo.kl_coef": 0.0, "ppo.vf_coef": 0.0, "ppo.target_kl": 0.0}),
+])
+def test_validate_accepts_the_ends_of_each_range(spec, overrides):
+    registry.validate(shipped(f"{spec}:model=tiny", **overrides), 8)

@@ -1,4 +1,5 @@
-"""Completions from a run's checkpoint: the CLI prints each prompt with its completion, and a reward run refuses."""
+"""Completions from a run's checkpoint: the CLI prints each prompt with its completion; a reward run and a prompt
+too long for the model are refused."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from llmjax import generate
+from llmjax import config, generate
 from llmjax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +24,21 @@ def test_generate_cli(sft_dir):
 def test_a_reward_model_does_not_generate(rm_dir):
     with pytest.raises(ConfigError, match="holds a reward model, which scores text but does not write it"):
         generate.complete(rm_dir, ["sort 21 = "])
+
+
+@pytest.fixture
+def config_only_run(tmp_path):
+    """A workdir holding only a tiny pretraining run's config.json: enough for every check made before the
+    checkpoint is read."""
+    (tmp_path / "config.json").write_text(config.base("tiny").to_json_best_effort())
+    return str(tmp_path)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(config_only_run):
+    """Positions past model.max_seq_len were never trained (a learned table has none): refused before the
+    checkpoint is read, not answered with noise."""
+    with pytest.raises(ConfigError, match=r"^prompt 2 \('9999.*\.\.\.'\) takes 201 tokens; with max_new_tokens=64 it "
+                                          r"exceeds the model's max_seq_len=256; shorten the prompt or lower "):
+        generate.complete(config_only_run, ["sort 21 = ", "9" * 200])
+    with pytest.raises(ConfigError, match="max_new_tokens=0, .* need max_new_tokens >= 1"):
+        generate.complete(config_only_run, ["sort 21 = "], max_new_tokens=0)

@@ -1,10 +1,17 @@
-"""Scoring texts with a reward run: the CLI reads {"prompt", "response"} lines and writes each with its score."""
+"""Scoring texts with a reward run: the CLI reads {"prompt", "response"} lines and writes each with its score;
+a bad line, or a text too long for the model, is refused naming the line."""
 
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+from helpers import reward_config
+
+from llmjax import score
+from llmjax.config import ConfigError
+from llmjax.data.tokenizer import get_tokenizer
 
 
 def test_score_cli(rm_dir, tmp_path):
@@ -16,3 +23,28 @@ def test_score_cli(rm_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["response"] for r in rows] == ["abcd", "abdc"] and all(np.isfinite(r["score"]) for r in rows)
     assert "abcd" in out.stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, r"^--input='.*in\.jsonl' does not exist; pass a \.jsonl file"),
+    ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n', r"in\.jsonl:3: not valid JSON \("),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r'in\.jsonl:2: not a JSON object with string "prompt" '),
+    ('["prompt", "response"]\n', r'in\.jsonl:1: not a JSON object'),
+    ("\n\n", r"holds no lines"),
+])
+def test_bad_input_lines_are_refused_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "in.jsonl"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        score.read_input(str(path))
+
+
+def test_a_text_longer_than_the_reward_models_context_is_refused():
+    cfg = reward_config()
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    ids, _ = score.render(cfg, tokenizer, "sort 21 = ", "12", "in.jsonl:1")
+    assert len(ids) < 20
+    with pytest.raises(ConfigError, match=r"^in.jsonl:2: the prompt and response take 314 tokens, more than the reward "
+                                          r"model's max_seq_len=256; shorten the response"):
+        score.render(cfg, tokenizer, "sort 21 = ", "1" * 300, "in.jsonl:2")

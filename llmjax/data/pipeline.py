@@ -129,12 +129,17 @@ def make_iterator(
 
 
 def _iterator(cfg, split: str) -> grain.DatasetIterator:
-    """This process's batches of `split` of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME)."""
-    options = {"validation": cfg.data.validation} if cfg.data.source.startswith("files:") else {}
-    records = sources.load(cfg.data.source, cfg.data.data_dir, split, **options)
-    return make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
-                         batch_size=cfg.batch_size, process_index=jax.process_index(),
-                         process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
+    """This process's batches of `split` of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME).
+    Whatever is wrong with the input is one ConfigError; SFT records with empty responses are counted (warned,
+    or refused when all are)."""
+    records = sources.for_run(cfg, split)
+    it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
+                       batch_size=cfg.batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
+    if split == "train" and cfg.data.format == "chat":
+        sources.check_degenerate(records, cfg.data.source, "have an empty response (only its eos is learnt)",
+                                 "give each prompt a response")
+    return it
 
 
 def batches(cfg, sharding: NamedSharding) -> tuple[grain.DatasetIterator, Callable[[int], dict[str, jax.Array]]]:

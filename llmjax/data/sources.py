@@ -26,6 +26,9 @@ or a record lacking a field is skipped; invalid UTF-8 is replaced with U+FFFD, o
 invalid_utf8="skip"); with strict=True the first one raises ValueError. Empty files are only logged, empty .py files
 (a package's __init__.py) not even that.
 
+Records that train on nothing are counted per split as the files are prepared (`Records.degenerate`): an SFT
+record with an empty response, a preference record whose best response is its worst (chosen == rejected).
+
 Splits: "validation" holds the records whose content hashes into the lowest `validation` fraction (1% by default),
 "train" the rest, so a record keeps its split when files are added and duplicates never straddle the two. A split
 that would be empty (a handful of records) is not written. Within a split records keep the input order: files
@@ -46,6 +49,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llmjax.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 KINDS = {"text": ("text",), "sft": ("prompt", "response"), "preference": ("prompt", "responses"),
@@ -62,32 +67,47 @@ _BUILDER_NAME = "llmjax_files"
 @dataclasses.dataclass
 class _Report:
     """Reports input problems: raised under strict, else logged with the workaround, or dropped when quiet (the
-    builder reads its inputs once per split after a first, reporting pass)."""
+    builder reads its inputs once per split after a first, reporting pass). Held problems (`held` a list) are
+    kept until `release`: an input with no usable record is then refused in one line naming its first problem,
+    not after a warning per line."""
 
     strict: bool = False
     quiet: bool = False
+    held: list[str] | None = None
 
     def __call__(self, where: str, problem: str, workaround: str, fatal: bool = True) -> None:
         if self.strict and fatal:
             raise ValueError(f"{where}: {problem}")
-        if not self.quiet:
+        if self.held is not None:
+            self.held.append(f"{where}: {problem}; {workaround}")
+        elif not self.quiet:
             logger.warning("%s: %s; %s", where, problem, workaround)
+
+    def release(self) -> None:
+        """Logs the held problems, and any later one as it comes."""
+        for problem in self.held or ():
+            if not self.quiet:
+                logger.warning("%s", problem)
+        self.held = None
 
 
 def _find(path: Path) -> list[Path]:
     """The .txt, .jsonl and .py files at `path`: itself, or every one below it but in installed packages, sorted."""
     if path.is_dir():
-        files = []
+        files, others = [], Counter()
         for folder, subfolders, names in os.walk(path):  # pruned as it goes: site-packages can hold 100k files
             subfolders[:] = [d for d in subfolders if d not in _INSTALLED]
             files += [f for f in map(Path(folder).joinpath, names) if f.suffix in SUFFIXES and f.is_file()]
+            others.update(Path(name).suffix or "suffix-less" for name in names)
         files.sort()
     elif path.is_file():
-        files = [path] if path.suffix in SUFFIXES else []
+        files, others = ([path], None) if path.suffix in SUFFIXES else ([], Counter([path.suffix or "suffix-less"]))
     else:
         raise FileNotFoundError(f"{str(path)!r} does not exist; point files: at a folder of .txt / .jsonl / .py files")
     if not files:
-        raise ValueError(f"no .txt, .jsonl or .py files at {str(path)!r}")
+        found = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common(3)) if others else "nothing"
+        raise ValueError(f"no .txt, .jsonl or .py files at {str(path)!r} (found: {found}); write the records as "
+                         ".jsonl (one JSON object per line) or the documents as .txt")
     return files
 
 
@@ -170,16 +190,35 @@ def _records(files: list[Path], kind: str, invalid_utf8: str, report: _Report) -
 
 
 def _infer_kind(files: list[Path]) -> str:
-    quiet = _Report(quiet=True)
+    """The kind of the first record that has one; else what the records are instead, in one line."""
+    report, fields = _Report(quiet=True, held=[]), set()
     for path in files:
-        for _, where, item in _items(path, "replace", quiet):
+        for _, where, item in _items(path, "replace", report):
             kind = "text" if isinstance(item, str) else next(
                 (k for key, k in _INFER if isinstance(item, dict) and key in item), None)
             if kind:
                 logger.info("%s: records are %s (kind inferred from this record)", where, kind)
                 return kind
-    raise ValueError(f"{os.path.commonpath(files)}: cannot infer the record kind, as no record has a text, prompt, "
-                     f"response, chosen or responses field; pass kind= one of {list(KINDS)}")
+            fields |= set(item) if isinstance(item, dict) else {f"a JSON {type(item).__name__}"}
+    invalid = [p for p in report.held if ": not valid JSON (" in p]
+    if invalid and not fields:
+        raise ValueError(f"{invalid[0].rsplit(';', 1)[0]}, as is every other line ({len(invalid)} in all); write one "
+                         "JSON object per line")
+    names = sorted(fields)
+    found = f"the records hold {', '.join(map(repr, names[:8]))}{', ...' * (len(names) > 8)}" if names else (
+        "every file is empty")
+    raise ValueError(f"{os.path.commonpath(files)}: cannot infer the record kind: {found}, and none has a "
+                     '"text", "prompt", "response", "chosen" or "responses" field; write records as "text", "prompt" '
+                     'and "response" (SFT), "prompt", "chosen" and "rejected" (preference), or "prompt" alone')
+
+
+def _degenerate(record: dict) -> bool:
+    """Whether a record trains on nothing: an SFT record's response is empty (only eos is learnt, to answer
+    nothing), a preference record's best response is its worst (chosen == rejected: DPO's and the Bradley-Terry
+    loss's gradients are exactly 0)."""
+    if "response" in record:
+        return not record["response"].strip()
+    return "responses" in record and record["responses"][0] == record["responses"][-1]
 
 
 def _split(record: dict, validation: float) -> str:
@@ -194,7 +233,7 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = _BUILDER_NAME
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: counts of degenerate records in metadata.json
     # tfds looks for download checksums beside a builder's code, which for a builder in a package needs the
     # importlib_resources backport (not a tfds dependency); there is nothing to download.
     code_path = None
@@ -209,16 +248,25 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         text = tfds.features.Text()
         features = {f: tfds.features.Sequence(text) if f == "responses" else text for f in KINDS[self._kind]}
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                     disable_shuffling=True)  # keep the input order; training samples its own
+                                     disable_shuffling=True,  # keep the input order; training samples its own
+                                     metadata=tfds.core.MetadataDict())  # the degenerate records of each split
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        """Reads everything once to report problems and find the non-empty splits (tfds rejects empty ones)."""
+        """Reads everything once to report problems, find the non-empty splits (tfds rejects empty ones) and count
+        each split's degenerate records (Records.degenerate)."""
         del dl_manager
-        records = _records(self._files, self._kind, self._invalid_utf8, _Report(strict=self._strict))
-        counts = Counter(_split(record, self._validation) for _, record in records)
+        report = _Report(strict=self._strict, held=[])
+        counts, degenerate = Counter(), Counter()
+        for _, record in _records(self._files, self._kind, self._invalid_utf8, report):
+            report.release()
+            split = _split(record, self._validation)
+            counts[split] += 1
+            degenerate[split] += _degenerate(record)
         if not counts:
+            first = f"; the first of {len(report.held)} problems: {report.held[0]}" if report.held else ""
             raise ValueError(f"{os.path.commonpath(self._files)}: no usable {self._kind} records in "
-                             f"{len(self._files)} files; see the warnings above")
+                             f"{len(self._files)} files{first}")
+        self.info.metadata["degenerate"] = {split: degenerate[split] for split in counts}
         return {split: self._generate_examples(split) for split in sorted(counts)}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
@@ -270,10 +318,12 @@ def _plain(value: Any) -> Any:
 
 
 class Records(Sequence[dict]):
-    """A tfds data source (len, random access, iteration) whose records come back as dicts of str / list[str]."""
+    """A tfds data source (len, random access, iteration) whose records come back as dicts of str / list[str].
+    `degenerate`: how many of them train on nothing (see `_degenerate`), as counted when a files: source was
+    prepared; None where not known (a tfds dataset prepared elsewhere, a sliced split)."""
 
-    def __init__(self, source: Sequence[dict]):
-        self._source = source
+    def __init__(self, source: Sequence[dict], degenerate: int | None = None):
+        self._source, self.degenerate = source, degenerate
 
     def __len__(self) -> int:
         return len(self._source)
@@ -282,6 +332,10 @@ class Records(Sequence[dict]):
         if not -len(self) <= index < len(self):  # array_record raises ValueError, and Sequence iterates to IndexError
             raise IndexError(f"record {index} is out of range for {len(self)} records")
         return _plain(self._source[index % len(self)])
+
+
+class NoSplit(ValueError):
+    """The source has no such split: for a files: source, no record of its files fell in it."""
 
 
 def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -309,7 +363,38 @@ def load(source: str, data_dir: str, split: str, **options: Any) -> Records:
     else:
         raise ValueError(f"data source {source!r} is not files:PATH or tfds:NAME (which takes no options)")
     try:
-        return Records(builder.as_data_source(split))
-    except (ValueError, NotImplementedError) as e:  # an unknown split; a dataset prepared as tfrecord
+        data = builder.as_data_source(split)
+    except ValueError as e:  # an unknown split
         empty = " (a split with no records is not written)" if scheme == "files" else ""
-        raise ValueError(f"{source}: {str(e).splitlines()[0]}{empty}") from None
+        raise NoSplit(f"{source}: {str(e).splitlines()[0]}{empty}") from None
+    except NotImplementedError as e:  # a dataset prepared as tfrecord
+        raise ValueError(f"{source}: {str(e).splitlines()[0]}") from None
+    return Records(data, ((builder.info.metadata or {}).get("degenerate") or {}).get(split))
+
+
+def for_run(cfg, split: str, **options: Any) -> Records:
+    """`load` of a run's cfg.data (a files: source with its data.validation and `options`), with any problem of
+    the input refused as one ConfigError naming data.source: what the CLI prints as its one line, before anything
+    compiles."""
+    source = cfg.data.source
+    options = {"validation": cfg.data.validation, **options} if source.startswith("files:") else {}
+    try:
+        return load(source, cfg.data.data_dir, split, **options)
+    except NoSplit as e:
+        fix = "lower --config.data.validation" if split == "train" else (
+            "raise --config.data.validation or set --config.eval_every=0")
+        raise ConfigError(f"data.source={source!r} has no {split} records ({e}); {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.source={source!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_degenerate(records: Records, source: str, what: str, fix: str) -> None:
+    """Warns (one line on the llmjax logger) how many records train on nothing, `what` saying how ("have an empty
+    response"); refuses, saying the `fix`, a source where every one does: its run would learn nothing, exit 0."""
+    n = records.degenerate
+    if not n:
+        return
+    if n == len(records):
+        raise ConfigError(f"data.source={source!r}: all {n} records {what}, so training on them learns nothing; {fix}")
+    logging.getLogger("llmjax").warning("data.source=%r: %d of %d records %s; they train on nothing", source, n,
+                                        len(records), what)

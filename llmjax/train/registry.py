@@ -31,7 +31,7 @@ RANGES = {
     "optim.b2": ("[0, 1)", "Adam's second-moment decay"),
     "optim.eps": ("(0, inf)", "Adam divides by sqrt(v) + eps"),
     "optim.weight_decay": ("[0, inf)", "below 0 it grows the weights"),
-    "optim.clip_norm": ("(0, inf)", "the largest global gradient norm; 0 zeroes every update"),
+    "optim.clip_norm": ("(0, inf)", "the largest global gradient norm; 0 zeroes every gradient"),
     "loss.z_loss": ("[0, inf)", "the weight of log(Z)^2; below 0 it rewards a large normaliser"),
     "data.validation": ("[0, 1)", "the fraction of a files: source held out for evaluation"),
     "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),

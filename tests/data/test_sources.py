@@ -200,3 +200,58 @@ def test_unusable_sources_say_why(tmp_path):
             sources.load(source, str(tmp_path / "tfds"), "train")
     with pytest.raises(ValueError, match="kind='chat' is not one of"):
         sources.prepare(str(tmp_path / "in"), kind="chat", data_dir=str(tmp_path / "tfds"))
+
+
+def test_an_input_with_no_valid_json_says_so_at_its_first_line(tmp_path, caplog):
+    folder = write(tmp_path / "in", {"a.jsonl": '{"text": "unclosed\n{text: 1}\n'})
+    with pytest.raises(ValueError, match=r"a\.jsonl:1: not valid JSON \(.*\), as is every other line \(2 in all\); "
+                                         "write one JSON object per line$"):
+        read(folder, tmp_path / "tfds")
+    with pytest.raises(ValueError, match=r"no usable sft records in 1 files; the first of 2 problems: .*a\.jsonl:1: "
+                                         r"not valid JSON"):
+        read(folder, tmp_path / "tfds", kind="sft")
+    assert not [r for r in caplog.records if r.name == sources.logger.name]  # the one error, not a warning per line
+
+
+def test_unknown_fields_are_named_with_the_fields_to_use(tmp_path):
+    folder = write(tmp_path / "in", {"a.jsonl": [{"id": 1, "colour": "red"}, {"id": 2}]})
+    with pytest.raises(ValueError) as e:
+        read(folder, tmp_path / "tfds")
+    assert re.search(r"cannot infer the record kind: the records hold 'colour', 'id', and none has a \"text\"",
+                     str(e.value)) and '"prompt" and "response" (SFT)' in str(e.value), e.value
+    assert "kind=" not in str(e.value)  # no option a config could set
+
+
+def test_a_folder_without_readable_files_says_what_it_holds(tmp_path):
+    folder = write(tmp_path / "in", {"a.csv": "x", "b.csv": "y", "c.md": "z"})
+    with pytest.raises(ValueError, match=r"no \.txt, \.jsonl or \.py files at .* \(found: 2 \.csv, 1 \.md\); write "):
+        read(folder, tmp_path / "tfds")
+
+
+def test_degenerate_records_are_counted_per_split(tmp_path):
+    sft = [{"prompt": f"p{i}", "response": " " if i % 4 == 0 else f"r{i}"} for i in range(40)]
+    pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"c{i}" if i % 5 == 0 else "x"} for i in range(40)]
+    ranked = [{"prompt": "p", "responses": ["same", "other", "same"]}, {"prompt": "q", "responses": ["a", "b", "c"]}]
+    for name, lines, degenerate in (("sft", sft, sft[::4]), ("pairs", pairs, pairs[::5]), ("ranked", ranked, [0])):
+        folder = write(tmp_path / name, {"a.jsonl": lines})
+        for validation in (0.0, 0.5):
+            splits = {s: sources.load(f"files:{folder}", str(tmp_path / "tfds"), s, validation=validation)
+                      for s in (("train",) if validation == 0 else ("train", "validation"))}
+            assert sum(r.degenerate for r in splits.values()) == len(degenerate), (name, validation)
+            assert sum(len(r) for r in splits.values()) == len(lines)
+    assert sources.load(f"files:{folder}", str(tmp_path / "tfds"), "train[:1]", validation=0.0).degenerate is None
+
+
+def test_a_runs_source_problems_are_one_config_error(tmp_path):
+    from llmjax import config
+
+    cfg = config.base("tiny")
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    cfg.data.source = f"files:{tmp_path / 'missing'}"
+    with pytest.raises(config.ConfigError, match=r"^data.source='files:.*missing': '.*missing' does not exist"):
+        sources.for_run(cfg, "train")
+    cfg.data.source = "files:" + write(tmp_path / "in", {"a.txt": "one document"})
+    assert list(sources.for_run(cfg, "train")) == [{"text": "one document"}]
+    with pytest.raises(config.ConfigError, match=r"has no validation records \(.*Unknown split 'validation'.*\); "
+                                                 r"raise --config.data.validation or set --config.eval_every=0$"):
+        sources.for_run(cfg, "validation")

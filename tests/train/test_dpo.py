@@ -4,9 +4,10 @@ from functools import partial
 
 import jax
 import numpy as np
+import pytest
 from helpers import metric_rows, tiny_config
 
-from llmjax import checkpoint, sharding
+from llmjax import checkpoint, config, sharding
 from llmjax.data import preference
 from llmjax.train import dpo, registry
 
@@ -94,3 +95,27 @@ def test_dpo_learns(sft_dir, tmp_path):
     after = [r for r in metric_rows(tmp_path) if "eval/accuracy" in r][-1]
     assert after["eval/accuracy"] >= before["accuracy"], (before, after)
     assert after["eval/perplexity"] < before["perplexity"], (before, after)  # of the correct answers
+
+
+def test_pairs_that_train_on_nothing_are_refused_before_anything_else(tmp_path):
+    """chosen == rejected in every pair: DPO's gradient is exactly 0, so the run is refused in one line before it
+    reads its reference or writes to its workdir."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "p.jsonl").write_text("".join(f'{{"prompt": "sort {i} = ", "chosen": "12", "rejected": "12"}}\n'
+                                            for i in range(8)))
+    cfg = dpo_config(str(tmp_path / "no_sft_run"), eval_every=0, **{"data.source": f"files:{folder}",
+                                                                    "data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(config.ConfigError, match=r"^data.source='files:.*': all \d records have the same best and "
+                                                 r"worst response \(chosen == rejected\)"):
+        registry.task(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_dpo_loss_refuses_a_beta_of_zero_or_less():
+    for loss in ("sigmoid", "cdpo", "ipo", "hinge", "simpo"):
+        for beta in (0.0, -0.1):
+            cfg = dpo_config("runs/sft")
+            cfg.dpo.update(loss=loss, beta=beta)
+            with pytest.raises(config.ConfigError, match=rf"^dpo.beta={beta} is outside \(0, inf\)"):
+                registry.validate(cfg, 8)

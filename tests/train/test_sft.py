@@ -1,11 +1,16 @@
-"""SFT: prompts carry no loss, and a short run learns the chat format."""
+"""SFT: prompts carry no loss, records with empty responses are counted (all of them: refused), and a short run
+learns the chat format."""
+
+import json
+import logging
+import re
 
 import jax
 import numpy as np
 import pytest
 from helpers import metric_rows, tiny_config
 
-from llmjax import sharding
+from llmjax import config, sharding
 from llmjax.evaluate import make_evaluator
 from llmjax.train import pretrain, registry
 
@@ -30,6 +35,32 @@ def test_prompt_targets_carry_no_loss():
     changed = batch["targets"].copy()
     changed[r, t] = (changed[r, t] + 1) % 262
     assert float(loss(batch | {"targets": changed})) != float(loss(batch))
+
+
+def files_config(tmp_path, responses: list[str]):
+    """SFT on a files: source of one record per response."""
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "s.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} = ", "response": r}) + "\n"
+                                            for i, r in enumerate(responses)))
+    return sft_config(**{"data.source": f"files:{folder}", "data.data_dir": str(tmp_path / "tfds"),
+                         "data.validation": 0.0})
+
+
+def test_empty_responses_are_counted_and_warned(tmp_path, caplog):
+    """An empty response teaches only its eos: the run says how many records have one."""
+    with caplog.at_level(logging.WARNING, logger="llmjax"):
+        registry.task(files_config(tmp_path, ["", "12", " \n", "21", "123", "321"]), "")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llmjax" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and re.search(r"data.source='files:.*': 2 of 6 records have an empty response "
+                                            r"\(only its eos is learnt\); they train on nothing", warnings[0])
+
+
+def test_only_empty_responses_are_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"all 3 records have an empty response .* learns nothing; give each "
+                                                 r"prompt a response$"):
+        registry.task(files_config(tmp_path, ["", " ", ""]), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
