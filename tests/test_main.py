@@ -138,3 +138,16 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path):
         assert losses(str(disk / "run"))[12] == losses(str(tmp_path / "room"))[12]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    disk = tmp_path / "ro"
+    if not mount_tmpfs(disk, "1m,ro"):
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give; test_checkpoint covers the logic")
+    try:
+        out = subprocess.run(main_args(disk / "run", 2), cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+        one_line_error(out, f"workdir '{disk / 'run'}' is not writable (Read-only file system)")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
