@@ -1,5 +1,6 @@
 """Every test sees 8 fake CPU devices, so sharded runs can be compared with single-device ones. The suite runs
-in pytest-xdist workers (setup.cfg); tests that share the tiny pipeline run in one worker, so it is built once."""
+in pytest-xdist workers (setup.cfg); tests that share the tiny pipeline, or the reward model, run in one worker, so it is
+built once."""
 
 import os
 
@@ -23,6 +24,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "pipeline_dir" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("pipeline"))
+        elif "rm_dir" in item.fixturenames:  # one worker trains the reward model for all its users
+            item.add_marker(pytest.mark.xdist_group("rm"))
         if TRAINED_RUNS & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 

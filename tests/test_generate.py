@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import reward_config
 
-from llmjax import config, generate
+from llmjax import checkpoint, config, generate
 from llmjax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +22,10 @@ def test_generate_cli(sft_dir):
     assert out.stdout.startswith("sort 321 = \u2192 '"), out.stdout
 
 
-def test_a_reward_model_does_not_generate(rm_dir):
+def test_a_reward_model_does_not_generate(tmp_path):
+    checkpoint.claim_workdir(str(tmp_path), reward_config(), {"scorer": ()})  # what generate reads first
     with pytest.raises(ConfigError, match="holds a reward model, which scores text but does not write it"):
-        generate.complete(rm_dir, ["sort 21 = "])
+        generate.complete(str(tmp_path), ["sort 21 = "])
 
 
 @pytest.fixture

@@ -7,14 +7,16 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import reward_config
+from helpers import reward_config, saved_run
 
 from llmjax import score
 from llmjax.config import ConfigError
 from llmjax.data.tokenizer import get_tokenizer
 
 
-def test_score_cli(rm_dir, tmp_path):
+def test_score_cli(tmp_path):
+    rm_dir = str(tmp_path / "rm")
+    saved_run(reward_config(), rm_dir)  # untrained: the CLI's plumbing, not the model's judgement
     prompt = "sort: dcba"
     lines = tmp_path / "in.jsonl"
     lines.write_text("\n".join(json.dumps({"prompt": prompt, "response": r}) for r in ("abcd", "abdc")) + "\n")
