@@ -1,6 +1,6 @@
 """Every test sees 8 fake CPU devices, so sharded runs can be compared with single-device ones. The suite runs
-in pytest-xdist workers (setup.cfg); tests that share the tiny pipeline, or the reward model, run in one worker, so it is
-built once."""
+in pytest-xdist workers (setup.cfg); tests that share the tiny pipeline, or the reward model, run in one worker,
+so it is built once."""
 
 import os
 
