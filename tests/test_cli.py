@@ -92,6 +92,7 @@ def bad_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_rejects_bad_config(bad_runs, case):
     code, stderr, started = bad_runs[case]
@@ -128,6 +129,7 @@ def bad_inputs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(INPUT_CASES))
 def test_cli_rejects_bad_input(bad_inputs, case):
     """Each bad input: exit status 2 and one line, naming the input and the fix, before anything is written."""
