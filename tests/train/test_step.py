@@ -45,6 +45,7 @@ def lm_dir(tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.mark.slow  # ten compiles of whole objectives; the fast subset keeps test_microbatches_weigh_by_their_units
 @pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "ppo"])
 def test_grad_accumulation_equals_one_batch(name, lm_dir, tmp_path):
     """optim.grad_accum=4 takes the same step as 1: the same loss and metrics, the same updated parameters."""
