@@ -184,10 +184,11 @@ def _param_shapes(model) -> tuple:
 
 
 def check_part(workdir: str, part: str = "lm", model=None, tokenizer: str | None = None,
-               reader: str = "this run") -> None:
+               reader: str = "this run") -> tuple[ml_collections.ConfigDict, dict[str, tuple[str, ...]]]:
     """Refuses, before anything is loaded or compiled, a run that does not hold `part` ("lm": a language model;
     "scorer": a reward model's {"trunk", "head"}), naming what it holds and what `reader` needs; with `model`
-    (and `tokenizer`), one whose part has other shapes than this run's model (or that read other token ids)."""
+    (and `tokenizer`), one whose part has other shapes than this run's model (or that read other token ids).
+    Returns the run's config and parts."""
     cfg, parts = run_config(workdir), run_parts(workdir)
     if part not in parts:
         held = ", ".join(f"{PARTS[p][0]} ({p})" for p in parts)
@@ -200,8 +201,9 @@ def check_part(workdir: str, part: str = "lm", model=None, tokenizer: str | None
         raise ConfigError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
                           f"{tokenizer!r}: its parameters would see other tokens; set --config.data.tokenizer="
                           f"{cfg.data.tokenizer}")
-    if _latest(workdir) is None:
+    if _reader(workdir).latest_step() is None:
         raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
+    return cfg, parts
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
@@ -209,16 +211,12 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def _latest(workdir: str) -> int | None:
-    return _reader(workdir).latest_step()
-
-
 def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenizer: str | None = None,
                 reader: str = "this run") -> transformer.Params:
     """The `part` of the parameters of the latest checkpoint in `workdir` (see check_part), on `mesh` (sharded by
     that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters."""
-    check_part(workdir, part, model, tokenizer, reader)
-    cfg, parts, mngr = run_config(workdir), run_parts(workdir), _reader(workdir)
+    cfg, parts = check_part(workdir, part, model, tokenizer, reader)
+    mngr = _reader(workdir)
     specs = PARTS[part][1](cfg.model)
     shardings = tree_shardings(specs, cfg.rules, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),

@@ -40,12 +40,17 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
+def lookup(cfg: ml_collections.ConfigDict, dotted: str):
+    """The value of a dotted key ("optim.lr")."""
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def override(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
     """Sets a dotted key ("optim.lr"), as --config.optim.lr=... does on the command line."""
-    *parents, last = dotted.split(".")
-    for part in parents:
-        cfg = cfg[part]
-    cfg[last] = value
+    parent, _, last = dotted.rpartition(".")
+    (lookup(cfg, parent) if parent else cfg)[last] = value
 
 
 def load(spec: str, **overrides) -> ml_collections.ConfigDict:
@@ -75,11 +80,16 @@ def check_ranges(cfg: ml_collections.ConfigDict, ranges: dict[str, tuple[str, st
     e.g. {"optim.lr": ("(0, inf)", "0 trains nothing, below 0 is gradient ascent")}. Checked before anything
     compiles, as a value the maths forbids would train on nothing, diverge, or crash mid-run."""
     for key, (interval, meaning) in ranges.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
+        value = lookup(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not _interval(interval)(value):
             raise ConfigError(f"{key}={value!r} is outside {interval} ({meaning}); set --config.{key} within it")
+
+
+def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> None:
+    """Refuses the first key whose value is not one of its choices (`choices`: dotted key -> allowed values)."""
+    for key, allowed in choices.items():
+        if lookup(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={lookup(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import checkpoint, losses, optim, sampling
-from llmjax.config import ConfigError, check_ranges
+from llmjax.config import ConfigError, check_choices, check_ranges
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
@@ -254,10 +254,8 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     p = cfg.get("ppo")
     if p is None:
         raise ConfigError("a ppo run needs the ppo section; start from configs/ppo.py")
-    for key, allowed in (("algorithm", ("ppo", "grpo")), ("value", ("separate", "shared")),
-                         ("kl_estimator", ("k1", "k2", "k3"))):
-        if p[key] not in allowed:
-            raise ConfigError(f"ppo.{key}={p[key]!r} is not one of {allowed}; set --config.ppo.{key}=...")
+    check_choices(cfg, {"ppo.algorithm": ("ppo", "grpo"), "ppo.value": ("separate", "shared"),
+                        "ppo.kl_estimator": losses.KL_ESTIMATORS})
     check_ranges(cfg, RANGES)
     if not cfg.init_from:
         raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")

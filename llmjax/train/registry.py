@@ -5,7 +5,7 @@ come through here, so no run trains on a config that has not been checked."""
 import jax
 import ml_collections
 
-from llmjax.config import ConfigError, check_ranges
+from llmjax.config import ConfigError, check_choices, check_ranges, lookup
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.sharding import make_mesh, mesh_shape
@@ -49,16 +49,8 @@ def get(cfg) -> loop.Objective:
     return OBJECTIVES[cfg.trainer]
 
 
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 def _validate_model(cfg: ml_collections.ConfigDict) -> None:
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
+    check_choices(cfg, CHOICES)
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
@@ -90,8 +82,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                           "lower --config.seq_len or raise --config.model.max_seq_len")
     for key in ("optim.grad_accum", "optim.max_nonfinite", "log_every", "checkpoint.every", "checkpoint.keep",
                 "batch_size", "seq_len"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+        if lookup(cfg, key) < 1:
+            raise ConfigError(f"{key}={lookup(cfg, key)} must be at least 1")
     dp = sizes["data"] * sizes["fsdp"]
     per_step = dp * cfg.optim.grad_accum
     if cfg.batch_size % per_step:
