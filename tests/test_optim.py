@@ -10,7 +10,7 @@ from llmjax import optim
 from llmjax.models import transformer
 
 LR = 3e-3  # base config: optim.lr=3e-3, min_lr_ratio=0.1
-GPT2_STYLE = {"model.norm": "layer", "model.pos": "learned", "model.mlp": "gelu", "model.use_bias": True,
+GPT2_STYLE = {"model.norm": "layer", "model.pos": "learned", "model.mlp": "gelu", "model.bias": "all",
               "model.tie_embeddings": True}
 
 

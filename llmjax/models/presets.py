@@ -4,8 +4,8 @@ Published sizes the parameter-count test checks: GPT-2 small 124.4M (tied embedd
 Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 RoPE scaling).
 """
 
-LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", use_bias=False, norm_eps=1e-5, rope_theta=500_000.0)
-GPT2 = dict(norm="layer", pos="learned", mlp="gelu", use_bias=True, tie_embeddings=True, norm_eps=1e-5)
+LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", bias="none", norm_eps=1e-5, rope_theta=500_000.0)
+GPT2 = dict(norm="layer", pos="learned", mlp="gelu", bias="all", tie_embeddings=True, norm_eps=1e-5)
 
 PRESETS: dict[str, dict] = {
     # vocab_size=320 fits the default tokenizer, the shipped sentencepiece model (303 pieces), and bytes (262).
@@ -33,7 +33,8 @@ DEFAULTS = dict(
     norm="rms",             # rms | layer
     pos="rope",             # rope | learned
     mlp="swiglu",           # swiglu | gelu
-    use_bias=False,         # biases in attention and MLP projections (GPT-2)
+    bias="none",            # none | qkv: on the q, k, v projections (Qwen2) | all: every projection (GPT-2)
+    qk_norm=False,          # RMSNorm over each head's q and k before RoPE (Qwen3)
     tie_embeddings=False,   # unembedding = embedding^T
     norm_eps=1e-5,
     rope_theta=10_000.0,

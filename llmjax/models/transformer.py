@@ -1,7 +1,8 @@
 """Decoder-only Transformer as pure functions over a parameter pytree.
 
-Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU) and GPT-2 (LayerNorm, learned positions, GELU,
-biases, tied embeddings) are the same forward with different config switches. `specs(cfg)` is the one
+Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU, biases,
+tied embeddings), Qwen2 (biases on q, k, v) and Qwen3 (RMSNorm on each head's q and k) are the same forward with
+different config switches. `specs(cfg)` is the one
 source of truth for parameters: shape, logical axes and initializer of every leaf; initialisation,
 sharding, checkpoint layout and parameter counts all derive from it. Layers are stacked on a leading
 "layers" axis and run with `jax.lax.scan`.
@@ -65,10 +66,14 @@ def specs(cfg) -> Params:
     else:
         block["w_fc"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
         block["w_proj"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"), w_out)
-    if cfg.use_bias:
+    if cfg.qk_norm:
+        block["q_norm"] = {"scale": ParamSpec((L, H), ("layers", "head_dim"), ones)}
+        block["k_norm"] = {"scale": ParamSpec((L, H), ("layers", "head_dim"), ones)}
+    if cfg.bias != "none":
         block["bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), zeros)
         block["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), zeros)
         block["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), zeros)
+    if cfg.bias == "all":
         block["bo"] = ParamSpec((L, D), ("layers", "embed"), zeros)
         if cfg.mlp == "gelu":
             block["b_fc"] = ParamSpec((L, F), ("layers", "mlp"), zeros)
@@ -167,8 +172,11 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         w, kv_cache = w_and_cache
         h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
         q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
-        if cfg.use_bias:
+        if cfg.bias != "none":
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
+        if cfg.qk_norm:
+            q_BTNH = layers.rms_norm(q_BTNH, w["q_norm"]["scale"], cfg.norm_eps)
+            k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
         if cfg.pos == "rope":
             q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
         if kv_cache is None:
@@ -179,7 +187,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
                              for c, new in zip(kv_cache, (k_BTKH, v_BTKH), strict=True))
             o_BTNH = layers.attention(q_BTNH, *kv_cache, mask_B1TS)
         o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
-        x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.use_bias else o_BTD), ("batch", "seq", "act_embed"))
+        x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD), ("batch", "seq", "act_embed"))
         h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
         if cfg.mlp == "swiglu":
             m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])

@@ -9,7 +9,7 @@ from helpers import tiny_config
 from llmjax import config, losses
 from llmjax.models import transformer
 
-GPT2_STYLE = {"model.norm": "layer", "model.pos": "learned", "model.mlp": "gelu", "model.use_bias": True,
+GPT2_STYLE = {"model.norm": "layer", "model.pos": "learned", "model.mlp": "gelu", "model.bias": "all",
               "model.tie_embeddings": True}
 VARIANTS = {"llama": {}, "gpt2": GPT2_STYLE}
 T, N_A = 32, 12  # rows of T tokens: document A (N_A tokens) packed after document B (T - N_A tokens)
