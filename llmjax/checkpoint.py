@@ -22,7 +22,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from llmjax import config
 from llmjax.config import ConfigError
+from llmjax.hf import weights as hf_weights
 from llmjax.models import heads, transformer
 from llmjax.sharding import tree_shardings
 
@@ -161,16 +163,19 @@ def disk_full(error: Exception, workdir: str) -> ConfigError | None:
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """The resolved config a run wrote into its workdir; for a Hugging Face folder (`hf:DIR`, read as a run holding
+    a language model), the config its import would write."""
+    if workdir.startswith("hf:"):
+        cfg = config.base(workdir)
+        cfg.trainer = "import"
+        return cfg
+    return config.saved(workdir)
 
 
 def run_parts(workdir: str) -> dict[str, tuple[str, ...]]:
     """The parts a run's parameters hold ({"lm": ("policy",)} for a PPO run), as its objective listed them."""
+    if workdir.startswith("hf:"):
+        return {"lm": ()}
     path = os.path.join(workdir, "parts.json")
     if not os.path.exists(path):
         raise ConfigError(f"{workdir!r} holds no parts.json (what its parameters are); it was not written by this "
@@ -201,7 +206,7 @@ def check_part(workdir: str, part: str = "lm", model=None, tokenizer: str | None
         raise ConfigError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
                           f"{tokenizer!r}: its parameters would see other tokens; set --config.data.tokenizer="
                           f"{cfg.data.tokenizer}")
-    if _reader(workdir).latest_step() is None:
+    if not workdir.startswith("hf:") and _reader(workdir).latest_step() is None:
         raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
     return cfg, parts
 
@@ -216,6 +221,9 @@ def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenize
     """The `part` of the parameters of the latest checkpoint in `workdir` (see check_part), on `mesh` (sharded by
     that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters."""
     cfg, parts = check_part(workdir, part, model, tokenizer, reader)
+    if workdir.startswith("hf:"):
+        with hf_weights.Reader(workdir[3:]) as source:
+            return hf_weights.load(source, cfg.model, cfg.rules, mesh)
     mngr = _reader(workdir)
     specs = PARTS[part][1](cfg.model)
     shardings = tree_shardings(specs, cfg.rules, mesh)

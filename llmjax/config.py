@@ -3,10 +3,11 @@
 Configs are plain Python returning a ConfigDict (`get_config(arg)`); `arg` is the `:k=v,...` suffix of
 `--config=configs/x.py:k=v`, parsed by `parse_arg`. Checking a config is the objectives' business
 (`llmjax.train.registry.validate`; `check_ranges` is the interval check they share), so this module imports
-nothing of the library but the model presets.
+nothing of the library but the model presets (and, for a Hugging Face model, llmjax.hf.families).
 """
 
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable
@@ -92,15 +93,33 @@ def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> 
             raise ConfigError(f"{key}={lookup(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
 
 
+def saved(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 def model_config(name: str) -> ml_collections.ConfigDict:
+    """A preset's model, a Hugging Face folder's (`hf:DIR`), or that of the run in the workdir `name`."""
+    if name.startswith("hf:"):
+        from llmjax.hf import families  # it reads this module's ConfigError
+
+        return ml_collections.ConfigDict(families.model_config(families.read_config(name[3:]), name[3:]))
+    if name not in presets.PRESETS and os.path.isdir(name):
+        return saved(name).model
     try:
         return ml_collections.ConfigDict(presets.preset(name))
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{e}, a Hugging Face folder (hf:DIR) or a run's workdir") from None
 
 
 def base(model: str = "small") -> ml_collections.ConfigDict:
-    """Everything a run needs; trainer configs change what differs."""
+    """Everything a run needs; trainer configs change what differs. `model` names a preset, or a model to start
+    from: a Hugging Face folder (`hf:DIR`) or a run's workdir, whose architecture, tokenizer and parameters
+    (init_from) the run then takes."""
     c = ml_collections.ConfigDict()
     c.trainer = "pretrain"   # the objective (llmjax.train.registry): pretrain (also SFT) | reward | dpo | ppo
     c.seed = 0
@@ -112,12 +131,13 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
         source="synthetic",  # synthetic (the built-in tasks) | files:PATH (txt/jsonl/py) | tfds:NAME (in data_dir)
         data_dir="~/tensorflow_datasets", validation=0.01,  # files: the fraction held out for evaluation
         tasks="reverse,add,sort,copy,lookup",
-        # byte | synthetic (sentencepiece, trained on the tasks; see llmjax/data/tokenizer.py) | PATH.model. Set here,
+        # byte | synthetic (sentencepiece, trained on the tasks; see llmjax/data/tokenizer.py) | PATH.model | hf:DIR
+        # (a Hugging Face tokenizer.json and tokenizer_config.json, with its chat template). Set here,
         # so a run started from another's parameters (init_from) reads the same token ids whatever its config.
         tokenizer="synthetic",
         format="text",  # text: documents as plain text | chat: (prompt, response) through the chat template
     )
-    c.init_from = ""         # a workdir whose latest checkpoint's parameters start this run (fresh optimizer)
+    c.init_from = ""         # a workdir (or hf:DIR) whose latest parameters start this run (fresh optimizer)
     c.optim = dict(
         lr=3e-3, warmup_steps=30, schedule="cosine",  # cosine | linear | constant (after warmup)
         min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
@@ -132,6 +152,9 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
         batch="data,fsdp", embed="fsdp", vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor",
         layers="", seq="", head_dim="", act_embed="",
     )
+    if model not in presets.PRESETS:
+        c.data.tokenizer = model if model.startswith("hf:") else saved(model).data.tokenizer
+        c.init_from = model
     c.checkpoint = dict(every=100, keep=3, use_async=True)
     c.log_every = 10
     c.eval_every = 100       # held-out perplexity and task accuracy every N steps and at the end; 0 = never

@@ -1,0 +1,91 @@
+"""Hugging Face model folders into llmjax runs, and runs back out.
+
+An import writes a run like any other (config.json, parts.json, a parameters-only checkpoint) whose model config
+comes from the folder's config.json and whose tokenizer is the folder's, copied into the run. An export writes
+what `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json, generation_config.json, safetensors
+(sharded, with the index, past `shard_gb`), and the tokenizer files.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from llmjax import checkpoint, config
+from llmjax.config import ConfigError
+from llmjax.data import hf_tokenizer
+from llmjax.data.tokenizer import get_tokenizer
+from llmjax.hf import families, weights
+from llmjax.models import transformer
+from llmjax.sharding import make_mesh
+
+MESH = dict(data=1, fsdp=-1, tensor=1)
+
+
+def _fresh(path: str, what: str) -> None:
+    if os.path.exists(path) and os.listdir(path):
+        raise ConfigError(f"{what} {path!r} is not empty; llmjax never writes over files it did not make: pass a new "
+                          "path")
+
+
+def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
+    """Writes a run holding the Hugging Face model in `hf_dir` (see the module docstring); returns a summary."""
+    hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
+    model = families.model_config(families.read_config(hf_dir), hf_dir, dtype)
+    _fresh(workdir, "workdir")
+    with weights.Reader(hf_dir) as reader:
+        weights.check(reader, ml_collections.ConfigDict(model))  # before anything is written
+        with checkpoint.locked(workdir):
+            tok_dir = os.path.join(os.path.abspath(workdir), "tokenizer")
+            os.makedirs(tok_dir)
+            hf_tokenizer.write_files(f"hf:{hf_dir}", tok_dir)
+            cfg = config.base()
+            cfg.trainer, cfg.model = "import", ml_collections.ConfigDict(model)
+            cfg.data.tokenizer = f"hf:{tok_dir}"
+            tokenizer = get_tokenizer(cfg.data.tokenizer)
+            if tokenizer.vocab_size > cfg.model.vocab_size:
+                raise ConfigError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                                  f"{cfg.model.vocab_size}: they are not one model's")
+            cfg.data.format = "chat" if tokenizer.has_chat_template else "text"
+            cfg.steps, cfg.init_from = 1, hf_dir
+            checkpoint.claim_workdir(workdir, cfg, {"lm": []})
+            params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
+            mngr = checkpoint.manager(workdir, cfg)
+            mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+            mngr.wait_until_finished()
+    return (f"imported {cfg.model.name} ({transformer.param_count(cfg.model):,} parameters, "
+            f"{cfg.model.param_dtype}) into {workdir}")
+
+
+def export_run(workdir: str, out: str, dtype: str | None = None, shard_gb: float = 5.0) -> str:
+    """Writes the language model of the run in `workdir` (a PPO run's policy) as a Hugging Face folder `out`;
+    returns a summary. The folder appears whole or not at all: it is written beside `out`, then renamed."""
+    cfg, _ = checkpoint.check_part(workdir, "lm", reader="the Hugging Face export")
+    dtype = dtype or cfg.model.param_dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    hf = families.hf_config(cfg.model, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    out = os.path.abspath(os.path.expanduser(out))
+    _fresh(out, "--out")
+    params = checkpoint.load_params(workdir, make_mesh(MESH), reader="the Hugging Face export")
+    tensors = list(weights.exported(params, cfg.model, jax.numpy.dtype(dtype)))
+    writer = jax.process_index() == 0
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out)) if writer else ""
+    with tqdm(total=len(tensors), desc="export", unit="tensor", disable=not writer) as bar:
+        files = weights.write(tmp, tensors, jax.numpy.dtype(dtype), int(shard_gb * 2**30), lambda _: bar.update())
+    if writer:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, f, indent=2)
+        hf_tokenizer.write_files(cfg.data.tokenizer, tmp)
+        if os.path.exists(out):
+            os.rmdir(out)  # empty, checked above
+        shutil.move(tmp, out)
+    return f"exported {cfg.model.name} as {hf['architectures'][0]} ({len(files)} safetensors file(s), {dtype}) to {out}"
