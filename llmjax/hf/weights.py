@@ -13,6 +13,7 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,14 @@ def _block(reader: Reader, t: Tensor, key: str, shape: tuple[int, ...], index: t
     return (data.T if t.transpose else data).reshape(sizes)[tuple(inner_index)]
 
 
+def _read(reader: Reader, t: Tensor, shape: tuple[int, ...], dtype, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's shard of one parameter; a stacked one ("{i}" in the key) reads one tensor per layer."""
+    if "{i}" not in t.key:
+        return _block(reader, t, t.key, shape, index).astype(dtype)
+    layers = range(shape[0])[index[0]]
+    return np.stack([_block(reader, t, t.key.format(i=i), shape[1:], index[1:]) for i in layers]).astype(dtype)
+
+
 def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
     """The model's parameters from the checkpoint (see `check`), sharded by `rules` on `mesh`, in
     model.param_dtype; each device reads its own shard."""
@@ -152,13 +161,7 @@ def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
     for path, t in tensors(model).items():
         shape = shapes[path]
 
-        def read(index, t=t, shape=shape, stacked=path.startswith("layers.")):
-            if not stacked:
-                return _block(reader, t, t.key, shape, index).astype(dtype)
-            layers = range(shape[0])[index[0]]
-            return np.stack([_block(reader, t, t.key.format(i=i), shape[1:], index[1:]) for i in layers]).astype(dtype)
-
-        out[path] = jax.make_array_from_callback(shape, shardings[path], read)
+        out[path] = jax.make_array_from_callback(shape, shardings[path], partial(_read, reader, t, shape, dtype))
     return _unflat(out)
 
 
