@@ -18,7 +18,7 @@ def get_config(arg: str = ""):
     cfg.steps = args.steps
     cfg.seq_len = 64  # one prompt and answer through the chat template (two for a packed pair: 96 suffices)
     cfg.data.format = "chat"
-    cfg.init_from = "runs/sft"
+    cfg.init_from = cfg.init_from or "runs/sft"  # model=hf:DIR or model=RUN names its own start
     cfg.optim.lr = 1e-5  # at 3e-4 the policy drifts far from the reference and task accuracy collapses
     cfg.optim.warmup_steps = max(1, args.steps // 10)
     cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, nll_weight=0.0, reference="live",

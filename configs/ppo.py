@@ -18,7 +18,7 @@ def get_config(arg: str = ""):
     cfg.batch_size = 64
     cfg.seq_len = 64            # the evaluator's held-out perplexity rows
     cfg.data.format = "chat"
-    cfg.init_from = "runs/sft"
+    cfg.init_from = cfg.init_from or "runs/sft"  # model=hf:DIR or model=RUN names its own start
     cfg.optim.lr = 3e-5  # `small`: 1e-4 moves far from the reference (KL 6 nats against the reward model)
     cfg.optim.schedule = "constant"
     cfg.optim.warmup_steps = 0

@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
     # Judge the tasks the SFT model can do. A reward model cannot judge what its trunk cannot compute: `small`,
     # 200 steps, held-out pair accuracy on sort,lookup 81%, on all five tasks 58% (also with 4x the batch).
     cfg.data.tasks = "sort,lookup"
-    cfg.init_from = "runs/sft"
+    cfg.init_from = cfg.init_from or "runs/sft"  # model=hf:DIR or model=RUN names its own start
     cfg.optim.lr = 1e-3
     cfg.optim.warmup_steps = max(1, args.steps // 10)
     cfg.eval_every = 100  # held-out pairwise accuracy on eval_prompts pairs

@@ -4,6 +4,8 @@
   python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
   python -m llmjax.bench ppo --config=configs/ppo.py --config.ppo.reward=tasks  (time split of one iteration)
   python -m llmjax.bench data --config=configs/pretrain.py  (grain pipeline tokens/s vs training tokens/s)
+  python -m llmjax.bench import --config=configs/pretrain.py:model=llama-1b --config.model.n_layers=4 \
+      --config.model.param_dtype=bfloat16  (peak host memory of a Hugging Face import, 1 GB of weights)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
 matmul rate (JAX's, and NumPy's BLAS on the host), so numbers compare across machines and runs.
@@ -211,7 +213,62 @@ def bench_data(cfg, records: int = 20_000) -> dict:
             "pipeline_over_train": pipeline_tokens_per_s / train["tokens_per_s"]}
 
 
-BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "data": bench_data}
+_LOAD = """import sys, jax
+from llmjax import checkpoint
+from llmjax.sharding import make_mesh
+jax.block_until_ready(checkpoint.load_params("hf:" + sys.argv[1], make_mesh(dict(data=1, fsdp=-1, tensor=1))))
+"""
+_WHOLE = """import sys, glob, jax
+from safetensors.numpy import load_file
+tensors = {}
+for path in glob.glob(sys.argv[1] + "/*.safetensors"):
+    tensors |= load_file(path)
+jax.block_until_ready([jax.device_put(x) for x in tensors.values()])
+"""
+
+
+def _peak_rss(*command: str) -> int:
+    """Peak resident bytes of `python *command`, run by a fresh process that reports only its one child's
+    (Linux gives ru_maxrss in KiB)."""
+    import subprocess
+    import sys
+
+    report = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", report, sys.executable, *command], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{command[:2]} failed: {done.stderr.strip().splitlines()[-1]}")
+    return int(done.stdout) * 1024
+
+
+def bench_import(cfg) -> dict:
+    """Peak host memory of reading a Hugging Face folder of cfg's model (random weights, exported first) into
+    sharded arrays, of the whole `python -m llmjax.hf import`, and of the naive way (every file loaded whole,
+    then put on the device), each in a fresh process. On a CPU the
+    devices' memory is the host's, so the parameters themselves count once; the overhead is the rest."""
+    from llmjax.hf.convert import export_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run, folder = os.path.join(tmp, "run"), os.path.join(tmp, "hf")
+        _save_fresh_run(cfg, run)
+        export_run(run, folder)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+        out = {"model": cfg.model.name, "params": transformer.param_count(cfg.model), "dtype": cfg.model.param_dtype,
+               "safetensors_bytes": size}
+        for name, command in (("jax_only", ("-c", "import jax, llmjax.hf.convert; jax.devices()")),
+                              ("load", ("-c", _LOAD, folder)),
+                              ("import", ("-m", "llmjax.hf", "import", f"--hf_dir={folder}",
+                                          f"--workdir={os.path.join(tmp, 'imported')}")),
+                              ("whole_files", ("-c", _WHOLE, folder))):
+            out[f"{name}_peak_rss_bytes"] = _peak_rss(*command)
+    for name in ("load", "import", "whole_files"):
+        overhead = out[f"{name}_peak_rss_bytes"] - out["jax_only_peak_rss_bytes"] - size
+        out[f"{name}_overhead_over_model"] = overhead / size
+    return out
+
+
+BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "data": bench_data,
+           "import": bench_import}
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
-"""Tokenizers: a byte-level one that needs no training or files, so every stage runs out of the box, and
-sentencepiece models (BPE or unigram) trained here with the same special tokens at the same ids.
+"""Tokenizers: a byte-level one that needs no training or files, so every stage runs out of the box,
+sentencepiece models (BPE or unigram) trained here with the same special tokens at the same ids, and Hugging Face
+tokenizer folders ("hf:DIR", llmjax.data.hf_tokenizer) to fine-tune pretrained models in their own vocabulary.
 
     python -m llmjax.data.tokenizer train --input=docs/,more.jsonl --vocab_size=8000 --model_type=bpe --out=tok.model
 
@@ -23,11 +24,15 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import sentencepiece as spm
 
 from llmjax.data import tasks
+
+if TYPE_CHECKING:
+    from llmjax.data.hf_tokenizer import HFTokenizer
 
 # Specials come first so their ids never depend on the byte table; the chat markers are reserved for SFT.
 SPECIAL_TOKENS = ("pad", "bos", "eos", "<|user|>", "<|assistant|>", "<|end|>")
@@ -107,20 +112,24 @@ class SentencePieceTokenizer:
         return self._sp.decode(ids[~np.isin(ids, self._specials)].tolist())
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+Tokenizer = Union[ByteTokenizer, SentencePieceTokenizer, "HFTokenizer"]
 
 
 def get_tokenizer(name: str) -> Tokenizer:
     """Builds a tokenizer from its config name: "byte", "synthetic" (the shipped model, see the module docstring),
-    or the path of a sentencepiece .model file."""
+    the path of a sentencepiece .model file, or "hf:DIR", a Hugging Face tokenizer folder."""
+    if name.startswith("hf:"):
+        from llmjax.data.hf_tokenizer import HFTokenizer  # here, as that module builds on this one
+
+        return HFTokenizer(name[3:])
     if name == "byte":
         return ByteTokenizer()
     if name == "synthetic":
         return SentencePieceTokenizer(str(SYNTHETIC_MODEL))
     if name.endswith(".model"):
         return SentencePieceTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r}; valid choices: 'byte', 'synthetic' or the path of a sentencepiece "
-                     ".model file")
+    raise ValueError(f"unknown tokenizer {name!r}; valid choices: 'byte', 'synthetic', the path of a sentencepiece "
+                     ".model file, or hf:DIR (a Hugging Face tokenizer folder)")
 
 
 def _files(inputs: Sequence[str]) -> list[Path]:

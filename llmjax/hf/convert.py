@@ -51,7 +51,7 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
             if tokenizer.vocab_size > cfg.model.vocab_size:
                 raise ConfigError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
                                   f"{cfg.model.vocab_size}: they are not one model's")
-            cfg.data.format = "chat" if tokenizer.has_chat_template else "text"
+            cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
             cfg.steps, cfg.init_from = 1, hf_dir
             checkpoint.claim_workdir(workdir, cfg, {"lm": []})
             params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))

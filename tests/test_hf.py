@@ -1,0 +1,192 @@
+"""Hugging Face import and export against transformers' own outputs: tiny random models of every family, made by
+tests/fixtures/hf/make_fixtures.py with their logits and greedy generations, so the suite needs no torch. Where
+transformers is importable (the `hf` extra), the exported folders are also loaded by it live."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from llmjax import checkpoint, config, sampling
+from llmjax.config import ConfigError
+from llmjax.hf import convert, weights
+from llmjax.models import transformer
+from llmjax.sharding import make_mesh
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+FAMILIES = ("llama3", "llama2", "mistral", "qwen2", "qwen3", "gpt2")
+ALL = (*FAMILIES, "llama3_bf16", "qwen2_sharded")
+
+
+def fixture(name: str) -> str:
+    return os.path.join(FIXTURES, name)
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    return dict(np.load(os.path.join(fixture(name), "reference.npz")))
+
+
+def logits(params, model, ids_BT: np.ndarray) -> np.ndarray:
+    B, T = ids_BT.shape
+    out, _ = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32),
+                                 model)
+    return np.asarray(out)
+
+
+def stored(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of a folder's safetensors: name -> (shape, dtype)."""
+    with weights.Reader(folder) as r:
+        return {k: (r.shape(k), r.dtype(k)) for k in r.where}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_and_greedy_generation_equal_transformers(name):
+    """Read straight from the folder (init_from=hf:DIR), sharded fsdp=4 x tensor=2: transformers' float32 logits
+    within 1e-4, and its 20 greedy tokens exactly."""
+    source = f"hf:{fixture(name)}"
+    cfg = checkpoint.run_config(source)
+    ref = reference(name)
+    params = checkpoint.load_params(source, make_mesh(dict(data=1, fsdp=4, tensor=2)))
+    np.testing.assert_allclose(logits(params, cfg.model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
+    prompt = ref["prompt_ids"].astype(np.int32)
+    out = sampling.generate(params, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0), cfg.model,
+                            max_new_tokens=20, eos_id=-1)
+    np.testing.assert_array_equal(np.asarray(out["tokens"][0]), ref["greedy_ids"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_import_export_round_trip(name, tmp_path):
+    """import -> the run's parameters equal the folder's; export -> the same tensor names, shapes and dtypes as the
+    original; re-import -> identical parameters."""
+    run, out, again = (str(tmp_path / d) for d in ("run", "out", "again"))
+    convert.import_run(fixture(name), run)
+    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    params = checkpoint.load_params(run, mesh)
+    direct = checkpoint.load_params(f"hf:{fixture(name)}", mesh)
+    jax.tree.map(np.testing.assert_array_equal, params, direct)
+    convert.export_run(run, out)
+    assert stored(out) == {k: v for k, v in stored(fixture(name)).items() if not k.endswith(weights.BUFFERS)}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    convert.import_run(out, again)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(again, mesh), params)
+
+
+def test_export_shards_with_an_index(tmp_path):
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    convert.import_run(fixture("qwen2"), run)
+    convert.export_run(run, out, dtype="bfloat16", shard_gb=20e3 / 2**30)
+    with open(os.path.join(out, weights.INDEX)) as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert {dtype for _, dtype in stored(out).values()} == {"BF16"}
+    assert index["metadata"]["total_size"] == sum(2 * np.prod(s) for s, _ in stored(out).values())
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
+def test_a_config_names_a_folder_as_its_model_and_trains_from_it(tmp_path):
+    """configs/sft.py:model=hf:DIR takes the folder's architecture, tokenizer and parameters: SFT on the synthetic
+    tasks through its chat template runs, and its first step starts from the folder's weights."""
+    from llmjax.train import registry
+
+    cfg = config.load(f"configs/sft.py:model=hf:{fixture('qwen2')},steps=2", **{
+        "batch_size": 8, "seq_len": 64, "eval_every": 0, "peak_flops": 1e12, "optim.warmup_steps": 1})
+    assert cfg.init_from == f"hf:{fixture('qwen2')}" and cfg.data.tokenizer == cfg.init_from
+    assert cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
+    state = registry.train(cfg, str(tmp_path / "sft"))
+    assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "falcon"}, "model_type='falcon'"),
+    ({"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"num_hidden_layers": 3}, "lacks model.layers.2"),
+    ({"intermediate_size": 96}, "has shape (128, 64), its config.json implies (96, 64)"),
+])
+def test_an_unsupported_or_inconsistent_folder_is_refused_in_one_line(change, message, tmp_path):
+    folder = str(tmp_path / "qwen2")
+    shutil.copytree(fixture("qwen2"), folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf | change, f)
+    with pytest.raises(ConfigError, match="^[^\n]*$") as e:
+        convert.import_run(folder, str(tmp_path / "run"))
+    assert message in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_mistral_sliding_window_caps_the_context_where_it_is_the_same_model(tmp_path):
+    folder = str(tmp_path / "mistral")
+    shutil.copytree(fixture("mistral"), folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf | {"sliding_window": 32}, f)
+    assert config.model_config(f"hf:{folder}").max_seq_len == 32
+
+
+def test_import_and_export_never_write_over_what_they_did_not_make(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        convert.import_run(fixture("gpt2"), str(taken))
+    run = str(tmp_path / "run")
+    convert.import_run(fixture("gpt2"), run)
+    with pytest.raises(ConfigError, match="not empty"):
+        convert.export_run(run, str(taken))
+    assert os.listdir(taken) == ["notes.txt"]
+
+
+def test_a_model_without_a_hugging_face_architecture_is_refused(tmp_path):
+    from helpers import saved_run
+
+    run = str(tmp_path / "run")
+    saved_run(config.load("configs/pretrain.py:model=tiny", **{"model.pos": "learned"}), run)
+    with pytest.raises(ConfigError, match="matches no Hugging Face architecture"):
+        convert.export_run(run, str(tmp_path / "out"))
+
+
+def test_an_llmjax_run_exports_and_transformers_loads_it(tmp_path):
+    """A run trained here (the synthetic tokenizer, Llama layout) exports with its tokenizer converted; where
+    transformers is installed it loads with no missing or unexpected keys and computes the same logits."""
+    from helpers import saved_run, tiny_config
+
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    saved_run(tiny_config(), run, scale=3.0)
+    convert.export_run(run, out)
+    convert.import_run(out, str(tmp_path / "again"))
+    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(run, mesh),
+                 checkpoint.load_params(str(tmp_path / "again"), mesh))
+    live_transformers_check(out, checkpoint.load_params(run, mesh), checkpoint.run_config(run).model)
+
+
+def live_transformers_check(folder: str, params, model) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                 output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = np.random.default_rng(0).integers(0, 300, (2, 12))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits(params, model, ids), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exported_folders_load_in_transformers_live(name, tmp_path):
+    pytest.importorskip("transformers")
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    convert.import_run(fixture(name), run)
+    convert.export_run(run, out)
+    live_transformers_check(out, checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1))),
+                            checkpoint.run_config(run).model)
