@@ -222,8 +222,7 @@ def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenize
     that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters."""
     cfg, parts = check_part(workdir, part, model, tokenizer, reader)
     if workdir.startswith("hf:"):
-        with hf_weights.Reader(workdir[3:]) as source:
-            return hf_weights.load(source, cfg.model, cfg.rules, mesh)
+        return hf_weights.load(hf_weights.Reader(workdir[3:]), cfg.model, cfg.rules, mesh)
     mngr = _reader(workdir)
     specs = PARTS[part][1](cfg.model)
     shardings = tree_shardings(specs, cfg.rules, mesh)

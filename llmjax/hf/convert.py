@@ -34,30 +34,38 @@ def _fresh(path: str, what: str) -> None:
 
 
 def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
-    """Writes a run holding the Hugging Face model in `hf_dir` (see the module docstring); returns a summary."""
+    """Writes a run holding the Hugging Face model in `hf_dir` (see the module docstring); returns a summary.
+    Everything is checked before anything is written, and the run appears whole or not at all."""
     hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
-    model = families.model_config(families.read_config(hf_dir), hf_dir, dtype)
+    workdir = os.path.abspath(workdir)
+    cfg = config.base()
+    cfg.trainer, cfg.init_from = "import", hf_dir
+    cfg.model = ml_collections.ConfigDict(families.model_config(families.read_config(hf_dir), hf_dir, dtype))
     _fresh(workdir, "workdir")
-    with weights.Reader(hf_dir) as reader:
-        weights.check(reader, ml_collections.ConfigDict(model))  # before anything is written
-        with checkpoint.locked(workdir):
-            tok_dir = os.path.join(os.path.abspath(workdir), "tokenizer")
-            os.makedirs(tok_dir)
-            hf_tokenizer.write_files(f"hf:{hf_dir}", tok_dir)
-            cfg = config.base()
-            cfg.trainer, cfg.model = "import", ml_collections.ConfigDict(model)
-            cfg.data.tokenizer = f"hf:{tok_dir}"
-            tokenizer = get_tokenizer(cfg.data.tokenizer)
-            if tokenizer.vocab_size > cfg.model.vocab_size:
-                raise ConfigError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
-                                  f"{cfg.model.vocab_size}: they are not one model's")
-            cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
-            cfg.steps, cfg.init_from = 1, hf_dir
-            checkpoint.claim_workdir(workdir, cfg, {"lm": []})
-            params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
-            mngr = checkpoint.manager(workdir, cfg)
-            mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
-            mngr.wait_until_finished()
+    reader = weights.Reader(hf_dir)
+    weights.check(reader, cfg.model)
+    tokenizer = get_tokenizer(f"hf:{hf_dir}")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                          f"{cfg.model.vocab_size}: they are not one model's")
+    cfg.data.tokenizer = f"hf:{os.path.join(workdir, 'tokenizer')}"  # where the run will hold it
+    cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(workdir))
+    try:
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        hf_tokenizer.write_files(f"hf:{hf_dir}", os.path.join(tmp, "tokenizer"))
+        checkpoint.claim_workdir(tmp, cfg, {"lm": []})
+        params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
+        mngr = checkpoint.manager(tmp, cfg)
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+        mngr.wait_until_finished()
+        mngr.close()
+        if os.path.exists(workdir):
+            os.rmdir(workdir)  # empty, checked above
+        os.rename(tmp, workdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return (f"imported {cfg.model.name} ({transformer.param_count(cfg.model):,} parameters, "
             f"{cfg.model.param_dtype}) into {workdir}")
 

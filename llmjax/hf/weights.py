@@ -37,7 +37,10 @@ NAMES = {np.dtype(v): k for k, v in NUMPY.items()}
 
 
 class Reader:
-    """The tensors of a Hugging Face model folder, by name (one model.safetensors, or the shards its index names)."""
+    """The tensors of a Hugging Face model folder, by name (one model.safetensors, or the shards its index names).
+
+    Each read opens its file, slices and closes it: a file kept open stays memory-mapped, and every page a slice
+    touched would then count as this process's memory until the end of the import."""
 
     def __init__(self, hf_dir: str):
         self.dir = os.path.expanduser(hf_dir)
@@ -50,34 +53,27 @@ class Reader:
         else:
             raise ConfigError(f"{hf_dir!r} holds no {SINGLE} nor {INDEX}; llmjax reads safetensors checkpoints "
                               "(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
-        self._stack = contextlib.ExitStack()
-        self._files = {}
+        self.header: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(self.where.values())):
+            with safe_open(os.path.join(self.dir, file), "numpy") as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
+                self.header |= {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
         # Some GPT-2 files name tensors without the "transformer." prefix that GPT2LMHeadModel writes.
         self._alias = {f"transformer.{k}": k for k in self.where if not k.startswith(("transformer.", "lm_head."))}
-
-    def __enter__(self) -> "Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
 
     def name(self, key: str) -> str | None:
         return key if key in self.where else self._alias.get(key)
 
-    def _slice(self, key: str):
-        file = self.where[key]
-        if file not in self._files:
-            self._files[file] = self._stack.enter_context(safe_open(os.path.join(self.dir, file), "numpy"))
-        return self._files[file].get_slice(key)
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(self.name(key)).get_shape())
+        return self.header[self.name(key)][0]
 
     def dtype(self, key: str) -> str:
-        return self._slice(self.name(key)).get_dtype()
+        return self.header[self.name(key)][1]
 
     def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self._slice(self.name(key))[index]
+        key = self.name(key)
+        with safe_open(os.path.join(self.dir, self.where[key]), "numpy") as f:
+            return np.array(f.get_slice(key)[index])
 
 
 def check(reader: Reader, model) -> None:
