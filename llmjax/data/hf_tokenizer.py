@@ -102,8 +102,8 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-            raise ValueError(f"{file} is not a readable tokenizer.json ({str(e).splitlines()[0]}); {_SAVE_HINT} "
-                             "with a transformers and tokenizers as recent as this one") from None
+            raise ValueError(f"{file} is not a tokenizer.json that tokenizers {tokenizers.__version__} reads "
+                             f"({str(e).splitlines()[0]}); {_SAVE_HINT}, or upgrade tokenizers") from None
         config = _json(folder / "special_tokens_map.json") | _json(folder / "tokenizer_config.json")
         self.path = path
         self.special_tokens = {role: token for role in ROLES if (token := _content(config.get(role)))}
@@ -143,10 +143,13 @@ def _merges(scores: dict[str, float]) -> list[tuple[str, str]]:
 
 
 def _isolate(chars: str) -> pre_tokenizers.Split:
-    """Unigram's lattice would match text spelling a byte piece ("<0x41>") as that piece, which sentencepiece never
-    does; that needs a character the vocabulary lacks (an unknown character scores below any piece), and splitting
-    at such characters, which sentencepiece can only cover one at a time, takes the byte pieces' spellings apart.
-    Byte pieces score far below any run of known characters, which settles the rest."""
+    """Splits text at `chars`, characters the unigram vocabulary lacks.
+
+    tokenizers' Unigram, unlike sentencepiece, matches text that spells a byte piece ("<0x41>") as that piece.
+    Byte pieces are given a score below any six known characters, so that happens only where the spelling holds an
+    unknown character, which costs more than any piece. Sentencepiece covers such a character on its own, so
+    splitting there changes nothing else and takes the spellings apart.
+    """
     return pre_tokenizers.Split(tokenizers.Regex(f"[{re.escape(chars)}]"), "isolated")
 
 
@@ -169,7 +172,7 @@ def _from_sentencepiece(path: str) -> tuple[tokenizers.Tokenizer, list[str], dic
         tok = tokenizers.Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=_merges(scores),
                                               unk_token=pieces[spec.unk_id], byte_fallback=True))
     else:  # unigram (train makes no other kind)
-        byte_score = 6 * min(scores.values()) - 1  # below any six known characters, a byte piece's spelling
+        byte_score = 6 * min(scores.values()) - 1  # see _isolate
         vocab = [(p.piece, byte_score if p.type == _PIECE.BYTE else p.score) for p in proto.pieces]
         tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=spec.unk_id, byte_fallback=True))
         if unknown := "".join(c for c in "<>x0123456789ABCDEF" if c not in scores):
