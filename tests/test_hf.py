@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -87,17 +88,30 @@ def test_export_shards_with_an_index(tmp_path):
         assert json.load(f)["torch_dtype"] == "bfloat16"
 
 
-def test_a_config_names_a_folder_as_its_model_and_trains_from_it(tmp_path):
-    """configs/sft.py:model=hf:DIR takes the folder's architecture, tokenizer and parameters: SFT on the synthetic
-    tasks through its chat template runs, and its first step starts from the folder's weights."""
+@pytest.mark.parametrize("source", ["folder", "imported run"])
+def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from_it(source, tmp_path):
+    """configs/sft.py:model=hf:DIR (or model=RUN, an imported run) takes its architecture, tokenizer and parameters:
+    SFT on the synthetic tasks through the model's chat template trains, and generate and evaluate read the result."""
+    from llmjax import evaluate, generate
     from llmjax.train import registry
 
-    cfg = config.load(f"configs/sft.py:model=hf:{fixture('qwen2')},steps=2", **{
+    model = f"hf:{fixture('qwen2')}"
+    if source == "imported run":
+        model = str(tmp_path / "imported")
+        convert.import_run(fixture("qwen2"), model)
+    cfg = config.load(f"configs/sft.py:model={model},steps=3", **{
         "batch_size": 8, "seq_len": 64, "eval_every": 0, "peak_flops": 1e12, "optim.warmup_steps": 1})
-    assert cfg.init_from == f"hf:{fixture('qwen2')}" and cfg.data.tokenizer == cfg.init_from
-    assert cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
-    state = registry.train(cfg, str(tmp_path / "sft"))
-    assert int(state.step) == 2
+    assert cfg.init_from == model and cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
+    assert cfg.data.tokenizer == (model if source == "folder" else f"hf:{model}/tokenizer")
+    run = str(tmp_path / "sft")
+    registry.train(cfg, run)
+    losses = [row["loss"] for row in helpers.metric_rows(run) if "loss" in row]
+    assert losses[-1] < losses[0]
+    texts = generate.complete(run, ["sort 321 = "], max_new_tokens=8)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+    mesh = make_mesh(cfg.mesh)
+    scores = evaluate.make_evaluator(cfg, mesh, n=2, batches=1)(checkpoint.load_params(run, mesh))
+    assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["perplexity"])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -119,6 +133,22 @@ def test_an_unsupported_or_inconsistent_folder_is_refused_in_one_line(change, me
         convert.import_run(folder, str(tmp_path / "run"))
     assert message in str(e.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_gpt2_as_the_hub_stores_it_imports(tmp_path):
+    """openai-community/gpt2's file names tensors without "transformer." and keeps the causal-mask buffers."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(fixture("gpt2"), folder)
+    reader = weights.Reader(str(folder))
+    tensors = {k.removeprefix("transformer."): reader.read(k, ()) for k in reader.where}
+    tensors |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 256, 256), np.float32)) for i in range(2)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    params = checkpoint.load_params(f"hf:{folder}", make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    ref = reference("gpt2")
+    np.testing.assert_allclose(logits(params, config.model_config(f"hf:{folder}"), ref["input_ids"]), ref["logits"],
+                               atol=1e-4, rtol=0)
 
 
 def test_mistral_sliding_window_caps_the_context_where_it_is_the_same_model(tmp_path):

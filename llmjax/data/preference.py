@@ -40,9 +40,12 @@ def fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[f
 
 def render(tokenizer, prompt: str, response: str, eos_input: bool = False) -> tuple[list[int], list[float]]:
     """A response through the chat template; eos_input feeds its eos as an input too (a reward model reading
-    its score at the eos)."""
+    its score at the eos), ending the sequence there (a template may write more after eos, e.g. ChatML's newline)."""
     ids, weights = chat.render(tokenizer, prompt, response)
-    return (ids + [tokenizer.eos_id], weights + [1.0]) if eos_input else (ids, weights)
+    if not eos_input:
+        return ids, weights
+    end = len(weights) - weights[::-1].index(1.0)  # after the answer's eos, its last weighted token
+    return ids[:end] + [tokenizer.eos_id], weights[:end] + [1.0]
 
 
 def empty(shape: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ OBJECTIVES: dict[str, loop.Objective] = {o.name: o for o in (pretrain.OBJECTIVE,
                                                               ppo.OBJECTIVE)}
 
 CHOICES = {
-    "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"), "model.bias": ("none", "qkv", "all"),
+    "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
+    "model.bias": ("none", "qkv", "all"),
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("text", "chat"),

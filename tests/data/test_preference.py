@@ -9,20 +9,24 @@ import pytest
 
 from llmjax import config
 from llmjax.data import preference, tasks
-from llmjax.data.tokenizer import ByteTokenizer
+from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import heads
 
 
-def test_reads_the_last_response_token_or_the_eos():
+@pytest.mark.parametrize("tokenizer", ["byte", "hf:tests/fixtures/hf/qwen2"])
+def test_reads_the_last_response_token_or_the_eos(tokenizer):
+    """With ChatML (a newline after eos), eos_input still ends the sequence at an eos input."""
     ranked = preference.synthetic(0, ["sort"], 2)
     prompt, responses = ranked(0, 0)
-    tok = ByteTokenizer()
-    for eos_input, last_input in ((False, tok.encode(responses[0])[-1]), (True, tok.eos_id)):
+    tok = get_tokenizer(tokenizer)
+    last_answer = tok.encode(responses[0])[-1]
+    for eos_input, last_input in ((False, last_answer), (True, tok.eos_id)):
         rows = preference.make(ranked, step=0, rows=range(1), seq_len=64, tokenizer=tok, layout="ranked",
                                eos_input=eos_input)["responses"]
         index = int(heads.last_index(rows["loss_mask"][0, :1])[0])
         assert rows["inputs"][0, 0, index] == last_input
-        assert rows["inputs"][0, 0, index + 1] == 0  # nothing after it
+        if eos_input or tokenizer == "byte":
+            assert rows["inputs"][0, 0, index + 1] == 0  # nothing after it
 
 
 def test_ranked_lists_are_ordered_and_wrong_after_the_first():
