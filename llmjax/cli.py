@@ -6,6 +6,7 @@ import re
 import sys
 from collections.abc import Callable
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -57,6 +58,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if _UNLOADED and isinstance(value, _UNLOADED):
             raise _unloadable(object.__getattribute__(value, "_error"))
     return argv
+
+
+def init_distributed(requested: bool = False) -> None:
+    """One process per host. Clusters JAX detects (TPU pods, SLURM, Open MPI, ...) need nothing more than
+    `requested` (--config.distributed=True); elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID on every host."""
+    env = os.environ
+    if requested or "JAX_COORDINATOR_ADDRESS" in env:
+        n, i = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=n and int(n), process_id=i and int(i))
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:

@@ -9,7 +9,7 @@ also be named directly (`model=hf:DIR`), which reads its safetensors at the star
 
 from absl import flags
 
-from llmjax.cli import run_main
+from llmjax.cli import init_distributed, run_main
 from llmjax.config import ConfigError
 from llmjax.hf.convert import export_run, import_run
 
@@ -18,6 +18,7 @@ COMMANDS = ("import", "export")
 
 def main(argv: list[str]) -> None:
     f = flags.FLAGS
+    init_distributed()  # on a pod, every host runs the same command
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise ConfigError(f"expected one command, import or export, got {argv[1:]}; see python -m llmjax.hf --help")
     if argv[1] == "import":

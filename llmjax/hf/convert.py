@@ -14,6 +14,7 @@ import tempfile
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llmjax import checkpoint, config
@@ -50,22 +51,26 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
                           f"{cfg.model.vocab_size}: they are not one model's")
     cfg.data.tokenizer = f"hf:{os.path.join(workdir, 'tokenizer')}"  # where the run will hold it
     cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
-    os.makedirs(os.path.dirname(workdir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(workdir))
-    try:
+    # Every process of a pod writes its shards into the same folder, so its name is fixed; a leftover of a
+    # crashed import of this workdir is removed.
+    tmp = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.importing")
+    writer = jax.process_index() == 0
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "tokenizer"))
         hf_tokenizer.write_files(f"hf:{hf_dir}", os.path.join(tmp, "tokenizer"))
-        checkpoint.claim_workdir(tmp, cfg, {"lm": []})
-        params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
-        mngr = checkpoint.manager(tmp, cfg)
-        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
-        mngr.wait_until_finished()
-        mngr.close()
+    multihost_utils.sync_global_devices("llmjax.hf import: folder made")
+    checkpoint.claim_workdir(tmp, cfg, {"lm": []})
+    params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
+    mngr = checkpoint.manager(tmp, cfg)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+    mngr.wait_until_finished()
+    mngr.close()
+    multihost_utils.sync_global_devices("llmjax.hf import: saved")
+    if writer:
         if os.path.exists(workdir):
             os.rmdir(workdir)  # empty, checked above
         os.rename(tmp, workdir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return (f"imported {cfg.model.name} ({transformer.param_count(cfg.model):,} parameters, "
             f"{cfg.model.param_dtype}) into {workdir}")
 

@@ -73,7 +73,7 @@ class Reader:
     def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         key = self.name(key)
         with safe_open(os.path.join(self.dir, self.where[key]), "numpy") as f:
-            return np.array(f.get_slice(key)[index])
+            return np.asarray(f.get_slice(key)[index])  # a copy already: safetensors reads it into bytes
 
 
 def check(reader: Reader, model) -> None:
@@ -140,9 +140,10 @@ def _block(reader: Reader, t: Tensor, key: str, shape: tuple[int, ...], index: t
 def _read(reader: Reader, t: Tensor, shape: tuple[int, ...], dtype, index: tuple[slice, ...]) -> np.ndarray:
     """One device's shard of one parameter; a stacked one ("{i}" in the key) reads one tensor per layer."""
     if "{i}" not in t.key:
-        return _block(reader, t, t.key, shape, index).astype(dtype)
+        return _block(reader, t, t.key, shape, index).astype(dtype, copy=False)
     layers = range(shape[0])[index[0]]
-    return np.stack([_block(reader, t, t.key.format(i=i), shape[1:], index[1:]) for i in layers]).astype(dtype)
+    stacked = np.stack([_block(reader, t, t.key.format(i=i), shape[1:], index[1:]) for i in layers])
+    return stacked.astype(dtype, copy=False)
 
 
 def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
