@@ -58,6 +58,27 @@ def test_logits_and_greedy_generation_equal_transformers(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_logits_and_greedy_generation_equal_transformers_live(name):
+    """The same comparison against transformers itself, where it is installed (the `hf` extra)."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(fixture(name), dtype=torch.float32)
+    ref = reference(name)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ref["input_ids"])).logits.numpy()
+        prompt = torch.tensor(ref["prompt_ids"])
+        greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].numpy()
+    source = f"hf:{fixture(name)}"
+    params = checkpoint.load_params(source, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    model = checkpoint.run_config(source).model
+    np.testing.assert_allclose(logits(params, model, ref["input_ids"]), expected, atol=1e-4, rtol=0)
+    ours = sampling.generate(params, ref["prompt_ids"].astype(np.int32), np.array([8], np.int32), jax.random.key(0),
+                             model, max_new_tokens=20, eos_id=-1)
+    np.testing.assert_array_equal(np.asarray(ours["tokens"][0]), greedy)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_import_export_round_trip(name, tmp_path):
     """import -> the run's parameters equal the folder's; export -> the same tensor names, shapes and dtypes as the
     original; re-import -> identical parameters."""

@@ -94,7 +94,7 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str):
-        folder = Path(path)
+        folder = Path(path).expanduser()
         file = folder / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"Hugging Face tokenizer folder {path!r} has no tokenizer.json; {_SAVE_HINT} "
