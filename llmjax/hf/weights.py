@@ -82,7 +82,7 @@ def check(reader: Reader, model) -> None:
     specs = _flat(transformer.specs(model))
     wanted: dict[str, tuple[int, ...]] = {}
     for path, t in tensors(model).items():
-        shape = specs[path].shape[1:] if path.startswith("layers.") else specs[path].shape
+        shape = specs[path].shape[1:] if "{i}" in t.key else specs[path].shape
         view = view_shape(shape, t)
         full = (*view[:-1], view[-1] + t.offset) if t.offset else view
         for i in range(model.n_layers) if "{i}" in t.key else [0]:
@@ -154,12 +154,9 @@ def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
     shardings = _flat(tree_shardings(specs, rules, mesh))
     dtype = jnp.dtype(model.param_dtype)
     shapes = {path: spec.shape for path, spec in _flat(specs).items()}
-    out = {}
-    for path, t in tensors(model).items():
-        shape = shapes[path]
-
-        out[path] = jax.make_array_from_callback(shape, shardings[path], partial(_read, reader, t, shape, dtype))
-    return _unflat(out)
+    return _unflat({path: jax.make_array_from_callback(shapes[path], shardings[path],
+                                                       partial(_read, reader, t, shapes[path], dtype))
+                    for path, t in tensors(model).items()})
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -173,8 +170,9 @@ def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tu
     flat = _flat(params)
     by_key: dict[str, list[tuple[Tensor, str, int | None]]] = {}
     for path, t in tensors(model).items():
-        for i in range(model.n_layers) if path.startswith("layers.") else [None]:
+        for i in range(model.n_layers) if "{i}" in t.key else [None]:
             by_key.setdefault(t.key.format(i=i), []).append((t, path, i))
+
     def order(key: str) -> int:  # embeddings, then layer by layer, then the rest, as transformers writes them
         layer = re.search(r"\.(\d+)\.", key)
         return int(layer[1]) if layer else -1 if re.search(r"embed|wte|wpe", key) else model.n_layers
