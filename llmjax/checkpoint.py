@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 from llmjax import config
 from llmjax.config import ConfigError
 from llmjax.hf import weights as hf_weights
-from llmjax.models import heads, transformer
+from llmjax.models import heads, lora, transformer
 from llmjax.sharding import tree_shardings
+from llmjax.train import state as state_lib
 
 
 def manager(workdir: str, cfg) -> ocp.CheckpointManager:
@@ -219,15 +220,18 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
 def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenizer: str | None = None,
                 reader: str = "this run") -> transformer.Params:
     """The `part` of the parameters of the latest checkpoint in `workdir` (see check_part), on `mesh` (sharded by
-    that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters."""
+    that run's rules). Only that part is read: never the optimizer state, nor the rest of the parameters. A LoRA
+    run's checkpoint holds its adapters (and heads): they come folded into the base model it points to."""
     cfg, parts = check_part(workdir, part, model, tokenizer, reader)
     if workdir.startswith("hf:"):
         return hf_weights.load(hf_weights.Reader(workdir[3:]), cfg.model, cfg.rules, mesh)
     mngr = _reader(workdir)
-    specs = PARTS[part][1](cfg.model)
+    specs = lora.apply(PARTS[part][1](cfg.model), cfg) if "lora" in cfg else PARTS[part][1](cfg.model)
+    mask = state_lib.trainable(specs)
     shardings = tree_shardings(specs, cfg.rules, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),
                           specs, shardings, is_leaf=transformer.is_spec)
+    target = state_lib.split(target, mask)[0]
     for key in reversed(parts[part]):
         target = {key: target}
     args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -235,4 +239,15 @@ def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenize
     params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=args)).state["params"]
     for key in parts[part]:
         params = params[key]
-    return params
+    return params if mask is None else lora.merge(lora.restore(params, _base(workdir, cfg, mesh), cfg))
+
+
+def _base(workdir: str, cfg, mesh: Mesh) -> transformer.Params:
+    """The language model a LoRA run adapted: its init_from's (a reward run's trunk)."""
+    try:
+        if "lm" in run_parts(cfg.init_from):
+            return load_params(cfg.init_from, mesh, "lm", cfg.model, cfg.data.tokenizer)
+        return load_params(cfg.init_from, mesh, "scorer", cfg.model, cfg.data.tokenizer)["trunk"]
+    except ConfigError as e:
+        raise ConfigError(f"{workdir!r} is a LoRA run, whose checkpoints hold only adapters; its base "
+                          f"{cfg.init_from!r} cannot be read: {e}") from None

@@ -24,8 +24,13 @@ def schedule(cfg) -> optax.Schedule:
 
 
 def decay_mask(param_specs):
-    return jax.tree.map(lambda s: "embed" in s.axes and sum(a != "layers" for a in s.axes) >= 2, param_specs,
-                        is_leaf=is_spec)
+    """True on matrices, None on frozen leaves (which the optimizer never sees: llmjax.models.lora). A LoRA
+    adapter's rank axis is unnamed, so both its matrices decay, as every matrix does."""
+    def decays(s):
+        matrix = ("embed" in s.axes or None in s.axes) and sum(a != "layers" for a in s.axes) >= 2
+        return matrix if s.trainable else None
+
+    return jax.tree.map(decays, param_specs, is_leaf=is_spec)
 
 
 def make(cfg, param_specs) -> optax.GradientTransformation:

@@ -29,6 +29,25 @@ def reward_config(init_from="", **overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def dpo_config(init_from, **overrides) -> ml_collections.ConfigDict:
+    """Tiny DPO on `sort` pairs, its reference live."""
+    cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "seq_len": 96, "init_from": init_from,
+                         "trainer": "dpo", **overrides})
+    cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, nll_weight=0.0, reference="live",
+                   packed=False)
+    return cfg
+
+
+def ppo_config(init_from, algorithm="ppo", **overrides) -> ml_collections.ConfigDict:
+    """Tiny PPO (or GRPO) on `sort`, rewarded by the checker."""
+    cfg = tiny_config(**{"trainer": "ppo", "init_from": init_from, "data.format": "chat", "data.tasks": "sort",
+                         "batch_size": 16, "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.lr": 3e-4,
+                         "log_every": 1, **overrides})
+    cfg.ppo = config.load(f"configs/ppo.py:model=tiny,algorithm={algorithm}").ppo
+    cfg.ppo.update(reward="tasks", tasks="", max_new_tokens=12, kl_coef=0.05, epochs=2, minibatches=2, group_size=4)
+    return cfg
+
+
 def metric_rows(workdir) -> list[dict]:
     """The rows a run wrote to metrics.jsonl (training rows carry "loss", evaluation rows "eval/...")."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -47,7 +47,7 @@ ALLOW = {
 
 # Read by the model, sharding and optimizer code the same way for every objective: walked on the pretrain config
 # only. optim.grad_accum is the exception: each objective passes it to its own step.
-SHARED = ("model.", "mesh.", "rules.", "optim.")
+SHARED = ("model.", "mesh.", "rules.", "optim.", "lora.")
 PER_OBJECTIVE = ("optim.grad_accum",)
 
 # name -> (config, which keys to walk: "all", "own" (all but SHARED), or a case whose values to differ from)
@@ -79,6 +79,8 @@ CONTEXT = {
     "dpo.simpo_gamma": {"dpo.loss": "simpo"},
     "ppo.group_size": {"ppo.algorithm": "grpo"},  # GRPO's samples per prompt
     "ppo.kl_horizon": {"ppo.target_kl": 0.1},  # how fast the adaptive KL coefficient moves
+    "lora.targets": {"init_from": "lm"},  # LoRA adapts a trained model
+    **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init"), {"lora.targets": "all", "init_from": "lm"}),
 }
 
 # Alternatives, tried in order, for keys whose type gives no sensible change ("files", "lm", "rm": see `resolve`).
@@ -100,6 +102,8 @@ ALTERNATIVES = {
     "ppo.tasks": ("sort", "reverse"),
     "ppo.value": ("separate", "shared"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "lora.targets": ("all", "wq,wv"),
+    "lora.init": ("kaiming", "gaussian"),
     # Each rule moved so that it places something on the 2x2x2 mesh (an axis an earlier dimension took is skipped).
     "rules.batch": ("data",), "rules.embed": ("",), "rules.vocab": ("",), "rules.heads": ("",),
     "rules.kv_heads": ("",), "rules.mlp": ("",), "rules.layers": ("fsdp",), "rules.seq": ("tensor",),

@@ -6,9 +6,13 @@ import jax
 import jax.numpy as jnp
 
 
-def dense(x: jax.Array, w: jax.Array, k: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | dict, k: int = 1) -> jax.Array:
     """Contracts the last k axes of x with the first k of w as one 2-D matmul. XLA:CPU runs 2-D dots near
-    its matmul peak, while batched einsums make it transpose activations in the backward pass (~2x slower)."""
+    its matmul peak, while batched einsums make it transpose activations in the backward pass (~2x slower).
+    A LoRA-adapted w (llmjax.models.lora) adds s (x A) B, never forming A B."""
+    if isinstance(w, dict):
+        low = dense(dense(x, w["lora_a"], k), w["lora_b"]) * w["lora_scale"].astype(x.dtype)
+        return dense(x, w["base"], k) + low
     lead, out = x.shape[:-k], w.shape[k:]
     y = x.reshape(math.prod(lead), -1) @ w.reshape(math.prod(w.shape[:k]), -1)
     return y.reshape(*lead, *out)

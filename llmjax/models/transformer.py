@@ -25,6 +25,7 @@ class ParamSpec(NamedTuple):
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     init: Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+    trainable: bool = True  # False: a frozen base (llmjax.models.lora), neither differentiated nor optimised
 
 
 def normal(std: float):

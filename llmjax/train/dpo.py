@@ -18,7 +18,7 @@ from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
-from llmjax.models import transformer
+from llmjax.models import lora, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, process_rows
 from llmjax.train import loop, pretrain, state
 from llmjax.train.pretrain import Batch
@@ -59,19 +59,20 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
     return loss, aux | {"logp_chosen": jnp.mean(policy_chosen), "logp_rejected": jnp.mean(policy_rejected)}
 
 
-def precompute_reference(cfg, workdir: str, reference, get: Callable[[int], dict], sharding,
+def precompute_reference(cfg, workdir: str, reference: Callable[[], dict], get: Callable[[int], dict], sharding,
                          constrain: Constrain) -> Callable[[int], dict]:
     """The batches with the reference's log-probs attached as ref_chosen / ref_rejected: those of every batch of
     the run, computed once into workdir/reference_logps.npz at the first call (inside the loop, which holds the
-    workdir: building a task writes nothing)."""
+    workdir: building a task writes nothing), the reference read (`reference()`) for that pass alone."""
     path = os.path.join(workdir, "reference_logps.npz")
     rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
     stored = {}
 
     def load() -> dict[str, np.ndarray]:
         if not os.path.exists(path):
-            fn = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain))
-            logps = [multihost_utils.process_allgather(fn(reference, get(s)), tiled=True) for s in range(cfg.steps)]
+            fn, params = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain)), reference()
+            logps = [multihost_utils.process_allgather(fn(params, get(s)), tiled=True) for s in range(cfg.steps)]
+            del params
             if jax.process_index() == 0:
                 os.makedirs(workdir, exist_ok=True)
                 np.savez(path + ".tmp.npz", ref_chosen=np.stack([c for c, _ in logps]),
@@ -121,22 +122,29 @@ def flops_per_token(cfg) -> float:
 
 
 def task(cfg, workdir: str, mesh) -> loop.Task:
-    specs = transformer.specs(cfg.model)
+    specs = lora.apply(transformer.specs(cfg.model), cfg)
     tx = optim.make(cfg, specs)
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     get = preference.batches(cfg, sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
-    reference = pretrain.reads_lm(cfg, cfg.init_from, mesh, "DPO")()
+    given = pretrain.reads_lm(cfg, cfg.init_from, mesh, "DPO")
+    adapted = state.trainable(specs) is not None
+    frozen = () if adapted or cfg.dpo.reference == "precomputed" else (given(),)
+    batches = get
     if cfg.dpo.reference == "precomputed":
-        batches, frozen = precompute_reference(cfg, workdir, reference, get, sharding, constrain), ()
-    else:
-        batches, frozen = get, (reference,)
+        batches = precompute_reference(cfg, workdir, given, get, sharding, constrain)
+
+    def loss(params, batch, reference=None):
+        if adapted and cfg.dpo.reference == "live":  # LoRA's reference: the same base with the adapters off
+            reference = lora.strip(params)
+        return loss_fn(params, batch, cfg, constrain, reference)
+
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
-    step = make_step(lambda params, batch, reference=None: loss_fn(params, batch, cfg, constrain, reference), tx,
-                     optim.schedule(cfg), cfg.optim.grad_accum)
+    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs))
     return loop.Task(step, lambda _, i: (batches(i), {}), sharding,
-                     lambda: state.create(specs, cfg, mesh, tx, reference), state.abstract(specs, cfg, mesh, tx),
-                     pretrain.PARTS, flops_per_token(cfg), evaluate, frozen)
+                     lambda: state.create(specs, cfg, mesh, tx, frozen[0] if frozen else given()),
+                     state.abstract(specs, cfg, mesh, tx), pretrain.PARTS, flops_per_token(cfg), evaluate, frozen,
+                     trainable=state.trainable(specs))
 
 
 OBJECTIVE = loop.Objective("dpo", validate, task)

@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -85,6 +86,7 @@ class Task(NamedTuple):
     evaluate: Callable[[dict], dict[str, float]] | None = None  # params -> held-out metrics
     frozen: tuple = ()  # step arguments that never change, e.g. a frozen reference model's parameters
     data_iterator: object = None  # a grain iterator behind `source`, saved and restored with the checkpoints
+    trainable: dict | None = None  # state.trainable(specs) where some parameters are frozen (LoRA): not saved
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
@@ -106,7 +108,8 @@ def _start(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
             log.info("starting from the parameters of %s", cfg.init_from)
         return task.start()
     log.info("resumed from %s at step %d", workdir, mngr.latest_step())
-    return checkpoint.restore(mngr, task.abstract, data_iterator=task.data_iterator)
+    saved = checkpoint.restore(mngr, state_lib.kept(task.abstract, task.trainable), data_iterator=task.data_iterator)
+    return saved if task.trainable is None else state_lib.resumed(saved, task.start(), task.trainable)
 
 
 def _row(fetched: list[dict], seconds: float, compiled: bool, tokens: int, flops_per_token: float,
@@ -141,6 +144,7 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
 
 def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
     state = _start(cfg, workdir, task, mngr)
+    saved = partial(state_lib.kept, mask=task.trainable)
     start = int(state.step)
     step_fn = task.jit_step(jax.tree.map(lambda x: x.sharding, state))
     peak = peak_flops(cfg)
@@ -163,8 +167,8 @@ def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
             done = step + 1
             if done % cfg.checkpoint.every == 0:
                 _check_finite(m, cfg, done)
-                checkpoint.check_space(mngr, workdir, state, done)
-                checkpoint.save(mngr, done, state, task.data_iterator)
+                checkpoint.check_space(mngr, workdir, saved(state), done)
+                checkpoint.save(mngr, done, saved(state), task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
                 now = time.perf_counter()
@@ -182,8 +186,8 @@ def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
         if last is not None:
             _check_finite(last, cfg, int(state.step))
         if mngr.latest_step() != int(state.step):
-            checkpoint.check_space(mngr, workdir, state, int(state.step))
-            checkpoint.save(mngr, int(state.step), state, task.data_iterator)
+            checkpoint.check_space(mngr, workdir, saved(state), int(state.step))
+            checkpoint.save(mngr, int(state.step), saved(state), task.data_iterator)
         mngr.wait_until_finished()
     finally:
         preempted.close()

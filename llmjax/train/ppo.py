@@ -26,7 +26,7 @@ from llmjax.config import ConfigError, check_choices, check_ranges
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
-from llmjax.models import heads, transformer
+from llmjax.models import heads, lora, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, pretrain, reward, state
 from llmjax.train.state import TrainState
@@ -121,11 +121,12 @@ def tokens(mb: dict) -> jax.Array:
     return jnp.sum(mb["loss_mask"] > 0)
 
 
-def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain):
+def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain, mask=None):
     """step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled minibatches,
-    each minibatch one call of the shared update (over optim.grad_accum microbatches)."""
+    each minibatch one call of the shared update (over optim.grad_accum microbatches; of the `mask`ed leaves)."""
     p = cfg.ppo
-    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, tokens)
+    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, tokens,
+                         mask)
     lr = optim.schedule(cfg)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -193,8 +194,10 @@ class Rollout:
                                           constrain=constrain)
         self._rows = jax.jit(lambda ids, lengths, out: rows_of(ids, lengths, out, tok.eos_id, read_eos))
         self._score = jax.jit(lambda rm, rows: reward.scores(rm, rows, reward_cfg, constrain))
+        # A LoRA policy's reference is its own base with the adapters off (reference=None): no second copy.
         self._experience = jax.jit(lambda params, rows, scores, kl_coef: experience(
-            params, reference, rows, scores, kl_coef, cfg, constrain), out_shardings=(self.sharding, None))
+            params, lora.strip(params["policy"]) if reference is None else reference, rows, scores, kl_coef, cfg,
+            constrain), out_shardings=(self.sharding, None))
 
     def _put(self, x: np.ndarray) -> jax.Array:  # every process holds the whole (small) array
         return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
@@ -281,22 +284,30 @@ def validate(cfg, sizes: dict[str, int]) -> None:
 def task(cfg, workdir: str, mesh: Mesh) -> loop.Task:
     del workdir
     p = cfg.ppo
-    layout = specs(cfg)
+    layout = lora.apply(specs(cfg), cfg)
+    mask = state.trainable(layout)
     tx = optim.make(cfg, layout)
     constrain = make_constrain(mesh, cfg.rules)
-    reference = pretrain.reads_lm(cfg, cfg.init_from, mesh, "PPO's policy")()
+    given = pretrain.reads_lm(cfg, cfg.init_from, mesh, "PPO's policy")
+    reference = None if mask else given()  # a LoRA policy's reference is its own base: read only to start
     rollout = Rollout(cfg, mesh, reference)
     evaluate = None
     if cfg.eval_every:
         evaluate_policy = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts)
         evaluate = lambda params: evaluate_policy(params["policy"])  # noqa: E731
-    start = {"policy": reference}
-    if "value" in layout:  # from the reward model, else the SFT trunk with a fresh head
-        start["value"] = rollout.reward_model or {"trunk": reference}
+
+    def start() -> dict:
+        policy = given() if reference is None else reference
+        out = {"policy": policy}
+        if "value" in layout:  # from the reward model, else the SFT trunk with a fresh head
+            out["value"] = rollout.reward_model or {"trunk": policy}
+        return out
+
     extra = {"kl_coef": p.kl_coef}
-    return loop.Task(make_step(cfg, tx, constrain), rollout, rollout.sharding,
-                     lambda: state.create(layout, cfg, mesh, tx, start, extra),
-                     state.abstract(layout, cfg, mesh, tx, extra), PARTS, flops_per_token(cfg), evaluate)
+    return loop.Task(make_step(cfg, tx, constrain, mask), rollout, rollout.sharding,
+                     lambda: state.create(layout, cfg, mesh, tx, start(), extra),
+                     state.abstract(layout, cfg, mesh, tx, extra), PARTS, flops_per_token(cfg), evaluate,
+                     trainable=mask)
 
 
 OBJECTIVE = loop.Objective("ppo", validate, task)

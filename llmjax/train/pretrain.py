@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from llmjax import checkpoint, losses, metrics, optim
 from llmjax.data import pipeline, synthetic
 from llmjax.evaluate import make_evaluator
-from llmjax.models import transformer
+from llmjax.models import lora, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, state
 from llmjax.train.step import make_step
@@ -53,12 +53,12 @@ def validate(cfg, sizes: dict[str, int]) -> None:
 
 def task(cfg, workdir: str, mesh) -> loop.Task:
     del workdir
-    specs = transformer.specs(cfg.model)
+    specs = lora.apply(transformer.specs(cfg.model), cfg)
     tx = optim.make(cfg, specs)
     sharding = batch_sharding(mesh, cfg.rules)
     constrain = make_constrain(mesh, cfg.rules)
     step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     tokens)
+                     tokens, state.trainable(specs))
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
     if cfg.data.source == "synthetic":
         iterator, batches = None, synthetic.batches(cfg, sharding)
@@ -67,7 +67,7 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
     given = reads_lm(cfg, cfg.init_from, mesh, "pretraining/SFT") if cfg.init_from else lambda: None
     return loop.Task(step, lambda _, i: (batches(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
                      state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate,
-                     data_iterator=iterator)
+                     data_iterator=iterator, trainable=state.trainable(specs))
 
 
 OBJECTIVE = loop.Objective("pretrain", validate, task)

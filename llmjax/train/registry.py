@@ -8,6 +8,7 @@ import ml_collections
 from llmjax.config import ConfigError, check_choices, check_ranges, lookup
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.models import lora
 from llmjax.sharding import make_mesh, mesh_shape
 from llmjax.train import dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
@@ -102,6 +103,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
             raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
+    lora.check(cfg)
+    if lora.targets(cfg) and not cfg.init_from:
+        raise ConfigError(f"lora.targets={cfg.lora.targets!r}: LoRA adapts a trained model, which its checkpoints "
+                          "point to rather than hold; set --config.init_from=RUN (or model=hf:DIR)")
     objective.validate(cfg, sizes)
     return sizes
 

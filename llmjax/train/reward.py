@@ -19,7 +19,7 @@ from llmjax import checkpoint, losses, optim
 from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import HELD_OUT
-from llmjax.models import heads
+from llmjax.models import heads, lora
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, state
 from llmjax.train.pretrain import flops_per_token, reads_lm
@@ -84,14 +84,14 @@ def reads_scorer(cfg, workdir: str, mesh, reader: str) -> Callable[[], dict]:
 
 def task(cfg, workdir: str, mesh) -> loop.Task:
     del workdir
-    specs = heads.specs(cfg.model)
+    specs = lora.apply(heads.specs(cfg.model), cfg)
     tx = optim.make(cfg, specs)
     constrain = make_constrain(mesh, cfg.rules)
     sharding = batch_sharding(mesh, cfg.rules)
     k, eos = cfg.reward.responses, cfg.reward.read == "eos"
     get = preference.batches(cfg, sharding, preference.source(cfg, k=k), layout="ranked", k=k, eos_input=eos)
     step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     pairs)
+                     pairs, state.trainable(specs))
     evaluate = None
     if cfg.eval_every:
         held_out = preference.source(cfg, "validation", HELD_OUT, k)
@@ -106,7 +106,8 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
 
     given = reads_scorer(cfg, cfg.init_from, mesh, "a reward model") if cfg.init_from else lambda: None
     return loop.Task(step, lambda _, i: (get(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
-                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate)
+                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate,
+                     trainable=state.trainable(specs))
 
 
 OBJECTIVE = loop.Objective("reward", validate, task)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llmjax.models import transformer
+from llmjax.models import lora, transformer
 from llmjax.sharding import tree_shardings
 
 
@@ -24,10 +24,39 @@ class TrainState:
     bad_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))  # non-finite in a row
 
 
-def _fresh(tx: optax.GradientTransformation, params, extra: dict) -> TrainState:
+def trainable(specs) -> dict | None:
+    """True at every leaf the step trains, where a layout freezes some (llmjax.models.lora); None: all train."""
+    mask = jax.tree.map(lambda s: s.trainable, specs, is_leaf=transformer.is_spec)
+    return None if all(jax.tree.leaves(mask)) else mask
+
+
+def split(params, mask) -> tuple:
+    """(the trainable leaves, the frozen ones), each with None where the other has its leaf."""
+    if mask is None:
+        return params, None
+    return (jax.tree.map(lambda m, p: p if m else None, mask, params),
+            jax.tree.map(lambda m, p: None if m else p, mask, params))
+
+
+def join(mask, train, frozen):
+    return train if mask is None else jax.tree.map(lambda m, t, f: t if m else f, mask, train, frozen)
+
+
+def _fresh(tx: optax.GradientTransformation, params, extra: dict, mask) -> TrainState:
     extra = {k: jnp.asarray(v, jnp.float32) for k, v in extra.items()}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra,
-                      bad_steps=jnp.zeros((), jnp.int32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(split(params, mask)[0]),
+                      extra=extra, bad_steps=jnp.zeros((), jnp.int32))
+
+
+def kept(state: TrainState, mask=None) -> TrainState:
+    """What a checkpoint holds: the state without its frozen parameters (re-read from the base run on resume);
+    all of it without a mask."""
+    return state if mask is None else state.replace(params=split(state.params, mask)[0])
+
+
+def resumed(saved: TrainState, fresh: TrainState, mask) -> TrainState:
+    """A restored checkpoint (see kept) with the frozen parameters of a fresh start."""
+    return saved.replace(params=join(mask, saved.params, split(fresh.params, mask)[1]))
 
 
 def merge(fresh, given):
@@ -44,11 +73,12 @@ def merge(fresh, given):
 def shardings(specs, cfg, mesh: Mesh, tx: optax.GradientTransformation, extra: dict) -> TrainState:
     """Where every leaf of the state lives: parameters (and their Adam moments) by the rules table,
     scalars replicated."""
-    shapes = jax.eval_shape(lambda key: _fresh(tx, transformer.init_tree(specs, key, cfg.model.param_dtype), extra),
-                            jax.random.key(0))
+    mask = trainable(specs)
+    shapes = jax.eval_shape(lambda key: _fresh(tx, transformer.init_tree(specs, key, cfg.model.param_dtype), extra,
+                                               mask), jax.random.key(0))
     param_sh = tree_shardings(specs, cfg.rules, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_sh,
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, split(param_sh, mask)[0],
                                    transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                       extra=jax.tree.map(lambda _: replicated, shapes.extra), bad_steps=replicated)
@@ -56,7 +86,8 @@ def shardings(specs, cfg, mesh: Mesh, tx: optax.GradientTransformation, extra: d
 
 def _init(specs, cfg, mesh: Mesh, tx: optax.GradientTransformation, extra: dict):
     def start(given, key):
-        return _fresh(tx, merge(transformer.init_tree(specs, key, cfg.model.param_dtype), given), extra)
+        fresh = transformer.init_tree(specs, key, cfg.model.param_dtype)
+        return _fresh(tx, merge(fresh, lora.attach(fresh, given)), extra, trainable(specs))
 
     return jax.jit(start, out_shardings=shardings(specs, cfg, mesh, tx, extra))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.train.state import TrainState
+from llmjax.train.state import TrainState, join, split
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
@@ -52,21 +52,27 @@ def grads(loss_fn: LossFn, k: int = 1, weight: Callable | None = None) -> Callab
     return accumulated
 
 
-def make_update(loss_fn: LossFn, tx: optax.GradientTransformation, k: int = 1,
-                weight: Callable | None = None) -> Callable:
+def make_update(loss_fn: LossFn, tx: optax.GradientTransformation, k: int = 1, weight: Callable | None = None,
+                mask=None) -> Callable:
     """update(params, opt_state, batch, *frozen) -> (params, opt_state, metrics): one optimizer step, or none
-    where the loss or gradients are not finite (metrics["nonfinite"] = 1). PPO calls it per minibatch."""
-    grad_fn = grads(loss_fn, k, weight)
+    where the loss or gradients are not finite (metrics["nonfinite"] = 1). PPO calls it per minibatch. With
+    `mask` (llmjax.train.state.trainable), only its True leaves are differentiated and optimised (LoRA's
+    adapters); the rest pass through untouched."""
+
+    grad_fn = grads(lambda train, batch, fixed, *frozen: loss_fn(join(mask, train, fixed), batch, *frozen), k,
+                    weight)
 
     def update(params, opt_state, batch, *frozen):
-        loss, aux, g = grad_fn(params, batch, *frozen)
+        train, fixed = split(params, mask)
+        loss, aux, g = grad_fn(train, batch, fixed, *frozen)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
-        updates, new_opt_state = tx.update(g, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(g, opt_state, train)
+        new_train = optax.apply_updates(train, updates)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(g),
                    "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), metrics
+        return join(mask, jax.tree.map(keep, new_train, train), fixed), jax.tree.map(keep, new_opt_state, opt_state), \
+            metrics
 
     return update
 
@@ -81,10 +87,10 @@ def advance(state: TrainState, params, opt_state, nonfinite: jax.Array, lr: opta
 
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, lr: optax.Schedule, k: int = 1,
-              weight: Callable | None = None) -> Callable[..., tuple[TrainState, dict]]:
+              weight: Callable | None = None, mask=None) -> Callable[..., tuple[TrainState, dict]]:
     """step(state, batch, *frozen) -> (state, metrics): one update of loss_fn over cfg.optim.grad_accum = k
-    microbatches."""
-    update = make_update(loss_fn, tx, k, weight)
+    microbatches (of the `mask`ed leaves, see make_update)."""
+    update = make_update(loss_fn, tx, k, weight, mask)
 
     def step(state: TrainState, batch, *frozen) -> tuple[TrainState, dict]:
         params, opt_state, metrics = update(state.params, state.opt_state, batch, *frozen)

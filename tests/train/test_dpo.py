@@ -5,19 +5,11 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, tiny_config
+from helpers import dpo_config, metric_rows
 
 from llmjax import checkpoint, config, sharding
 from llmjax.data import preference
 from llmjax.train import dpo, registry
-
-
-def dpo_config(init_from, **overrides):
-    cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "seq_len": 96, "init_from": init_from,
-                         "trainer": "dpo", **overrides})
-    cfg.dpo = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, nll_weight=0.0, reference="live",
-                   packed=False)
-    return cfg
 
 
 def test_precomputed_reference_equals_live(sft_dir, tmp_path):

@@ -4,19 +4,10 @@ update is the same sharded as on one device, and both learn: the task reward and
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, tiny_config
+from helpers import metric_rows, ppo_config
 
 from llmjax import config, sharding
 from llmjax.train import ppo, registry
-
-
-def ppo_config(init_from, algorithm="ppo", **overrides):
-    cfg = tiny_config(**{"trainer": "ppo", "init_from": init_from, "data.format": "chat", "data.tasks": "sort",
-                         "batch_size": 16, "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.lr": 3e-4,
-                         "log_every": 1, **overrides})
-    cfg.ppo = config.load(f"configs/ppo.py:model=tiny,algorithm={algorithm}").ppo
-    cfg.ppo.update(reward="tasks", tasks="", max_new_tokens=12, kl_coef=0.05, epochs=2, minibatches=2, group_size=4)
-    return cfg
 
 
 @pytest.mark.parametrize("algorithm,value", [("ppo", "separate"), ("ppo", "shared"), ("grpo", "separate")])

@@ -1,0 +1,187 @@
+"""LoRA: step 0 is the base model, only the adapters (and heads) train and carry optimizer state, checkpoints hold
+only them, a LoRA run reads back as its merged model, and its reference is the base with the adapters off."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import dpo_config, losses, metric_rows, ppo_config, reward_config, saved_run, tiny_config
+
+from llmjax import checkpoint, generate
+from llmjax.config import ConfigError
+from llmjax.models import lora, transformer
+from llmjax.sharding import make_mesh
+from llmjax.train import dpo, registry, state
+
+LORA = {"lora.targets": "all", "lora.rank": 4, "optim.lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    """An untrained tiny model saved as a run (weights scaled so that they are not the fresh init)."""
+    workdir = str(tmp_path_factory.mktemp("base"))
+    saved_run(tiny_config(), workdir, scale=3.0)
+    return workdir
+
+
+def lora_config(base_dir, **overrides):
+    return tiny_config(**{"init_from": base_dir, **LORA, **overrides})
+
+
+def forward(params, cfg, tokens_BT):
+    B, T = tokens_BT.shape
+    return transformer.forward(params, tokens_BT, jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.ones((B, T), jnp.int32),
+                               cfg.model)[0]
+
+
+TOKENS = np.random.default_rng(0).integers(7, 300, (2, 16))
+
+
+def test_step_0_is_the_base_model_and_only_adapters_train(base_dir, tmp_path):
+    cfg = lora_config(base_dir, steps=8)
+    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
+    task = registry.task(cfg, str(tmp_path / "run"))
+    start = task.start()
+    np.testing.assert_array_equal(forward(start.params, cfg, TOKENS), forward(base, cfg, TOKENS))
+    assert lora.strip(start.params) is not None
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(start.params), base)
+
+    adapters = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(start.params)
+                   if "lora_a" in str(k) or "lora_b" in str(k))
+    moments = sum(x.size for x in jax.tree.leaves(start.opt_state) if x.ndim)
+    assert moments == 2 * adapters  # Adam's mu and nu, over the adapters alone
+    assert adapters < transformer.param_count(cfg.model) / 10
+
+    trained = registry.train(cfg, str(tmp_path / "run"))
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params), base)  # the base never moves
+    steps = losses(str(tmp_path / "run"))
+    assert steps[8] < steps[1]
+    b = [x for k, x in jax.tree_util.tree_leaves_with_path(trained.params) if "lora_b" in str(k)]
+    assert all(np.abs(np.asarray(x)).max() > 0 for x in b)
+
+
+def test_merged_equals_unmerged_and_a_lora_run_reads_back_merged(base_dir, tmp_path):
+    cfg = lora_config(base_dir, steps=6)
+    run = str(tmp_path / "run")
+    trained = registry.train(cfg, run)
+    merged = lora.merge(trained.params)
+    np.testing.assert_allclose(forward(merged, cfg, TOKENS), forward(trained.params, cfg, TOKENS), atol=1e-4, rtol=0)
+    read = checkpoint.load_params(run, make_mesh(cfg.mesh))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), read, merged)
+    # The checkpoint holds the adapters only: the base is read from init_from.
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(run, "checkpoints", "6", "state"))
+    names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(saved.item_metadata.tree)}
+    assert not [n for n in names if "params" in n and "lora_" not in n], names
+    assert generate.complete(run, ["sort 321 = "], max_new_tokens=4)
+
+
+def test_resume_restores_the_adapters_onto_the_base(base_dir, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    flat = {"log_every": 1, "optim.schedule": "constant"}  # the same learning rates, whatever `steps` says
+    registry.train(lora_config(base_dir, steps=10, **flat), straight)
+    registry.train(lora_config(base_dir, steps=5, **flat), split)
+    resumed = registry.train(lora_config(base_dir, steps=10, **flat), split)
+    np.testing.assert_allclose(list(losses(split).values()), list(losses(straight).values()), rtol=1e-6)
+    assert sorted(losses(split)) == list(range(1, 11))
+    mesh = make_mesh(lora_config(base_dir).mesh)
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(resumed.params), checkpoint.load_params(base_dir, mesh))
+
+
+def test_sharded_equals_single_device(base_dir, tmp_path):
+    out = {}
+    for name, mesh, devices in (("single", dict(data=1, fsdp=1, tensor=1), 1), ("sharded", dict(data=1, fsdp=4,
+                                                                                               tensor=2), 8)):
+        cfg = lora_config(base_dir, steps=3, **{f"mesh.{k}": v for k, v in mesh.items()})
+        task = registry.task(cfg, str(tmp_path / name), make_mesh(cfg.mesh, jax.devices()[:devices]))
+        s = task.start()
+        step = task.jit_step(jax.tree.map(lambda x: x.sharding, s))
+        for i in range(3):
+            s, m = step(s, task.source(s, i)[0], *task.frozen)
+        out[name] = (float(m["loss"]), jax.device_get(s.params))
+    np.testing.assert_allclose(out["sharded"][0], out["single"][0], rtol=1e-5)
+    # Adam divides by each gradient's own size, so summation-order noise in small gradients shows at 1e-5.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-5), out["sharded"][1],
+                 out["single"][1])
+
+
+def test_dpo_reference_is_the_base_with_adapters_off(base_dir, tmp_path):
+    """The LoRA DPO step (reference: its own base, adapters off) equals the step given an explicit frozen copy
+    of the base as the reference, at step 0 and after a few steps."""
+    cfg = dpo_config(base_dir, **LORA)
+    task = registry.task(cfg, str(tmp_path / "dpo"))
+    assert task.frozen == ()  # no second copy of the model
+    copy = jax.tree.map(jnp.copy, checkpoint.load_params(base_dir, make_mesh(cfg.mesh)))
+    explicit = jax.jit(state_step(cfg, task, copy))
+    ours = task.jit_step(jax.tree.map(lambda x: x.sharding, task.start()))
+    a, b = task.start(), task.start()
+    for i in range(3):
+        batch = task.source(a, i)[0]
+        a, ma = ours(a, batch)
+        b, mb = explicit(b, batch)
+        assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+        if i == 0:
+            assert float(ma["loss"]) == pytest.approx(np.log(2), rel=1e-6)  # policy == reference at step 0
+
+
+def state_step(cfg, task, reference):
+    from llmjax import optim
+    from llmjax.sharding import make_constrain
+    from llmjax.train.step import make_step
+
+    specs = lora.apply(transformer.specs(cfg.model), cfg)
+    constrain = make_constrain(make_mesh(cfg.mesh), cfg.rules)
+    step = make_step(lambda p, b: dpo.loss_fn(p, b, cfg, constrain, reference), optim.make(cfg, specs),
+                     optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs))
+    return step
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_ppo_and_grpo_train_adapters_against_their_base(base_dir, tmp_path, algorithm):
+    cfg = ppo_config(base_dir, algorithm, steps=2, **LORA)
+    task = registry.task(cfg, str(tmp_path / "rl"))
+    assert task.source.reference is None  # the reference is the policy's base, adapters off
+    trained = registry.train(cfg, str(tmp_path / "rl"))
+    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["policy"], base)
+    if algorithm == "ppo":  # the value model: a LoRA trunk on the same base, and its own trained head
+        jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["value"]["trunk"], base)
+    assert all(np.isfinite(row["loss"]) for row in metric_rows(str(tmp_path / "rl")) if "loss" in row)
+
+
+def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
+    cfg = reward_config(base_dir, steps=6, **LORA)
+    trained = registry.train(cfg, str(tmp_path / "rm"))
+    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["trunk"], base)
+    assert np.abs(np.asarray(trained.params["head"]["w"])).max() > 0
+    scorer = checkpoint.load_params(str(tmp_path / "rm"), make_mesh(cfg.mesh), "scorer")
+    np.testing.assert_allclose(scorer["head"]["w"], trained.params["head"]["w"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora.targets": "wq,w_fc"}, "lora.targets names ['w_fc']"),
+    ({"lora.rank": 0}, "lora.rank=0"),
+    ({"lora.rank": 100}, "1 <= r <= 32"),
+    ({"init_from": ""}, "LoRA adapts a trained model"),
+    ({"init_from": "/nonexistent/base"}, "holds no run"),
+])
+def test_bad_lora_settings_are_refused_in_one_line(base_dir, change, message):
+    with pytest.raises(ConfigError, match="^[^\n]*$") as e:
+        registry.task(lora_config(base_dir, **change), "")
+    assert message in str(e.value)
+
+
+def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
+    import shutil
+
+    base = str(tmp_path / "base")
+    shutil.copytree(base_dir, base)
+    run = str(tmp_path / "run")
+    registry.train(lora_config(base, steps=2), run)
+    shutil.rmtree(base)
+    with pytest.raises(ConfigError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
+        checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    assert metric_rows(run)
