@@ -14,12 +14,14 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import config
@@ -132,6 +134,38 @@ def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
             f.write(cfg.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "parts.json"), "w") as f:
             json.dump({name: list(where) for name, where in parts.items()}, f)
+
+
+def check_new(path: str, what: str) -> None:
+    """Refuses a destination that holds anything: llmjax never writes over files it did not make."""
+    if os.path.exists(path) and os.listdir(path):
+        raise ConfigError(f"{what} {path!r} is not empty; llmjax never writes over files it did not make: pass a new "
+                          "path")
+
+
+def write_run(workdir: str, cfg, parts: dict[str, tuple[str, ...]], params: Callable[[], dict],
+              files: Callable[[str], None] = lambda staging: None) -> None:
+    """A parameters-only run (an import, a merge) in the new `workdir`: config.json, parts.json, `files(dir)`
+    (process 0) and one checkpoint of `params()`. It is written into a staging folder beside `workdir`, named
+    after it so that every process of a pod writes there (and a crashed attempt's leftover is replaced), then
+    renamed: the run appears whole or not at all."""
+    workdir = os.path.abspath(workdir)
+    staging = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.staging")
+    if jax.process_index() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        files(staging)
+    multihost_utils.sync_global_devices("llmjax write_run: staging made")
+    claim_workdir(staging, cfg, parts)
+    mngr = manager(staging, cfg)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params()})))
+    mngr.wait_until_finished()
+    mngr.close()
+    multihost_utils.sync_global_devices("llmjax write_run: saved")
+    if jax.process_index() == 0:
+        if os.path.exists(workdir):
+            os.rmdir(workdir)  # callers refuse a workdir that is not empty
+        os.rename(staging, workdir)
 
 
 def _full(workdir: str, step, detail: str) -> ConfigError:

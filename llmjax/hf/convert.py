@@ -13,8 +13,6 @@ import tempfile
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llmjax import checkpoint, config
@@ -28,12 +26,6 @@ from llmjax.sharding import make_mesh
 MESH = dict(data=1, fsdp=-1, tensor=1)
 
 
-def _fresh(path: str, what: str) -> None:
-    if os.path.exists(path) and os.listdir(path):
-        raise ConfigError(f"{what} {path!r} is not empty; llmjax never writes over files it did not make: pass a new "
-                          "path")
-
-
 def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
     """Writes a run holding the Hugging Face model in `hf_dir` (see the module docstring); returns a summary.
     Everything is checked before anything is written, and the run appears whole or not at all."""
@@ -42,7 +34,7 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
     cfg = config.base()
     cfg.trainer, cfg.init_from = "import", hf_dir
     cfg.model = ml_collections.ConfigDict(families.model_config(families.read_config(hf_dir), hf_dir, dtype))
-    _fresh(workdir, "workdir")
+    checkpoint.check_new(workdir, "workdir")
     reader = weights.Reader(hf_dir)
     weights.check(reader, cfg.model)
     tokenizer = get_tokenizer(f"hf:{hf_dir}")
@@ -51,26 +43,13 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
                           f"{cfg.model.vocab_size}: they are not one model's")
     cfg.data.tokenizer = f"hf:{os.path.join(workdir, 'tokenizer')}"  # where the run will hold it
     cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
-    # Every process of a pod writes its shards into the same folder, so its name is fixed; a leftover of a
-    # crashed import of this workdir is removed.
-    tmp = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.importing")
-    writer = jax.process_index() == 0
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "tokenizer"))
-        hf_tokenizer.write_files(f"hf:{hf_dir}", os.path.join(tmp, "tokenizer"))
-    multihost_utils.sync_global_devices("llmjax.hf import: folder made")
-    checkpoint.claim_workdir(tmp, cfg, {"lm": []})
-    params = weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH))
-    mngr = checkpoint.manager(tmp, cfg)
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
-    mngr.wait_until_finished()
-    mngr.close()
-    multihost_utils.sync_global_devices("llmjax.hf import: saved")
-    if writer:
-        if os.path.exists(workdir):
-            os.rmdir(workdir)  # empty, checked above
-        os.rename(tmp, workdir)
+
+    def tokenizer_files(staging: str) -> None:
+        os.makedirs(os.path.join(staging, "tokenizer"))
+        hf_tokenizer.write_files(f"hf:{hf_dir}", os.path.join(staging, "tokenizer"))
+
+    checkpoint.write_run(workdir, cfg, {"lm": []}, lambda: weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH)),
+                         tokenizer_files)
     return (f"imported {cfg.model.name} ({transformer.param_count(cfg.model):,} parameters, "
             f"{cfg.model.param_dtype}) into {workdir}")
 
@@ -85,7 +64,7 @@ def export_run(workdir: str, out: str, dtype: str | None = None, shard_gb: float
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     hf = families.hf_config(cfg.model, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     out = os.path.abspath(os.path.expanduser(out))
-    _fresh(out, "--out")
+    checkpoint.check_new(out, "--out")
     params = checkpoint.load_params(workdir, make_mesh(MESH), reader="the Hugging Face export")
     tensors = list(weights.exported(params, cfg.model, jax.numpy.dtype(dtype)))
     writer = jax.process_index() == 0

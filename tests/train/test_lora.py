@@ -185,3 +185,18 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     with pytest.raises(ConfigError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
         checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     assert metric_rows(run)
+
+
+def test_merge_writes_a_plain_run_with_the_same_model(base_dir, tmp_path):
+    from llmjax import lora as lora_runs
+
+    run, merged = str(tmp_path / "run"), str(tmp_path / "merged")
+    cfg = lora_config(base_dir, steps=4)
+    trained = registry.train(cfg, run)
+    lora_runs.merge(run, merged)
+    assert checkpoint.run_config(merged).lora.targets == ""
+    mesh = make_mesh(cfg.mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), checkpoint.load_params(merged, mesh),
+                 lora.merge(trained.params))
+    with pytest.raises(ConfigError, match="is not a LoRA run"):
+        lora_runs.merge(merged, str(tmp_path / "again"))
