@@ -44,8 +44,9 @@ def check(cfg) -> None:
     if not chosen:
         return
     layers = transformer.specs(cfg.model)["layers"]
-    smallest = min(min(math.prod(s.shape[1:1 + INPUT_DIMS.get(t, 1)]), math.prod(s.shape[1 + INPUT_DIMS.get(t, 1):]))
-                   for t in chosen for s in [layers[t]])
+    shapes = {t: layers[t].shape[1:] for t in chosen}  # (input dims..., output dims...) of one layer's weight
+    smallest = min(min(math.prod(s[:INPUT_DIMS.get(t, 1)]), math.prod(s[INPUT_DIMS.get(t, 1):]))
+                   for t, s in shapes.items())
     if not 1 <= cfg.lora.rank <= smallest:
         raise ConfigError(f"lora.rank={cfg.lora.rank}: a rank needs 1 <= r <= {smallest}, the smallest dimension "
                           "of the adapted weights (r = min(in, out) is already full rank)")
