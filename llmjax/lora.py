@@ -8,16 +8,31 @@ A merged run is like an imported one: parameters only, starting point of any tra
 base model exported to Hugging Face.
 """
 
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 from absl import flags
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from safetensors.numpy import save_file
 
 from llmjax import checkpoint
 from llmjax.cli import init_distributed, run_main
 from llmjax.config import ConfigError
-from llmjax.models import lora
-from llmjax.sharding import make_mesh
+from llmjax.hf import families
+from llmjax.models import lora, transformer
+from llmjax.sharding import make_mesh, tree_shardings
+from llmjax.train import state as state_lib
 
 MESH = dict(data=1, fsdp=-1, tensor=1)
+PEFT_PREFIX = "base_model.model."  # what PeftModel adds to the wrapped model's module paths in the keys it saves
 
 
 def lora_config(workdir: str) -> ml_collections.ConfigDict:
@@ -41,10 +56,103 @@ def merge(workdir: str, out: str) -> str:
     return f"merged the {lora.targets(cfg)} adapters of {workdir} (rank {cfg.lora.rank}) into {out}"
 
 
+def adapters(workdir: str, mesh: Mesh) -> dict[str, dict[str, jax.Array]]:
+    """The adapters of a LoRA run's language model by projection ({"wq": {"lora_a": A, "lora_b": B}, ...}), as
+    its latest checkpoint holds them: checkpoint.load_params returns them folded into the base, which an adapter
+    export must not read."""
+    cfg, parts = checkpoint.check_part(workdir, "lm", reader="the PEFT export")
+    specs = lora.apply(transformer.specs(cfg.model), cfg)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),
+                          specs, tree_shardings(specs, cfg.rules, mesh), is_leaf=transformer.is_spec)
+    target = state_lib.split(target, state_lib.trainable(specs))[0]
+    for key in reversed(parts["lm"]):
+        target = {key: target}
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args(
+        {"params": target}), partial_restore=True)
+    params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=args)).state["params"]
+    for key in parts["lm"]:
+        params = params[key]
+    layers = params["layers"]
+    return {k: {"lora_a": w["lora_a"], "lora_b": w["lora_b"]} for k, w in layers.items() if lora.is_adapted(w)}
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+
+
+def peft_tensors(found: dict[str, dict[str, jax.Array]], model) -> dict[str, np.ndarray]:
+    """PEFT's tensors for `found` (see adapters), a pair per layer: torch's Linear stores its weight (out, in) and
+    computes x W^T, so x A B (A: in x r, B: r x out, inputs and outputs flattened as the weight's are) is stored as
+    lora_A (r, in) = A^T and lora_B (out, r) = B^T. Every process gathers; the arrays are in the run's dtype."""
+    where = families.tensors(model)
+    out = {}
+    for name, pair in found.items():
+        a, b = _host(pair["lora_a"]), _host(pair["lora_b"])
+        L, r = a.shape[0], a.shape[-1]
+        a_LRI, b_LOR = a.reshape(L, -1, r).transpose(0, 2, 1), b.reshape(L, r, -1).transpose(0, 2, 1)
+        module = PEFT_PREFIX + where[f"layers.{name}"].key.removesuffix(".weight")
+        for i in range(L):
+            out[f"{module.format(i=i)}.lora_A.weight"] = np.ascontiguousarray(a_LRI[i])
+            out[f"{module.format(i=i)}.lora_B.weight"] = np.ascontiguousarray(b_LOR[i])
+    return out
+
+
+def _base_name(cfg) -> str:
+    """The adapted model where Hugging Face can load it, for AutoPeftModelForCausalLM: the folder the base was read
+    (hf:DIR) or imported from; else the base run itself (its export with python -m llmjax.hf export)."""
+    base = cfg.init_from
+    if base.startswith("hf:"):
+        return os.path.abspath(os.path.expanduser(base[3:]))
+    imported = os.path.isfile(os.path.join(base, "config.json")) and checkpoint.run_config(base)
+    return imported.init_from if imported and imported.trainer == "import" else os.path.abspath(base)
+
+
+def peft_config(cfg, found: dict) -> dict:
+    """adapter_config.json as peft writes it, less the keys of features these adapters do not use (their defaults
+    load the same, and a peft older than the one that added a key would refuse it)."""
+    where = families.tensors(cfg.model)
+    alpha = cfg.lora.alpha
+    return {"alpha_pattern": {}, "base_model_name_or_path": _base_name(cfg), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": 0.0,
+            "modules_to_save": None, "peft_type": "LORA", "r": cfg.lora.rank, "rank_pattern": {}, "revision": None,
+            "target_modules": sorted(where[f"layers.{t}"].key.split(".")[-2] for t in found),
+            "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False}
+
+
+def export_peft(workdir: str, out: str) -> str:
+    """Writes the adapters of the LoRA run in `workdir` as a Hugging Face PEFT folder `out` (adapter_config.json,
+    adapter_model.safetensors), which peft.PeftModel.from_pretrained loads onto the base exported by
+    python -m llmjax.hf export; returns a summary. The folder is written beside `out`, then renamed."""
+    cfg = lora_config(workdir)
+    kind = families.family(cfg.model)
+    if kind not in families.LLAMA_LIKE:
+        raise ConfigError(f"{workdir!r} adapts a {cfg.model.name!r} model ({kind or 'no Hugging Face family'}); PEFT "
+                          f"adapters are exported for {', '.join(families.LLAMA_LIKE)} only: merge the run (python "
+                          "-m llmjax.lora merge) and export that with python -m llmjax.hf export")
+    out = os.path.abspath(os.path.expanduser(out))
+    checkpoint.check_new(out, "--out")
+    found = adapters(workdir, make_mesh(MESH))
+    tensors = peft_tensors(found, cfg.model)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out))
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(peft_config(cfg, found), f, indent=2)
+        if os.path.exists(out):
+            os.rmdir(out)  # empty, checked above
+        shutil.move(tmp, out)
+    return (f"exported the {', '.join(found)} adapters of {workdir} (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}) "
+            f"as a PEFT adapter for {kind} to {out}")
+
+
 def main(argv: list[str]) -> None:
     f = flags.FLAGS
     init_distributed()
-    commands = {"merge": merge}
+    commands = {"merge": merge, "export": export_peft}
     if len(argv) != 2 or argv[1] not in commands:
         raise ConfigError(f"expected one command, {' or '.join(commands)}, got {argv[1:]}; see python -m llmjax.lora "
                           "--help")
