@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 
 import grain
@@ -143,6 +144,26 @@ def check_new(path: str, what: str) -> None:
                           "path")
 
 
+@contextlib.contextmanager
+def staged(out: str):
+    """A folder that appears whole or not at all: yields a staging folder beside `out` (on process 0; None on the
+    others, which only gather), renamed to `out` when the block ends without an error."""
+    check_new(out, "--out")
+    if jax.process_index() != 0:
+        yield None
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep the result from everyone else
+    try:
+        yield tmp
+        if os.path.exists(out):
+            os.rmdir(out)  # empty, checked above
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_run(workdir: str, cfg, parts: dict[str, tuple[str, ...]], params: Callable[[], dict],
               files: Callable[[str], None] = lambda staging: None) -> None:
     """A parameters-only run (an import, a merge) in the new `workdir`: config.json, parts.json, `files(dir)`
@@ -259,6 +280,14 @@ def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenize
     cfg, parts = check_part(workdir, part, model, tokenizer, reader)
     if workdir.startswith("hf:"):
         return hf_weights.load(hf_weights.Reader(workdir[3:]), cfg.model, cfg.rules, mesh)
+    params, adapted = saved_params(workdir, mesh, part)
+    return lora.merge(lora.restore(params, _base(workdir, cfg, mesh), cfg)) if adapted else params
+
+
+def saved_params(workdir: str, mesh: Mesh, part: str = "lm") -> tuple[transformer.Params, bool]:
+    """The `part` of the parameters as the latest checkpoint holds it, and whether the run is a LoRA run (whose
+    checkpoint holds its adapters and heads, with None where the frozen base goes)."""
+    cfg, parts = run_config(workdir), run_parts(workdir)
     mngr = _reader(workdir)
     specs = lora.apply(PARTS[part][1](cfg.model), cfg) if "lora" in cfg else PARTS[part][1](cfg.model)
     mask = state_lib.trainable(specs)
@@ -273,7 +302,7 @@ def load_params(workdir: str, mesh: Mesh, part: str = "lm", model=None, tokenize
     params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=args)).state["params"]
     for key in parts[part]:
         params = params[key]
-    return params if mask is None else lora.merge(lora.restore(params, _base(workdir, cfg, mesh), cfg))
+    return params, mask is not None
 
 
 def _base(workdir: str, cfg, mesh: Mesh) -> transformer.Params:

@@ -1,21 +1,28 @@
 """Will a run fit, and what will it cost? Parameters, FLOPs, memory per device and accelerator-hours from a
 config alone (no devices, no allocation), optionally checked against XLA's own memory analysis of the real
-train step compiled ahead of time on fake CPU devices:
+train step compiled ahead of time on fake CPU devices. Pretraining, SFT and DPO; with LoRA (cfg.lora.targets)
+the same config fully fine-tuned is shown beside it, so the saving reads off one table:
 
   python -m llmjax.estimate --config=configs/pretrain.py:model=llama3-8b --config.mesh.fsdp=8 \
       --config.batch_size=8 --config.seq_len=8192 --config.model.remat=full [--xla] [--json]
       [--devices=8] [--mfu=0.4] [--peak_tflops=989] [--tokens=1e12] [--device_gib=80]
 
-FLOPs follow llmjax.metrics (6 N + 12 L T attn_dim per token), so the hours match the MFU the loop logs.
+FLOPs follow llmjax.metrics (6 N + 12 L T attn_dim per token, DPO's live reference 4/3 of it), so the hours
+match the MFU the loop logs (LoRA's too, though it skips the frozen weights' gradients: about 4 N).
 
 Memory per device, in bytes (p = param dtype size, c = compute dtype size; every leaf divided by the number
 of devices its sharding spec splits it over, a dimension the mesh does not divide counting fully):
-  parameters   sum over leaves of size / shards * p
-  gradients    the same (gradients come back in the param dtype); twice with grad_accum > 1 (the running
-               sum and the microbatch's)
-  optimizer    2x parameters: optax's AdamW keeps mu and nu in the param dtype (plus scalar counts)
-  activations  b T [L saved(remat) + layer] c  +  2 b T V' 4  +  weights
-with b = rows per device per microbatch, T = seq_len, and per token and layer (N', K', F', V' = heads, kv
+  parameters   sum over the layout's leaves of size / shards * p; with LoRA (cfg.lora) the frozen base and the
+               adapters, r (in + out) per adapted matrix and layer
+  gradients    the same over the trainable leaves (LoRA: the adapters alone), which the step differentiates, in
+               the param dtype; twice with grad_accum > 1 (the running sum and the microbatch's)
+  optimizer    2x gradients' leaves: optax's AdamW keeps mu and nu of the trainable leaves (plus scalar counts)
+  reference    the language model once more where the step keeps a frozen reference (DPO with dpo.reference=live,
+               PPO, GRPO) and fine-tunes fully; none with LoRA (the reference is the base with the adapters
+               off) or with DPO's precomputed log-probs
+  activations  s b T [L (saved(remat) + R) + layer] c  +  (s + 1) b T V' 4  +  weights
+with b = rows per device per microbatch, T = seq_len, s = 2 for DPO's pairs (chosen and rejected are two
+forwards, each logits held until the loss) and 1 otherwise, and per token and layer (N', K', F', V' = heads, kv
 heads, d_ff, vocab per device under the tensor axis; H = head_dim; S = keys a query scores, T without causal
 blocks, else the blocks' average; score elements are float32, counted as 4/c elements of size c):
   full      D                                       the scan carry x_BTD, the only residual
@@ -23,10 +30,12 @@ blocks, else the blocks' average; score elements are float32, counted as 4/c ele
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
   all_dots  dots + N' H + N' S 4/c                  + the attention scores and the attention-weighted values
   none      4 D + (2 N' + 2 K') H + (2 m + 1) F' + 2 N' S 4/c    every intermediate of the block
+R is LoRA's, 0 under `full`: every adapted projection keeps x A (r) and (x A) B (its output per device), two 2-D
+dots the backward rebuilds x W + s (x A) B from (XLA agrees under dots and all_dots; `none` keeps about 2/3).
 `layer` is the `none` set plus one more score matrix: during the backward pass one layer's intermediates and
-the scores' gradient are live whatever the policy. 2 b T V' 4 is the float32 logits and their gradient;
-`weights` the compute-dtype copy of the parameters (when it differs from the param dtype) and, under FSDP,
-one layer's weights gathered whole and its whole gradient (2 x one layer x c).
+the scores' gradient are live whatever the policy. (s + 1) b T V' 4 is the float32 logits of each sequence and
+one gradient; `weights` the compute-dtype copy of the parameters (when it differs from the param dtype) and,
+under FSDP, one layer's weights gathered whole and its whole gradient (of its trainable leaves) x c.
 """
 
 import copy
@@ -35,6 +44,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +53,21 @@ from absl import flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
+from llmjax import optim
 from llmjax.cli import run_main
 from llmjax.config import ConfigError
-from llmjax.models import transformer
-from llmjax.sharding import AXES, make_mesh, mesh_shape, spec
-from llmjax.train import pretrain, registry
+from llmjax.models import lora, transformer
+from llmjax.sharding import AXES, batch_sharding, make_constrain, make_mesh, mesh_shape, spec, tree_shardings
+from llmjax.train import dpo, loop, ppo, pretrain, registry, state
+from llmjax.train.step import make_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to estimate.",
                                           lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", None, "Devices (default: the mesh's product, or 1 with a -1 size).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Peak TFLOP/s per device (989: H100 SXM dense bfloat16).")
-_TOKENS = flags.DEFINE_float("tokens", None, "Training tokens (default: steps x batch_size x seq_len).")
+_TOKENS = flags.DEFINE_float("tokens", None, "Training tokens (default: the input tokens of "
+                             "cfg.steps steps).")
 _DEVICE_GIB = flags.DEFINE_float("device_gib", 80.0, "Memory per device, GiB, for the fits/does-not-fit line.")
 _XLA = flags.DEFINE_boolean("xla", False, "Also compile the train step (on --devices fake CPU devices when JAX "
                             "has only a CPU) and show XLA's sizes.")
@@ -62,6 +75,7 @@ _JSON = flags.DEFINE_boolean("json", False, "Print the numbers as JSON.")
 
 GIB = 2**30
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+TRAINERS = ("pretrain", "dpo")  # the steps the activations model; state_bytes knows PPO's layout as well
 
 
 def abstract_mesh(cfg, n_devices: int) -> AbstractMesh:
@@ -77,11 +91,35 @@ def shards(logical: Sequence[str | None], shape: Sequence[int], rules: Mapping[s
     return math.prod(mesh.shape[a] for e in entries for a in ((e,) if isinstance(e, str) else e))
 
 
+def elements(specs, rules: Mapping[str, str], mesh: AbstractMesh, trainable_only: bool = False) -> int:
+    """Elements of a layout's leaves (or of its trainable leaves) on one device."""
+    return sum(math.prod(s.shape) // shards(s.axes, s.shape, rules, mesh)
+               for s in jax.tree.leaves(specs, is_leaf=transformer.is_spec) if s.trainable or not trainable_only)
+
+
+def layout(cfg) -> dict:
+    """The step's parameters: the objective's (PPO: the policy and its value function), adapted by cfg.lora."""
+    return lora.apply(ppo.specs(cfg) if cfg.trainer == "ppo" else transformer.specs(cfg.model), cfg)
+
+
 def param_bytes(cfg, mesh: AbstractMesh) -> int:
     """Bytes of one copy of the parameters on one device."""
-    leaves = jax.tree.leaves(transformer.specs(cfg.model), is_leaf=transformer.is_spec)
-    elements = sum(math.prod(s.shape) // shards(s.axes, s.shape, cfg.rules, mesh) for s in leaves)
-    return elements * jnp.dtype(cfg.model.param_dtype).itemsize
+    return elements(layout(cfg), cfg.rules, mesh) * jnp.dtype(cfg.model.param_dtype).itemsize
+
+
+def state_bytes(cfg, mesh: AbstractMesh) -> dict[str, int]:
+    """Parameters, gradients, optimizer state and the frozen reference on one device (module docstring)."""
+    p = jnp.dtype(cfg.model.param_dtype).itemsize
+    train = elements(layout(cfg), cfg.rules, mesh, trainable_only=True) * p
+    live = cfg.trainer == "ppo" or (cfg.trainer == "dpo" and cfg.dpo.reference == "live")
+    copied = live and not lora.targets(cfg)  # LoRA's reference is its own base with the adapters off
+    return {"params": param_bytes(cfg, mesh), "grads": train * (2 if cfg.optim.grad_accum > 1 else 1),
+            "optimizer": 2 * train, "reference": elements(transformer.specs(cfg.model), cfg.rules, mesh) * p * copied}
+
+
+def sequences(cfg) -> int:
+    """Forwards with gradients per batch row: DPO's pairs run chosen and rejected apart; 1 elsewhere."""
+    return 2 if cfg.trainer == "dpo" and not cfg.dpo.packed else 1
 
 
 def scored_keys(seq_len: int, causal_block: int) -> float:
@@ -112,49 +150,66 @@ def saved_per_token(cfg, mesh: AbstractMesh, remat: str) -> float:
             "none": 4 * m.d_model + (2 * n + 2 * k) * m.head_dim + (2 * mlp_dots + 1) * f + 2 * scores}[remat]
 
 
+def adapter_elements(cfg, mesh: AbstractMesh) -> float:
+    """R: what the adapters add to a layer's saved residuals per token (module docstring): x A (the rank,
+    unsharded) and (x A) B (the projection's output, sharded as the activation is) of every adapted projection."""
+    layers = transformer.specs(cfg.model)["layers"]
+    total = 0.0
+    for name in lora.targets(cfg):
+        w, k = layers[name], lora.INPUT_DIMS.get(name, 1)
+        axes = tuple("act_embed" if a == "embed" else a for a in w.axes[1 + k:])
+        total += cfg.lora.rank + math.prod(w.shape[1 + k:]) / shards(axes, w.shape[1 + k:], cfg.rules, mesh)
+    return total
+
+
 def weight_copies(cfg, mesh: AbstractMesh) -> float:
     """Bytes of weights the step materialises besides the parameters: the compute-dtype copy when it differs
-    from the param dtype, and under FSDP one layer gathered whole for its matmuls plus its whole gradient
-    before the reduce-scatter."""
+    from the param dtype, and under FSDP one layer gathered whole for its matmuls plus the whole gradient of its
+    trainable leaves before the reduce-scatter."""
     m = cfg.model
     c = jnp.dtype(m.compute_dtype).itemsize
     out = param_bytes(cfg, mesh) / jnp.dtype(m.param_dtype).itemsize * c if m.compute_dtype != m.param_dtype else 0
     if mesh.shape["fsdp"] > 1:
         rules = {k: ",".join(a for a in v.split(",") if a != "fsdp") for k, v in cfg.rules.items()}
-        layer = sum(math.prod(s.shape) // shards(s.axes, s.shape, rules, mesh) for s in
-                    jax.tree.leaves(transformer.specs(m)["layers"], is_leaf=transformer.is_spec)) / m.n_layers
-        out += 2 * layer * c
+        layers = lora.apply(transformer.specs(m), cfg)["layers"]
+        out += (elements(layers, rules, mesh) + elements(layers, rules, mesh, trainable_only=True)) / m.n_layers * c
     return out
 
 
 def activation_bytes(cfg, mesh: AbstractMesh) -> dict[str, float]:
     """Saved residuals of every layer, one layer's working set, the float32 logits (with gradient), and the
     weight copies (`weight_copies`)."""
-    m = cfg.model
+    m, s = cfg.model, sequences(cfg)
     rows = cfg.batch_size / shards(("batch",), (cfg.batch_size,), cfg.rules, mesh) / cfg.optim.grad_accum
     tokens = rows * cfg.seq_len
     c = jnp.dtype(m.compute_dtype).itemsize
     vocab = m.vocab_size / shards(("vocab",), (m.vocab_size,), cfg.rules, mesh)
-    out = {"saved_layers": m.n_layers * tokens * saved_per_token(cfg, mesh, m.remat) * c,
+    adapters = adapter_elements(cfg, mesh) if m.remat != "full" else 0
+    out = {"saved_layers": s * m.n_layers * tokens * (saved_per_token(cfg, mesh, m.remat) + adapters) * c,
            "layer_workspace": tokens * (saved_per_token(cfg, mesh, "none") + score_elements(cfg, mesh)) * c,
-           "logits": 2 * tokens * vocab * 4, "weights": weight_copies(cfg, mesh)}
+           "logits": (s + 1) * tokens * vocab * 4, "weights": weight_copies(cfg, mesh)}
     return out | {"total": sum(out.values())}
 
 
 def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, peak_tflops: float = 989.0,
              tokens: float | None = None) -> dict:
     """Every number the CLI prints, as a dict (bytes are per device)."""
+    if cfg.trainer not in TRAINERS:
+        raise ConfigError(f"trainer={cfg.trainer!r}: the estimate models the next-token step (pretraining, SFT) "
+                          "and DPO's; use configs/pretrain.py, configs/sft.py or configs/dpo.py")
     mesh = abstract_mesh(cfg, n_devices)
-    tokens = float(cfg.steps * cfg.batch_size * cfg.seq_len) if tokens is None else float(tokens)
-    fpt = pretrain.flops_per_token(cfg)
-    params = param_bytes(cfg, mesh)
+    tokens = float(cfg.steps * cfg.batch_size * cfg.seq_len * sequences(cfg)) if tokens is None else float(tokens)
+    fpt = dpo.flops_per_token(cfg) if cfg.trainer == "dpo" else pretrain.flops_per_token(cfg)
     act = activation_bytes(cfg, mesh)
-    memory = {"params": params, "grads": params * (2 if cfg.optim.grad_accum > 1 else 1), "optimizer": 2 * params,
-              "activations": act["total"]}
+    memory = state_bytes(cfg, mesh) | {"activations": act["total"]}
     hours = fpt * tokens / (peak_tflops * 1e12 * mfu) / 3600
     return {
-        "model": cfg.model.name, "devices": n_devices, "mesh": dict(mesh.shape), "remat": cfg.model.remat,
-        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "params": transformer.param_count(cfg.model),
+        "model": cfg.model.name, "trainer": cfg.trainer, "devices": n_devices, "mesh": dict(mesh.shape),
+        "remat": cfg.model.remat, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+        "lora": {"targets": lora.targets(cfg), "rank": cfg.lora.rank} if lora.targets(cfg) else None,
+        "params": transformer.param_count(cfg.model),
+        "trainable_params": sum(math.prod(s.shape) for s in jax.tree.leaves(layout(cfg), is_leaf=transformer.is_spec)
+                                if s.trainable),
         "matmul_params": transformer.matmul_param_count(cfg.model), "flops_per_token": fpt, "tokens": tokens,
         "total_flops": fpt * tokens, "mfu": mfu, "peak_tflops": peak_tflops, "accelerator_hours": hours,
         "wall_hours": hours / n_devices, "bytes": memory | {"total": sum(memory.values())},
@@ -162,26 +217,46 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, p
     }
 
 
-def _abstract_batch(cfg, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+def train_step(cfg, mesh) -> tuple[loop.Task, dict]:
+    """The objective's step as its task builds it (llmjax.train.pretrain, dpo: the LoRA mask, DPO's reference)
+    on abstract parameters, with an abstract batch: the task itself would read cfg.init_from."""
+    specs = layout(cfg)
+    mask, tx = state.trainable(specs), optim.make(cfg, specs)
+    constrain, sharding = make_constrain(mesh, cfg.rules), batch_sharding(mesh, cfg.rules)
+    rows = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                     sharding=sharding) for k in BATCH_KEYS}
+    loss, weight, batch, frozen = partial(pretrain.loss_fn, cfg=cfg, constrain=constrain), pretrain.tokens, rows, ()
+    if cfg.trainer == "dpo":
+        live = cfg.dpo.reference == "live"
+        batch = {"packed": rows} if cfg.dpo.packed else {"chosen": rows, "rejected": rows}
+        if not live:
+            batch |= {k: jax.ShapeDtypeStruct((cfg.batch_size,), jnp.float32, sharding=sharding)
+                      for k in ("ref_chosen", "ref_rejected")}
+        elif mask is None:  # a full copy of the starting model, a frozen argument of the step
+            lm = transformer.specs(cfg.model)
+            frozen = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.model.param_dtype, sharding=sh),
+                                   lm, tree_shardings(lm, cfg.rules, mesh), is_leaf=transformer.is_spec),)
+
+        def loss(params, batch, reference=None):  # dpo.task's: LoRA's reference is the base with the adapters off
+            adapted_reference = live and mask is not None
+            return dpo.loss_fn(params, batch, cfg, constrain, lora.strip(params) if adapted_reference else reference)
+
+        weight = None
+    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, weight, mask)
+    return loop.Task(step, None, sharding, None, state.abstract(specs, cfg, mesh, tx), {}, 0.0, frozen=frozen), batch
 
 
 def xla_memory(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """XLA's per-device sizes for the pretraining step, compiled ahead of time on this process's devices
-    exactly as the loop jits it (state donated), from abstract inputs: nothing is allocated.
+    """XLA's per-device sizes for the train step (`train_step`), compiled ahead of time on this process's
+    devices exactly as the loop jits it (state donated), from abstract inputs: nothing is allocated.
 
-    `state` is the arguments less the batch (parameters, optimizer state, step); `peak` = arguments +
-    outputs - donated aliases + temporaries.
+    `state` is the arguments less the batch (parameters, optimizer state, step, a frozen reference); `peak` =
+    arguments + outputs - donated aliases + temporaries.
     """
-    cfg = copy.deepcopy(cfg)
-    cfg.eval_every = 0  # the evaluator would compile a sampler we do not need
-    task = registry.task(cfg, "", make_mesh(cfg.mesh))
+    task, batch = train_step(cfg, make_mesh(cfg.mesh))
     step = task.jit_step(jax.tree.map(lambda x: x.sharding, task.abstract))
-    train_state = task.abstract
-    batch = _abstract_batch(cfg, task.batch_sharding)
-    stats = step.lower(train_state, batch).compile().memory_analysis()
-    batch_bytes = sum(4 * math.prod(s.sharding.shard_shape(s.shape)) for s in batch.values())
+    stats = step.lower(task.abstract, batch, *task.frozen).compile().memory_analysis()
+    batch_bytes = sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(batch))
     args, out, alias, temp = (stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
                               stats.temp_size_in_bytes)
     return {"arguments": args, "outputs": out, "aliased": alias, "temp": temp, "state": args - batch_bytes,
@@ -195,35 +270,48 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _report(est: dict, xla: dict | None, device_gib: float) -> str:
-    b, m, act = est["bytes"], est["mesh"], est["activation_bytes"]
+# (row, the estimate's terms it sums, the XLA size it is checked against, what that size is)
+ROWS = (("parameters", ("params",), None, ""), ("gradients", ("grads",), None, ""),
+        ("optimizer state", ("optimizer",), None, ""), ("reference", ("reference",), None, ""),
+        ("activations", ("activations",), None, ""),
+        ("params + opt + reference", ("params", "optimizer", "reference"), "state", "XLA: arguments - batch"),
+        ("gradients + activations", ("grads", "activations"), "temp", "XLA: temporaries"),
+        ("total", ("total",), "peak", "XLA: args + outputs - aliased + temp"))
+
+
+def _report(runs: list[tuple[str, dict, dict | None]], device_gib: float) -> str:
+    """The config's estimate (the last run), and the memory table of every run (label, estimate, XLA) side by
+    side."""
+    est, xla = runs[-1][1], runs[-1][2]
+    m, act, lo = est["mesh"], est["activation_bytes"], est["lora"]
     rows = est["batch_size"] // (m["data"] * m["fsdp"])
     lines = [
-        f"{est['model']}: {est['devices']} devices, mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
-        f"batch {est['batch_size']} x {est['seq_len']} ({rows} x {est['seq_len']} per device), remat={est['remat']}",
+        f"{est['model']} ({est['trainer']}): {est['devices']} devices, mesh data={m['data']} fsdp={m['fsdp']} "
+        f"tensor={m['tensor']}, batch {est['batch_size']} x {est['seq_len']} ({rows} x {est['seq_len']} per device), "
+        f"remat={est['remat']}",
         f"parameters          {est['params']:,} ({est['matmul_params']:,} in matmuls)",
+        *([f"trainable           {est['trainable_params']:,}: LoRA rank {lo['rank']} on {','.join(lo['targets'])}"]
+          if lo else []),
         f"FLOPs per token     {est['flops_per_token']:.4g}",
         f"training            {est['tokens']:.4g} tokens, {est['total_flops']:.4g} FLOPs",
         f"accelerator-hours   {est['accelerator_hours']:,.4g} at {est['mfu']:.0%} MFU of {est['peak_tflops']:g} "
         f"TFLOP/s ({est['wall_hours']:,.4g} h on {est['devices']} devices)",
-        f"{'memory per device':<26}{'estimate':>13}" + (f"{'XLA':>13}  ratio" if xla else ""),
+        f"{'memory per device':<26}" + "".join(f"{label:>13}" + (f"{'XLA':>13}  ratio" if x else "")
+                                               for label, _, x in runs),
     ]
-
-    def row(name: str, value: float, ref: float | None = None, note: str = "") -> None:
-        ratio = f"{_size(ref):>13}  {value / ref:5.2f}" if ref is not None else ""
-        lines.append(f"  {name:<24}{_size(value):>13}{ratio}{note}")
-
-    row("parameters", b["params"])
-    row("optimizer state", b["optimizer"])
-    if xla:
-        row("params + optimizer", b["params"] + b["optimizer"], xla["state"], "   XLA: arguments - batch")
-    row("gradients", b["grads"])
-    row("activations", b["activations"], note=f"   layers {_size(act['saved_layers'])}, one layer "
-        f"{_size(act['layer_workspace'])}, logits {_size(act['logits'])}, weights {_size(act['weights'])}")
-    if xla:
-        row("gradients + activations", b["grads"] + b["activations"], xla["temp"], "   XLA: temporaries")
-    row("total", b["total"], xla["peak"] if xla else None, "   XLA: args + outputs - aliased + temp" if xla else "")
-    worst = max(b["total"], xla["peak"] if xla else 0)
+    for name, terms, key, note in ROWS:
+        if (key in ("state", "temp") and not xla) or (terms == ("reference",) and not any(
+                e["bytes"]["reference"] for _, e, _ in runs)):
+            continue
+        cells = ""
+        for _, e, x in runs:
+            value = sum(e["bytes"][t] for t in terms)
+            cells += f"{_size(value):>13}" + ((f"{_size(x[key]):>13}  {value / x[key]:5.2f}" if key else " " * 20)
+                                              if x else "")
+        lines.append(f"  {name:<24}{cells}".rstrip() + (f"   {note}" if note and xla else ""))
+    lines.append(f"  activations: layers {_size(act['saved_layers'])}, one layer {_size(act['layer_workspace'])}, "
+                 f"logits {_size(act['logits'])}, weights {_size(act['weights'])}")
+    worst = max(est["bytes"]["total"], xla["peak"] if xla else 0)
     verdict = "fits" if worst <= device_gib * GIB else "does NOT fit"
     lines.append(f"{verdict} in {device_gib:g} GiB per device ({worst / (device_gib * GIB):.0%} used"
                  + (", the larger of estimate and XLA)" if xla else ")"))
@@ -233,22 +321,26 @@ def _report(est: dict, xla: dict | None, device_gib: float) -> str:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    if cfg.trainer != "pretrain":
-        raise ConfigError(f"trainer={cfg.trainer!r}: the estimate models the next-token step (pretraining and SFT); "
-                          "use configs/pretrain.py or configs/sft.py")
     sizes = dict(cfg.mesh)
     n = _DEVICES.value or (math.prod(sizes.values()) if -1 not in sizes.values() else 1)
     if _XLA.value and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", n)  # before anything touches a backend
     registry.validate(cfg, n)
-    est = estimate(cfg, n, _MFU.value, _PEAK.value, _TOKENS.value)
-    xla = None
-    if _XLA.value:
-        if jax.device_count() != n:
-            sys.exit(f"--xla needs {n} devices and JAX has {jax.device_count()}; on a CPU drop XLA_FLAGS's device "
-                     "count or make it match --devices")
-        xla = xla_memory(cfg)
-    print(json.dumps(est | {"xla": xla}, indent=1) if _JSON.value else _report(est, xla, _DEVICE_GIB.value))
+    if _XLA.value and jax.device_count() != n:
+        sys.exit(f"--xla needs {n} devices and JAX has {jax.device_count()}; on a CPU drop XLA_FLAGS's device "
+                 "count or make it match --devices")
+    runs = [("estimate", cfg)]
+    if lora.targets(cfg):  # the same run fully fine-tuned, beside it
+        full = copy.deepcopy(cfg)
+        full.lora.targets = ""
+        runs = [("full", full), (f"LoRA r={cfg.lora.rank}", cfg)]
+    runs = [(label, estimate(c, n, _MFU.value, _PEAK.value, _TOKENS.value), xla_memory(c) if _XLA.value else None)
+            for label, c in runs]
+    if _JSON.value:
+        print(json.dumps(runs[-1][1] | {"xla": runs[-1][2]} | ({"full_finetuning": runs[0][1] | {"xla": runs[0][2]}}
+                                                              if len(runs) > 1 else {}), indent=1))
+    else:
+        print(_report(runs, _DEVICE_GIB.value))
 
 
 if __name__ == "__main__":

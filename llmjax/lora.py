@@ -10,26 +10,20 @@ base model exported to Hugging Face.
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from llmjax import checkpoint
 from llmjax.cli import init_distributed, run_main
 from llmjax.config import ConfigError
-from llmjax.hf import families
-from llmjax.models import lora, transformer
-from llmjax.sharding import make_mesh, tree_shardings
-from llmjax.train import state as state_lib
+from llmjax.hf import families, weights
+from llmjax.models import lora
+from llmjax.sharding import make_mesh
 
 MESH = dict(data=1, fsdp=-1, tensor=1)
 PEFT_PREFIX = "base_model.model."  # what PeftModel adds to the wrapped model's module paths in the keys it saves
@@ -58,28 +52,10 @@ def merge(workdir: str, out: str) -> str:
 
 def adapters(workdir: str, mesh: Mesh) -> dict[str, dict[str, jax.Array]]:
     """The adapters of a LoRA run's language model by projection ({"wq": {"lora_a": A, "lora_b": B}, ...}), as
-    its latest checkpoint holds them: checkpoint.load_params returns them folded into the base, which an adapter
-    export must not read."""
-    cfg, parts = checkpoint.check_part(workdir, "lm", reader="the PEFT export")
-    specs = lora.apply(transformer.specs(cfg.model), cfg)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),
-                          specs, tree_shardings(specs, cfg.rules, mesh), is_leaf=transformer.is_spec)
-    target = state_lib.split(target, state_lib.trainable(specs))[0]
-    for key in reversed(parts["lm"]):
-        target = {key: target}
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    args = ocp.args.PyTreeRestore(item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args(
-        {"params": target}), partial_restore=True)
-    params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=args)).state["params"]
-    for key in parts["lm"]:
-        params = params[key]
-    layers = params["layers"]
+    its latest checkpoint holds them (checkpoint.load_params would fold them into the base)."""
+    checkpoint.check_part(workdir, "lm", reader="the PEFT export")
+    layers = checkpoint.saved_params(workdir, mesh)[0]["layers"]
     return {k: {"lora_a": w["lora_a"], "lora_b": w["lora_b"]} for k, w in layers.items() if lora.is_adapted(w)}
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
 
 def peft_tensors(found: dict[str, dict[str, jax.Array]], model) -> dict[str, np.ndarray]:
@@ -89,7 +65,7 @@ def peft_tensors(found: dict[str, dict[str, jax.Array]], model) -> dict[str, np.
     where = families.tensors(model)
     out = {}
     for name, pair in found.items():
-        a, b = _host(pair["lora_a"]), _host(pair["lora_b"])
+        a, b = weights.host(pair["lora_a"]), weights.host(pair["lora_b"])
         L, r = a.shape[0], a.shape[-1]
         a_LRI, b_LOR = a.reshape(L, -1, r).transpose(0, 2, 1), b.reshape(L, r, -1).transpose(0, 2, 1)
         module = PEFT_PREFIX + where[f"layers.{name}"].key.removesuffix(".weight")
@@ -136,15 +112,11 @@ def export_peft(workdir: str, out: str) -> str:
     checkpoint.check_new(out, "--out")
     found = adapters(workdir, make_mesh(MESH))
     tensors = peft_tensors(found, cfg.model)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out))
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(peft_config(cfg, found), f, indent=2)
-        if os.path.exists(out):
-            os.rmdir(out)  # empty, checked above
-        shutil.move(tmp, out)
+    with checkpoint.staged(out) as tmp:
+        if tmp is not None:
+            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+                json.dump(peft_config(cfg, found), f, indent=2)
     return (f"exported the {', '.join(found)} adapters of {workdir} (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}) "
             f"as a PEFT adapter for {kind} to {out}")
 

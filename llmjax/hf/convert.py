@@ -8,8 +8,6 @@ what `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json, gen
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import ml_collections
@@ -67,17 +65,13 @@ def export_run(workdir: str, out: str, dtype: str | None = None, shard_gb: float
     checkpoint.check_new(out, "--out")
     params = checkpoint.load_params(workdir, make_mesh(MESH), reader="the Hugging Face export")
     tensors = list(weights.exported(params, cfg.model, jax.numpy.dtype(dtype)))
-    writer = jax.process_index() == 0
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out)) if writer else ""
-    with tqdm(total=len(tensors), desc="export", unit="tensor", disable=not writer) as bar:
+    with checkpoint.staged(out) as tmp, tqdm(total=len(tensors), desc="export", unit="tensor",
+                                             disable=tmp is None) as bar:
         files = weights.write(tmp, tensors, jax.numpy.dtype(dtype), int(shard_gb * 2**30), lambda _: bar.update())
-    if writer:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, f, indent=2)
-        hf_tokenizer.write_files(cfg.data.tokenizer, tmp)
-        if os.path.exists(out):
-            os.rmdir(out)  # empty, checked above
-        shutil.move(tmp, out)
+        if tmp is not None:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf, f, indent=2)
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, f, indent=2)
+            hf_tokenizer.write_files(cfg.data.tokenizer, tmp)
     return f"exported {cfg.model.name} as {hf['architectures'][0]} ({len(files)} safetensors file(s), {dtype}) to {out}"

@@ -159,7 +159,7 @@ def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
                     for path, t in tensors(model).items()})
 
 
-def _host(x: jax.Array) -> np.ndarray:
+def host(x: jax.Array) -> np.ndarray:
     """One tensor on this host, gathered from wherever its shards live (other hosts too)."""
     return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
@@ -184,7 +184,7 @@ def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tu
             pieces = []
             for t, path, i in parts:
                 x = flat[path] if i is None else flat[path][i]
-                pieces.append(_host(x).astype(dtype).reshape(view_shape(x.shape, t._replace(transpose=False))))
+                pieces.append(host(x).astype(dtype).reshape(view_shape(x.shape, t._replace(transpose=False))))
             joined = np.concatenate(pieces, axis=-1)
             return np.ascontiguousarray(joined.T if parts[0][0].transpose else joined)
 

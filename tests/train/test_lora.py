@@ -200,3 +200,21 @@ def test_merge_writes_a_plain_run_with_the_same_model(base_dir, tmp_path):
                  lora.merge(trained.params))
     with pytest.raises(ConfigError, match="is not a LoRA run"):
         lora_runs.merge(merged, str(tmp_path / "again"))
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_over_its_base(tmp_path):
+    """A tiny model pretrained on `sort` as plain text cannot answer in the chat format; rank-8 LoRA SFT on every
+    projection teaches it (measured: 3% -> 53% greedy accuracy on 32 held-out prompts), its base untouched."""
+    base, run = str(tmp_path / "base"), str(tmp_path / "lora")
+    registry.train(tiny_config(steps=150, **{"data.tasks": "sort", "optim.lr": 3e-3}), base)
+    cfg = tiny_config(steps=100, eval_every=100, eval_prompts=32, **{
+        "data.format": "chat", "data.tasks": "sort", "init_from": base, "lora.targets": "all", "lora.rank": 8,
+        "optim.lr": 1e-2})
+    mesh = make_mesh(cfg.mesh)
+    from llmjax.evaluate import make_evaluator
+
+    before = make_evaluator(cfg, mesh, n=32)(checkpoint.load_params(base, mesh))["accuracy"]
+    registry.train(cfg, run)
+    after = [r for r in metric_rows(run) if "eval/accuracy" in r][-1]["eval/accuracy"]
+    assert before < 0.1 and after > before + 0.25, (before, after)
