@@ -7,8 +7,8 @@ the same config fully fine-tuned is shown beside it, so the saving reads off one
       --config.batch_size=8 --config.seq_len=8192 --config.model.remat=full [--xla] [--json]
       [--devices=8] [--mfu=0.4] [--peak_tflops=989] [--tokens=1e12] [--device_gib=80]
 
-FLOPs follow llmjax.metrics (6 N + 12 L T attn_dim per token, DPO's live reference 4/3 of it), so the hours
-match the MFU the loop logs (LoRA's too, though it skips the frozen weights' gradients: about 4 N).
+FLOPs per token are the objective's own (llmjax.metrics' 6 N + 12 L T attn_dim, as pretrain.flops_per_token and
+dpo.flops_per_token count it), so the hours match the MFU the loop logs.
 
 Memory per device, in bytes (p = param dtype size, c = compute dtype size; every leaf divided by the number
 of devices its sharding spec splits it over, a dimension the mesh does not divide counting fully):
@@ -237,9 +237,10 @@ def train_step(cfg, mesh) -> tuple[loop.Task, dict]:
             frozen = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.model.param_dtype, sharding=sh),
                                    lm, tree_shardings(lm, cfg.rules, mesh), is_leaf=transformer.is_spec),)
 
-        def loss(params, batch, reference=None):  # dpo.task's: LoRA's reference is the base with the adapters off
-            adapted_reference = live and mask is not None
-            return dpo.loss_fn(params, batch, cfg, constrain, lora.strip(params) if adapted_reference else reference)
+        own_base = live and mask is not None  # dpo.task's: LoRA's reference is the base with the adapters off
+
+        def loss(params, batch, reference=None):
+            return dpo.loss_fn(params, batch, cfg, constrain, lora.strip(params) if own_base else reference)
 
         weight = None
     step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, weight, mask)
@@ -306,8 +307,9 @@ def _report(runs: list[tuple[str, dict, dict | None]], device_gib: float) -> str
         cells = ""
         for _, e, x in runs:
             value = sum(e["bytes"][t] for t in terms)
-            cells += f"{_size(value):>13}" + ((f"{_size(x[key]):>13}  {value / x[key]:5.2f}" if key else " " * 20)
-                                              if x else "")
+            cells += f"{_size(value):>13}"
+            if x:
+                cells += f"{_size(x[key]):>13}  {value / x[key]:5.2f}" if key else " " * 20
         lines.append(f"  {name:<24}{cells}".rstrip() + (f"   {note}" if note and xla else ""))
     lines.append(f"  activations: layers {_size(act['saved_layers'])}, one layer {_size(act['layer_workspace'])}, "
                  f"logits {_size(act['logits'])}, weights {_size(act['weights'])}")
@@ -336,11 +338,13 @@ def main(argv: list[str]) -> None:
         runs = [("full", full), (f"LoRA r={cfg.lora.rank}", cfg)]
     runs = [(label, estimate(c, n, _MFU.value, _PEAK.value, _TOKENS.value), xla_memory(c) if _XLA.value else None)
             for label, c in runs]
-    if _JSON.value:
-        print(json.dumps(runs[-1][1] | {"xla": runs[-1][2]} | ({"full_finetuning": runs[0][1] | {"xla": runs[0][2]}}
-                                                              if len(runs) > 1 else {}), indent=1))
-    else:
+    if not _JSON.value:
         print(_report(runs, _DEVICE_GIB.value))
+        return
+    out = runs[-1][1] | {"xla": runs[-1][2]}
+    if len(runs) > 1:
+        out["full_finetuning"] = runs[0][1] | {"xla": runs[0][2]}
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

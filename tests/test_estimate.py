@@ -1,4 +1,5 @@
-"""The estimator against a hand computation (GPT-2 124M) and against XLA's memory analysis of the compiled step."""
+"""The estimator against hand computations (GPT-2 124M; LoRA's adapters) and against XLA's memory analysis of the
+compiled step (full fine-tuning, LoRA, DPO's reference)."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from llmjax import config
-from llmjax.estimate import estimate, xla_memory
+from llmjax.estimate import abstract_mesh, estimate, state_bytes, xla_memory
 
 
 def gpt2(**model):
@@ -89,3 +90,78 @@ def test_cli_json():
     est = json.loads(out)
     assert est["devices"] == 8 and est["params"] == 8_030_261_248 and est["xla"] is None
     assert est["bytes"]["params"] == 8_030_261_248 * 4 / 8  # every llama3-8b leaf divides by fsdp=8
+
+
+def tiny(spec: str = "configs/sft.py", **overrides):
+    return config.load(f"{spec}:model=tiny", **overrides)
+
+
+def test_lora_adapters_by_hand():
+    """tiny (D 64, 4 heads and 2 kv heads of 16, d_ff 128, 2 layers) on one device: an adapter holds r (in + out)
+    numbers per matrix and layer; the gradients and both Adam moments are the adapters' alone, while the frozen
+    base is still held. Under remat=dots each adapter keeps x A (r) and (x A) B (out) per token and layer."""
+    D, Q, KV, F, L, r = 64, 4 * 16, 2 * 16, 128, 2, 4
+    in_out = {"wq": (D, Q), "wk": (D, KV), "wv": (D, KV), "wo": (Q, D), "w_gate": (D, F), "w_up": (D, F),
+              "w_down": (F, D)}
+    for targets, names in (("all", list(in_out)), ("wq,wv", ["wq", "wv"])):
+        full, adapted = (estimate(tiny(**{"lora.targets": t, "lora.rank": r, "model.remat": "dots", "batch_size": 2,
+                                          "seq_len": 16}), 1) for t in ("", targets))
+        adapters = L * r * sum(i + o for i, o in map(in_out.get, names))
+        b = adapted["bytes"]
+        assert adapted["trainable_params"] == adapters and full["trainable_params"] == full["params"]
+        assert b["grads"] == 4 * adapters and b["optimizer"] == 2 * 4 * adapters
+        assert b["params"] == full["bytes"]["params"] + 4 * (adapters + L * len(names))  # + each one's scale (L,)
+        saved = adapted["activation_bytes"]["saved_layers"] - full["activation_bytes"]["saved_layers"]
+        assert saved == L * 2 * 16 * sum(r + in_out[n][1] for n in names) * 4
+
+
+@pytest.mark.parametrize("spec, overrides, copies", [
+    ("configs/sft.py", {}, 0),
+    ("configs/dpo.py", {}, 1),
+    ("configs/dpo.py", {"dpo.reference": "precomputed"}, 0),
+    ("configs/ppo.py", {}, 1),
+    ("configs/ppo.py", {"ppo.algorithm": "grpo"}, 1),
+])
+def test_reference_is_a_copy_in_full_finetuning_and_none_with_lora(spec, overrides, copies):
+    """DPO (live) and PPO/GRPO keep the starting language model frozen beside the policy: one more copy of its
+    parameters in full fine-tuning; with LoRA the reference is the base with the adapters off."""
+    mesh = abstract_mesh(tiny(), 8)
+    lm = estimate(tiny(), 8)["bytes"]["params"]
+    assert state_bytes(tiny(spec, **overrides), mesh)["reference"] == copies * lm
+    assert state_bytes(tiny(spec, **overrides, **{"lora.targets": "all"}), mesh)["reference"] == 0
+
+
+@pytest.fixture(scope="module", params=[("configs/sft.py", "all"), ("configs/dpo.py", "all"), ("configs/dpo.py", "")],
+                ids=["sft-lora", "dpo-lora", "dpo-full"])
+def tiny_step(request):
+    spec, targets = request.param
+    cfg = tiny(spec, batch_size=8, seq_len=128, eval_every=0, **{"mesh.fsdp": 4, "mesh.tensor": 2,
+                                                                  "model.remat": "dots", "lora.targets": targets})
+    return estimate(cfg, 8), xla_memory(cfg)
+
+
+def test_lora_and_reference_state_match_xla(tiny_step):
+    """LoRA's frozen base, its adapters and their moments, and DPO's reference argument: XLA's arguments less the
+    batch, to 0.1%, as in full fine-tuning."""
+    est, xla = tiny_step
+    b = est["bytes"]
+    assert b["params"] + b["optimizer"] + b["reference"] == pytest.approx(xla["state"], rel=1e-3)
+
+
+def test_lora_and_dpo_temporaries_near_xla(tiny_step):
+    est, xla = tiny_step
+    assert est["bytes"]["grads"] + est["bytes"]["activations"] == pytest.approx(xla["temp"], rel=0.25)
+
+
+def test_cli_lora_beside_full_finetuning():
+    """Llama 3 8B, LoRA rank 16 on every projection: 16 x 32 layers x 81920 (in + out over the seven matrices)
+    trained numbers; the DPO reference is gone, and the full fine-tuning it saves against is shown beside it."""
+    out = subprocess.run([sys.executable, "-m", "llmjax.estimate", "--config=configs/dpo.py:model=llama3-8b",
+                          "--config.mesh.fsdp=8", "--config.lora.targets=all", "--config.lora.rank=16", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    est = json.loads(out)
+    full = est["full_finetuning"]
+    assert est["trainable_params"] == 16 * 32 * 81920 and full["trainable_params"] == 8_030_261_248
+    assert full["bytes"]["reference"] == full["bytes"]["params"] == 8_030_261_248 * 4 / 8
+    assert est["bytes"]["reference"] == 0 and est["bytes"]["optimizer"] == 2 * est["bytes"]["grads"]
+    assert est["bytes"]["total"] < full["bytes"]["total"] / 2
