@@ -30,8 +30,8 @@ blocks, else the blocks' average; score elements are float32, counted as 4/c ele
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
   all_dots  dots + N' H + N' S 4/c                  + the attention scores and the attention-weighted values
   none      4 D + (2 N' + 2 K') H + (2 m + 1) F' + 2 N' S 4/c    every intermediate of the block
-R is LoRA's, 0 under `full`: every adapted projection keeps x A (r) and (x A) B (its output per device), two 2-D
-dots the backward rebuilds x W + s (x A) B from (XLA agrees under dots and all_dots; `none` keeps about 2/3).
+R is LoRA's, 0 under `full`: every adapted projection keeps x A (r); under all_dots and none also (x A) B (its
+output per device), which `dots` recomputes (llmjax.models.layers.dense makes it a batched dot).
 `layer` is the `none` set plus one more score matrix: during the backward pass one layer's intermediates and
 the scores' gradient are live whatever the policy. (s + 1) b T V' 4 is the float32 logits of each sequence and
 one gradient; `weights` the compute-dtype copy of the parameters (when it differs from the param dtype) and,
@@ -152,13 +152,15 @@ def saved_per_token(cfg, mesh: AbstractMesh, remat: str) -> float:
 
 def adapter_elements(cfg, mesh: AbstractMesh) -> float:
     """R: what the adapters add to a layer's saved residuals per token (module docstring): x A (the rank,
-    unsharded) and (x A) B (the projection's output, sharded as the activation is) of every adapted projection."""
+    unsharded), and but under dots (x A) B (the projection's output, sharded as the activation is), of every
+    adapted projection."""
     layers = transformer.specs(cfg.model)["layers"]
     total = 0.0
     for name in lora.targets(cfg):
         w, k = layers[name], lora.INPUT_DIMS.get(name, 1)
         axes = tuple("act_embed" if a == "embed" else a for a in w.axes[1 + k:])
-        total += cfg.lora.rank + math.prod(w.shape[1 + k:]) / shards(axes, w.shape[1 + k:], cfg.rules, mesh)
+        out = math.prod(w.shape[1 + k:]) / shards(axes, w.shape[1 + k:], cfg.rules, mesh)
+        total += cfg.lora.rank + (out if cfg.model.remat != "dots" else 0)
     return total
 
 

@@ -9,9 +9,15 @@ import jax.numpy as jnp
 def dense(x: jax.Array, w: jax.Array | dict, k: int = 1) -> jax.Array:
     """Contracts the last k axes of x with the first k of w as one 2-D matmul. XLA:CPU runs 2-D dots near
     its matmul peak, while batched einsums make it transpose activations in the backward pass (~2x slower).
-    A LoRA-adapted w (llmjax.models.lora) adds s (x A) B, never forming A B."""
+    A LoRA-adapted w (llmjax.models.lora) adds s (x A) B, never forming A B. (x A) B is a dot with a unit batch
+    dimension, which `remat=dots` does not save: the backward recomputes it from x A (r numbers a token) rather
+    than storing a second copy of the projection's output."""
     if isinstance(w, dict):
-        low = dense(dense(x, w["lora_a"], k), w["lora_b"]) * w["lora_scale"].astype(x.dtype)
+        xa = dense(x, w["lora_a"], k)
+        b = w["lora_b"]
+        low = jax.lax.dot_general(xa.reshape(1, -1, b.shape[0]), b.reshape(1, b.shape[0], -1),
+                                  (((2,), (1,)), ((0,), (0,))))
+        low = low.reshape(*xa.shape[:-1], *b.shape[1:]) * w["lora_scale"].astype(x.dtype)
         return dense(x, w["base"], k) + low
     lead, out = x.shape[:-k], w.shape[k:]
     y = x.reshape(math.prod(lead), -1) @ w.reshape(math.prod(w.shape[:k]), -1)

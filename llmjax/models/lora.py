@@ -56,6 +56,14 @@ def check(cfg) -> None:
         raise ConfigError(f"lora.init={cfg.lora.init!r} is not one of ('kaiming', 'gaussian')")
 
 
+def param_count(cfg) -> int:
+    """The adapters' parameters in one language model: r (in + out) per adapted matrix per layer."""
+    layers = transformer.specs(cfg.model)["layers"]
+    return sum(layers[t].shape[0] * cfg.lora.rank * sum(map(math.prod, (s[:INPUT_DIMS.get(t, 1)],
+                                                                          s[INPUT_DIMS.get(t, 1):])))
+               for t in targets(cfg) for s in [layers[t].shape[1:]])
+
+
 def _frozen(tree):
     return jax.tree.map(lambda s: s._replace(trainable=False), tree, is_leaf=is_spec)
 

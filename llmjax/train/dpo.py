@@ -117,8 +117,9 @@ def validate(cfg, sizes: dict[str, int]) -> None:
 
 
 def flops_per_token(cfg) -> float:
-    """Policy forward and backward on chosen and rejected tokens, plus the live reference's forward (1/3)."""
-    return pretrain.flops_per_token(cfg) * (4 / 3 if cfg.dpo.reference == "live" else 1)
+    """Policy forward and backward on chosen and rejected tokens, plus the live reference's forward."""
+    live = cfg.dpo.reference == "live"
+    return pretrain.flops_per_token(cfg) + (pretrain.flops_per_token(cfg, forward=True) if live else 0)
 
 
 def task(cfg, workdir: str, mesh) -> loop.Task:

@@ -155,10 +155,10 @@ def flops_per_token(cfg) -> float:
     """Per rollout token: sampling and the reference's forward, ppo.epochs updates of the policy, the reward
     model's forward (when one scores), and for PPO the value model's forward and updates (a separate one) or the
     policy's forward again for its hidden states (a shared head)."""
-    p, train = cfg.ppo, pretrain.flops_per_token(cfg)
-    total = 2 * train / 3 + p.epochs * train + (train / 3 if p.reward != "tasks" else 0)
+    p, train, forward = cfg.ppo, pretrain.flops_per_token(cfg), pretrain.flops_per_token(cfg, forward=True)
+    total = 2 * forward + p.epochs * train + (forward if p.reward != "tasks" else 0)
     if p.algorithm == "ppo":
-        total += train / 3 + (p.epochs * train if p.value == "separate" else 0)
+        total += forward + (p.epochs * train if p.value == "separate" else 0)
     return total
 
 

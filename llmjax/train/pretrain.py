@@ -34,10 +34,16 @@ def tokens(batch: Batch) -> jax.Array:
     return jnp.sum(batch["loss_mask"] > 0)
 
 
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token of cfg's model at cfg's sequence length (the convention in llmjax.metrics)."""
+def flops_per_token(cfg, forward: bool = False) -> float:
+    """Training FLOPs per token of cfg's model at cfg's sequence length (the convention in llmjax.metrics), or its
+    forward pass's (a third). With LoRA the frozen weights get no weight gradient (2 of their 6 FLOPs per
+    parameter), while the adapters cost the full 6."""
     m = cfg.model
-    return metrics.flops_per_token(transformer.matmul_param_count(m), m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
+    n = transformer.matmul_param_count(m)
+    full = metrics.flops_per_token(n, m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
+    if forward:
+        return full / 3
+    return full - 2 * n + 6 * lora.param_count(cfg) if lora.targets(cfg) else full
 
 
 def reads_lm(cfg, workdir: str, mesh, reader: str) -> Callable[[], transformer.Params]:
