@@ -147,8 +147,9 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.loss = dict(z_loss=0.0)
     # LoRA (llmjax.models.lora): low-rank adapters on these projections (wq,wk,wv,wo,w_gate,w_up,w_down or w_fc,
     # w_proj; "all"), the rest of the model frozen; "" = full fine-tuning. The scale is alpha / rank; init draws A
-    # (kaiming: uniform 1/sqrt(in) | gaussian: std 1/rank), B starts at zero so step 0 is the base model.
-    c.lora = dict(targets="", rank=8, alpha=16.0, init="kaiming")
+    # (kaiming: uniform 1/sqrt(in) | gaussian: std 1/rank), B starts at zero so step 0 is the base model. dropout:
+    # on the adapters' input, in training steps only.
+    c.lora = dict(targets="", rank=8, alpha=16.0, init="kaiming", dropout=0.0)
     # Mesh axes; one size may be -1 (the rest of the devices).
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # Logical axis -> comma-separated mesh axes ("" = replicated). The model only names logical axes.

@@ -80,7 +80,8 @@ CONTEXT = {
     "ppo.group_size": {"ppo.algorithm": "grpo"},  # GRPO's samples per prompt
     "ppo.kl_horizon": {"ppo.target_kl": 0.1},  # how fast the adaptive KL coefficient moves
     "lora.targets": {"init_from": "lm"},  # LoRA adapts a trained model
-    **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init"), {"lora.targets": "all", "init_from": "lm"}),
+    **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init", "lora.dropout"), {"lora.targets": "all",
+                                                                                 "init_from": "lm"}),
 }
 
 # Alternatives, tried in order, for keys whose type gives no sensible change ("files", "lm", "rm": see `resolve`).

@@ -13,7 +13,13 @@ def dense(x: jax.Array, w: jax.Array | dict, k: int = 1) -> jax.Array:
     dimension, which `remat=dots` does not save: the backward recomputes it from x A (r numbers a token) rather
     than storing a second copy of the projection's output."""
     if isinstance(w, dict):
-        xa = dense(x, w["lora_a"], k)
+        if "lora_key" in w:  # LoRA dropout on the adapter's input (training steps only; llmjax.models.lora.keyed)
+            keep = 1 - w["lora_dropout"].astype(jnp.float32)
+            kept = jax.random.bernoulli(w["lora_key"], keep, x.shape)
+            x_in = jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+        else:
+            x_in = x
+        xa = dense(x_in, w["lora_a"], k)
         b = w["lora_b"]
         low = jax.lax.dot_general(xa.reshape(1, -1, b.shape[0]), b.reshape(1, b.shape[0], -1),
                                   (((2,), (1,)), ((0,), (0,))))

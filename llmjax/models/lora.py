@@ -52,6 +52,9 @@ def check(cfg) -> None:
                           "of the adapted weights (r = min(in, out) is already full rank)")
     if cfg.lora.alpha <= 0:
         raise ConfigError(f"lora.alpha={cfg.lora.alpha}: the adapters' scale is alpha / rank, so alpha must be > 0")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={cfg.lora.dropout}: the chance of dropping an adapter input must lie in "
+                          "[0, 1)")
     if cfg.lora.init not in ("kaiming", "gaussian"):
         raise ConfigError(f"lora.init={cfg.lora.init!r} is not one of ('kaiming', 'gaussian')")
 
@@ -77,12 +80,18 @@ def _adapted(w: ParamSpec, name: str, cfg) -> dict:
     fan_in = math.prod(w.shape[1:1 + k])
     # PEFT's defaults: kaiming_uniform(a=sqrt(5)) bounds A by 1/sqrt(fan_in); "gaussian" draws A with std 1/r.
     init_a = _uniform(1 / math.sqrt(fan_in)) if cfg.lora.init == "kaiming" else normal(1 / r)
-    scale = cfg.lora.alpha / r
-    return {"base": w._replace(trainable=False),
-            "lora_a": ParamSpec((w.shape[0], *w.shape[1:1 + k], r), (w.axes[0], *w.axes[1:1 + k], None), init_a),
-            "lora_b": ParamSpec((w.shape[0], r, *w.shape[1 + k:]), (w.axes[0], None, *w.axes[1 + k:]), zeros),
-            "lora_scale": ParamSpec((w.shape[0],), (w.axes[0],), lambda key, shape, dtype: jnp.full(shape, scale,
-                                                                                                 dtype), False)}
+    out = {"base": w._replace(trainable=False),
+           "lora_a": ParamSpec((w.shape[0], *w.shape[1:1 + k], r), (w.axes[0], *w.axes[1:1 + k], None), init_a),
+           "lora_b": ParamSpec((w.shape[0], r, *w.shape[1 + k:]), (w.axes[0], None, *w.axes[1 + k:]), zeros),
+           "lora_scale": _constant(w, cfg.lora.alpha / r)}
+    if cfg.lora.dropout:
+        out["lora_dropout"] = _constant(w, cfg.lora.dropout)
+    return out
+
+
+def _constant(w: ParamSpec, value: float) -> ParamSpec:
+    """A frozen per-layer number that the scanned layer reads (the scale, the dropout rate)."""
+    return ParamSpec(w.shape[:1], w.axes[:1], lambda key, shape, dtype: jnp.full(shape, value, dtype), False)
 
 
 def apply(layout: dict, cfg) -> dict:
@@ -130,6 +139,22 @@ def restore(saved: Params, base: Params, cfg) -> Params:
                   for k, w in base["layers"].items()}
         return base | {"layers": layers}
     return {k: restore(v, base, cfg) for k, v in saved.items()} if isinstance(saved, dict) else saved
+
+
+def keyed(params: Params, key: jax.Array | None) -> Params:
+    """The parameters with a dropout key per layer beside every adapter that has a dropout rate: what a training
+    step's loss sees (evaluation and sampling never get keys, so never drop)."""
+    if key is None:
+        return params
+    count = iter(range(1 << 30))
+
+    def walk(tree):
+        if is_adapted(tree) and "lora_dropout" in tree:
+            layers = tree["lora_dropout"].shape[0]
+            return tree | {"lora_key": jax.random.split(jax.random.fold_in(key, next(count)), layers)}
+        return {k: walk(v) for k, v in sorted(tree.items())} if isinstance(tree, dict) else tree
+
+    return walk(params)
 
 
 def strip(params: Params) -> Params:

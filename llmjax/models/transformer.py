@@ -153,7 +153,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     Tokens attend causally within their own segment, so documents packed in one row never see each other.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
-    p = jax.tree.map(lambda a: a.astype(dtype), params)
+    p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     x_BTD = p["embed"][tokens_BT]
     if cfg.pos == "learned":
         x_BTD = x_BTD + p["pos_embed"][positions_BT]

@@ -141,7 +141,7 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
         return loss_fn(params, batch, cfg, constrain, reference)
 
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
-    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs))
+    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs), seed=cfg.seed)
     return loop.Task(step, lambda _, i: (batches(i), {}), sharding,
                      lambda: state.create(specs, cfg, mesh, tx, frozen[0] if frozen else given()),
                      state.abstract(specs, cfg, mesh, tx), pretrain.PARTS, flops_per_token(cfg), evaluate, frozen,

@@ -134,12 +134,14 @@ def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain, mask=
         key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         order = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, p.epochs)])
         order = order.reshape(p.epochs * p.minibatches, B // p.minibatches)
+        dropout_keys = jax.random.split(jax.random.fold_in(key, 1), p.epochs * p.minibatches)
 
-        def one(carry, idx):
-            params, opt_state, aux = update(*carry, jax.tree.map(lambda x: x[idx], batch))
+        def one(carry, xs):
+            idx, dropout_key = xs
+            params, opt_state, aux = update(*carry, jax.tree.map(lambda x: x[idx], batch), key=dropout_key)
             return (params, opt_state), aux
 
-        (params, opt_state), aux = jax.lax.scan(one, (state.params, state.opt_state), order)
+        (params, opt_state), aux = jax.lax.scan(one, (state.params, state.opt_state), (order, dropout_keys))
         metrics = jax.tree.map(jnp.mean, aux)
         extra = {}
         if p.target_kl:  # Ziegler et al.: move the KL coefficient toward the KL that was targeted

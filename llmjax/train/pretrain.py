@@ -64,7 +64,7 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
     sharding = batch_sharding(mesh, cfg.rules)
     constrain = make_constrain(mesh, cfg.rules)
     step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     tokens, state.trainable(specs))
+                     tokens, state.trainable(specs), cfg.seed)
     evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
     if cfg.data.source == "synthetic":
         iterator, batches = None, synthetic.batches(cfg, sharding)

@@ -91,7 +91,7 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
     k, eos = cfg.reward.responses, cfg.reward.read == "eos"
     get = preference.batches(cfg, sharding, preference.source(cfg, k=k), layout="ranked", k=k, eos_input=eos)
     step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     pairs, state.trainable(specs))
+                     pairs, state.trainable(specs), cfg.seed)
     evaluate = None
     if cfg.eval_every:
         held_out = preference.source(cfg, "validation", HELD_OUT, k)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax.models import lora
 from llmjax.train.state import TrainState, join, split
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -54,17 +55,17 @@ def grads(loss_fn: LossFn, k: int = 1, weight: Callable | None = None) -> Callab
 
 def make_update(loss_fn: LossFn, tx: optax.GradientTransformation, k: int = 1, weight: Callable | None = None,
                 mask=None) -> Callable:
-    """update(params, opt_state, batch, *frozen) -> (params, opt_state, metrics): one optimizer step, or none
-    where the loss or gradients are not finite (metrics["nonfinite"] = 1). PPO calls it per minibatch. With
+    """update(params, opt_state, batch, *frozen, key=None) -> (params, opt_state, metrics): one optimizer step, or
+    none where the loss or gradients are not finite (metrics["nonfinite"] = 1). PPO calls it per minibatch. With
     `mask` (llmjax.train.state.trainable), only its True leaves are differentiated and optimised (LoRA's
-    adapters); the rest pass through untouched."""
+    adapters); the rest pass through untouched. `key` drives LoRA dropout (the same for every microbatch)."""
 
-    grad_fn = grads(lambda train, batch, fixed, *frozen: loss_fn(join(mask, train, fixed), batch, *frozen), k,
-                    weight)
+    grad_fn = grads(lambda train, batch, fixed, key, *frozen: loss_fn(lora.keyed(join(mask, train, fixed), key),
+                                                                      batch, *frozen), k, weight)
 
-    def update(params, opt_state, batch, *frozen):
+    def update(params, opt_state, batch, *frozen, key: jax.Array | None = None):
         train, fixed = split(params, mask)
-        loss, aux, g = grad_fn(train, batch, fixed, *frozen)
+        loss, aux, g = grad_fn(train, batch, fixed, key, *frozen)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
         updates, new_opt_state = tx.update(g, opt_state, train)
         new_train = optax.apply_updates(train, updates)
@@ -87,13 +88,14 @@ def advance(state: TrainState, params, opt_state, nonfinite: jax.Array, lr: opta
 
 
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, lr: optax.Schedule, k: int = 1,
-              weight: Callable | None = None, mask=None) -> Callable[..., tuple[TrainState, dict]]:
+              weight: Callable | None = None, mask=None, seed: int = 0) -> Callable[..., tuple[TrainState, dict]]:
     """step(state, batch, *frozen) -> (state, metrics): one update of loss_fn over cfg.optim.grad_accum = k
-    microbatches (of the `mask`ed leaves, see make_update)."""
+    microbatches (of the `mask`ed leaves, see make_update), its dropout key drawn from `seed` and the step."""
     update = make_update(loss_fn, tx, k, weight, mask)
 
     def step(state: TrainState, batch, *frozen) -> tuple[TrainState, dict]:
-        params, opt_state, metrics = update(state.params, state.opt_state, batch, *frozen)
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        params, opt_state, metrics = update(state.params, state.opt_state, batch, *frozen, key=key)
         new, standard = advance(state, params, opt_state, metrics["nonfinite"], lr)
         return new, metrics | standard
 

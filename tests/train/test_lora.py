@@ -165,6 +165,7 @@ def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
     ({"lora.targets": "wq,w_fc"}, "lora.targets names ['w_fc']"),
     ({"lora.rank": 0}, "lora.rank=0"),
     ({"lora.rank": 100}, "1 <= r <= 32"),
+    ({"lora.dropout": 1.0}, "lora.dropout=1.0"),
     ({"init_from": ""}, "LoRA adapts a trained model"),
     ({"init_from": "/nonexistent/base"}, "holds no run"),
 ])
@@ -185,6 +186,22 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     with pytest.raises(ConfigError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
         checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     assert metric_rows(run)
+
+
+def test_dropout_applies_to_training_steps_only(base_dir, tmp_path):
+    """LoRA dropout on the adapters' input: the same seed gives the same run, another rate another one (B is zero
+    at step 0, so the first loss is the base's either way), and what evaluation and sampling see has no keys."""
+    runs = {}
+    for name, rate in (("a", 0.5), ("b", 0.5), ("none", 0.0)):
+        cfg = lora_config(base_dir, steps=4, log_every=1, **{"lora.dropout": rate})
+        runs[name] = (registry.train(cfg, str(tmp_path / name)), losses(str(tmp_path / name)))
+    assert runs["a"][1] == runs["b"][1]
+    assert runs["a"][1][1] == runs["none"][1][1] and runs["a"][1][4] != runs["none"][1][4]
+    params = runs["a"][0].params
+    assert "lora_dropout" in params["layers"]["wq"] and "lora_key" not in params["layers"]["wq"]
+    np.testing.assert_array_equal(forward(params, cfg, TOKENS), forward(params, cfg, TOKENS))
+    keyed = lora.keyed(params, jax.random.key(0))["layers"]["wq"]
+    assert keyed["lora_key"].shape == (cfg.model.n_layers,)
 
 
 def test_merge_writes_a_plain_run_with_the_same_model(base_dir, tmp_path):
