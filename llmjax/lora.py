@@ -91,8 +91,9 @@ def peft_config(cfg, found: dict) -> dict:
     where = families.tensors(cfg.model)
     alpha = cfg.lora.alpha
     return {"alpha_pattern": {}, "base_model_name_or_path": _base_name(cfg), "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None,
-            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": 0.0,
+            "inference_mode": True, "init_lora_weights": True if cfg.lora.init == "kaiming" else "gaussian",
+            "layers_pattern": None, "layers_to_transform": None,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": cfg.lora.dropout,
             "modules_to_save": None, "peft_type": "LORA", "r": cfg.lora.rank, "rank_pattern": {}, "revision": None,
             "target_modules": sorted(where[f"layers.{t}"].key.split(".")[-2] for t in found),
             "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False}
