@@ -109,23 +109,24 @@ def test_export_shards_with_an_index(tmp_path):
         assert json.load(f)["torch_dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("source", ["folder", "imported run"])
-def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from_it(source, tmp_path):
+def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from_it(tmp_path):
     """configs/sft.py:model=hf:DIR (or model=RUN, an imported run) takes its architecture, tokenizer and parameters:
     SFT on the synthetic tasks through the model's chat template trains, and generate and evaluate read the result."""
     from llmjax import evaluate, generate
     from llmjax.train import registry
 
-    model = f"hf:{fixture('qwen2')}"
-    if source == "imported run":
-        model = str(tmp_path / "imported")
-        convert.import_run(fixture("qwen2"), model)
-    cfg = config.load(f"configs/sft.py:model={model},steps=3", **{
-        "batch_size": 8, "seq_len": 64, "eval_every": 0, "peak_flops": 1e12, "optim.warmup_steps": 1})
-    assert cfg.init_from == model and cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
-    assert cfg.data.tokenizer == (model if source == "folder" else f"hf:{model}/tokenizer")
+    overrides = {"batch_size": 8, "seq_len": 64, "eval_every": 0, "peak_flops": 1e12, "optim.warmup_steps": 1}
+    imported = str(tmp_path / "imported")
+    convert.import_run(fixture("qwen2"), imported)
+    starts = {}
+    for model in (f"hf:{fixture('qwen2')}", imported):
+        cfg = config.load(f"configs/sft.py:model={model},steps=3", **overrides)
+        assert cfg.init_from == model and cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
+        assert cfg.data.tokenizer == (model if model.startswith("hf:") else f"hf:{model}/tokenizer")
+        starts[model] = registry.task(cfg, "").start().params
+    jax.tree.map(np.testing.assert_array_equal, *starts.values())
     run = str(tmp_path / "sft")
-    registry.train(cfg, run)
+    registry.train(cfg, run)  # from the imported run
     losses = [row["loss"] for row in helpers.metric_rows(run) if "loss" in row]
     assert losses[-1] < losses[0]
     texts = generate.complete(run, ["sort 321 = "], max_new_tokens=8)

@@ -23,17 +23,22 @@ def launch(devices, *args, **env):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def two_and_one(*args: str, multi_args=(), single_args=()) -> None:
-    """`python -m *args` as two processes of 4 devices and as one of 8, to completion."""
+def two_and_one(*args: str, multi_args=(), single_args=(), single: bool = True) -> None:
+    """`python -m *args` as two processes of 4 devices and (unless not `single`) as one of 8, to completion."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    multi = [launch(4, *args, *multi_args, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+    procs = [launch(4, *args, *multi_args, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo") for i in range(2)]
-    single = launch(8, *args, *single_args)
-    for p in [*multi, single]:
+    procs += [launch(8, *args, *single_args)] if single else []
+    for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
+
+
+def two(command: list[str]) -> None:
+    """`python -m llmjax.hf *command` as two processes of 4 devices."""
+    two_and_one("llmjax.hf", *command, single=False)
 
 
 @pytest.mark.slow
@@ -49,18 +54,17 @@ def test_two_processes_equal_one(tmp_path):
 @pytest.mark.slow
 def test_hugging_face_import_and_export_on_two_processes_equal_one(tmp_path):
     """Each process reads only its devices' shards and writes its part of the run; the export gathers tensor by
-    tensor and one process writes: the same files as one process."""
+    tensor and one process writes: the same tensors as the original, and the same files as one process's export."""
+    from llmjax.hf import convert
+
     folder = os.path.join(REPO, "tests", "fixtures", "hf", "qwen2")
-    for way in ("multi", "single"):
-        os.makedirs(tmp_path / way)
-    two_and_one("llmjax.hf", "import", f"--hf_dir={folder}", multi_args=[f"--workdir={tmp_path / 'multi' / 'run'}"],
-                single_args=[f"--workdir={tmp_path / 'single' / 'run'}"])
-    two_and_one("llmjax.hf", "export", multi_args=[f"--workdir={tmp_path / 'multi' / 'run'}",
-                                                   f"--out={tmp_path / 'multi' / 'out'}"],
-                single_args=[f"--workdir={tmp_path / 'single' / 'run'}", f"--out={tmp_path / 'single' / 'out'}"])
-    for name in os.listdir(tmp_path / "single" / "out"):
-        assert (tmp_path / "multi" / "out" / name).read_bytes() == (tmp_path / "single" / "out" / name).read_bytes()
-    original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (folder, tmp_path / "multi" / "out"))
+    run, out, single = (str(tmp_path / d) for d in ("run", "out", "single"))
+    two(["import", f"--hf_dir={folder}", f"--workdir={run}"])
+    two(["export", f"--workdir={run}", f"--out={out}"])
+    convert.export_run(run, single)
+    for name in os.listdir(single):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+    original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (folder, out))
     assert original.keys() == exported.keys()
     for key, value in original.items():
         np.testing.assert_array_equal(exported[key], value)

@@ -27,6 +27,13 @@ def base_dir(tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory):
+    """A LoRA run of 8 steps on the base, and its final state."""
+    workdir = str(tmp_path_factory.mktemp("lora"))
+    return workdir, registry.train(lora_config(base_dir, steps=8), workdir)
+
+
 def lora_config(base_dir, **overrides):
     return tiny_config(**{"init_from": base_dir, **LORA, **overrides})
 
@@ -40,39 +47,35 @@ def forward(params, cfg, tokens_BT):
 TOKENS = np.random.default_rng(0).integers(7, 300, (2, 16))
 
 
-def test_step_0_is_the_base_model_and_only_adapters_train(base_dir, tmp_path):
+def test_step_0_is_the_base_model_and_only_adapters_train(base_dir, lora_run):
     cfg = lora_config(base_dir, steps=8)
     base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
-    task = registry.task(cfg, str(tmp_path / "run"))
-    start = task.start()
+    start = registry.task(cfg, "").start()
     np.testing.assert_array_equal(forward(start.params, cfg, TOKENS), forward(base, cfg, TOKENS))
-    assert lora.strip(start.params) is not None
     jax.tree.map(np.testing.assert_array_equal, lora.strip(start.params), base)
-
     adapters = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(start.params)
                    if "lora_a" in str(k) or "lora_b" in str(k))
     moments = sum(x.size for x in jax.tree.leaves(start.opt_state) if x.ndim)
     assert moments == 2 * adapters  # Adam's mu and nu, over the adapters alone
     assert adapters < transformer.param_count(cfg.model) / 10
 
-    trained = registry.train(cfg, str(tmp_path / "run"))
+    run, trained = lora_run
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params), base)  # the base never moves
-    steps = losses(str(tmp_path / "run"))
+    steps = losses(run)
     assert steps[8] < steps[1]
     b = [x for k, x in jax.tree_util.tree_leaves_with_path(trained.params) if "lora_b" in str(k)]
     assert all(np.abs(np.asarray(x)).max() > 0 for x in b)
 
 
-def test_merged_equals_unmerged_and_a_lora_run_reads_back_merged(base_dir, tmp_path):
-    cfg = lora_config(base_dir, steps=6)
-    run = str(tmp_path / "run")
-    trained = registry.train(cfg, run)
+def test_merged_equals_unmerged_and_a_lora_run_reads_back_merged(base_dir, lora_run):
+    cfg = lora_config(base_dir)
+    run, trained = lora_run
     merged = lora.merge(trained.params)
     np.testing.assert_allclose(forward(merged, cfg, TOKENS), forward(trained.params, cfg, TOKENS), atol=1e-4, rtol=0)
     read = checkpoint.load_params(run, make_mesh(cfg.mesh))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), read, merged)
     # The checkpoint holds the adapters only: the base is read from init_from.
-    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(run, "checkpoints", "6", "state"))
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(run, "checkpoints", "8", "state"))
     names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(saved.item_metadata.tree)}
     assert not [n for n in names if "params" in n and "lora_" not in n], names
     assert generate.complete(run, ["sort 321 = "], max_new_tokens=4)
@@ -138,16 +141,16 @@ def state_step(cfg, task, reference):
     return step
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_ppo_and_grpo_train_adapters_against_their_base(base_dir, tmp_path, algorithm):
-    cfg = ppo_config(base_dir, algorithm, steps=2, **LORA)
+def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
+    """PPO with a separate value model (GRPO shares the policy's path and has no value model)."""
+    cfg = ppo_config(base_dir, "ppo", steps=2, **LORA)
     task = registry.task(cfg, str(tmp_path / "rl"))
     assert task.source.reference is None  # the reference is the policy's base, adapters off
     trained = registry.train(cfg, str(tmp_path / "rl"))
     base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["policy"], base)
-    if algorithm == "ppo":  # the value model: a LoRA trunk on the same base, and its own trained head
-        jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["value"]["trunk"], base)
+    # the value model: a LoRA trunk on the same base, and its own trained head
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["value"]["trunk"], base)
     assert all(np.isfinite(row["loss"]) for row in metric_rows(str(tmp_path / "rl")) if "loss" in row)
 
 
@@ -189,13 +192,12 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
 
 
 def test_dropout_applies_to_training_steps_only(base_dir, tmp_path):
-    """LoRA dropout on the adapters' input: the same seed gives the same run, another rate another one (B is zero
-    at step 0, so the first loss is the base's either way), and what evaluation and sampling see has no keys."""
+    """LoRA dropout on the adapters' input: another rate gives another run (B is zero at step 0, so the first loss
+    is the base's either way), and what evaluation and sampling see has no keys."""
     runs = {}
-    for name, rate in (("a", 0.5), ("b", 0.5), ("none", 0.0)):
+    for name, rate in (("a", 0.5), ("none", 0.0)):
         cfg = lora_config(base_dir, steps=4, log_every=1, **{"lora.dropout": rate})
         runs[name] = (registry.train(cfg, str(tmp_path / name)), losses(str(tmp_path / name)))
-    assert runs["a"][1] == runs["b"][1]
     assert runs["a"][1][1] == runs["none"][1][1] and runs["a"][1][4] != runs["none"][1][4]
     params = runs["a"][0].params
     assert "lora_dropout" in params["layers"]["wq"] and "lora_key" not in params["layers"]["wq"]
@@ -204,17 +206,14 @@ def test_dropout_applies_to_training_steps_only(base_dir, tmp_path):
     assert keyed["lora_key"].shape == (cfg.model.n_layers,)
 
 
-def test_merge_writes_a_plain_run_with_the_same_model(base_dir, tmp_path):
+def test_merge_writes_a_plain_run_with_the_same_model(base_dir, lora_run, tmp_path):
     from llmjax import lora as lora_runs
 
-    run, merged = str(tmp_path / "run"), str(tmp_path / "merged")
-    cfg = lora_config(base_dir, steps=4)
-    trained = registry.train(cfg, run)
+    (run, trained), merged = lora_run, str(tmp_path / "merged")
     lora_runs.merge(run, merged)
     assert checkpoint.run_config(merged).lora.targets == ""
-    mesh = make_mesh(cfg.mesh)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), checkpoint.load_params(merged, mesh),
-                 lora.merge(trained.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 checkpoint.load_params(merged, make_mesh(lora_config(base_dir).mesh)), lora.merge(trained.params))
     with pytest.raises(ConfigError, match="is not a LoRA run"):
         lora_runs.merge(merged, str(tmp_path / "again"))
 
@@ -222,10 +221,10 @@ def test_merge_writes_a_plain_run_with_the_same_model(base_dir, tmp_path):
 @pytest.mark.slow
 def test_lora_sft_learns_over_its_base(tmp_path):
     """A tiny model pretrained on `sort` as plain text cannot answer in the chat format; rank-8 LoRA SFT on every
-    projection teaches it (measured: 3% -> 53% greedy accuracy on 32 held-out prompts), its base untouched."""
+    projection teaches it in 60 steps (measured: 0% -> 34% greedy accuracy on 32 held-out prompts)."""
     base, run = str(tmp_path / "base"), str(tmp_path / "lora")
-    registry.train(tiny_config(steps=150, **{"data.tasks": "sort", "optim.lr": 3e-3}), base)
-    cfg = tiny_config(steps=100, eval_every=100, eval_prompts=32, **{
+    registry.train(tiny_config(steps=100, **{"data.tasks": "sort", "optim.lr": 3e-3}), base)
+    cfg = tiny_config(steps=60, eval_every=60, eval_prompts=32, **{
         "data.format": "chat", "data.tasks": "sort", "init_from": base, "lora.targets": "all", "lora.rank": 8,
         "optim.lr": 1e-2})
     mesh = make_mesh(cfg.mesh)
