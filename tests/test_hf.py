@@ -51,10 +51,11 @@ def test_logits_and_greedy_generation_equal_transformers(name):
     ref = reference(name)
     params = checkpoint.load_params(source, make_mesh(dict(data=1, fsdp=4, tensor=2)))
     np.testing.assert_allclose(logits(params, cfg.model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
-    prompt = ref["prompt_ids"].astype(np.int32)
-    out = sampling.generate(params, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0), cfg.model,
-                            max_new_tokens=20, eos_id=-1)
-    np.testing.assert_array_equal(np.asarray(out["tokens"][0]), ref["greedy_ids"])
+    if name in FAMILIES:  # the bfloat16 and sharded folders hold llama3's and qwen2's architectures
+        prompt = ref["prompt_ids"].astype(np.int32)
+        out = sampling.generate(params, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0), cfg.model,
+                                max_new_tokens=20, eos_id=-1)
+        np.testing.assert_array_equal(np.asarray(out["tokens"][0]), ref["greedy_ids"])
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -97,11 +97,11 @@ def test_sharded_equals_single_device(base_dir, tmp_path):
     out = {}
     for name, mesh, devices in (("single", dict(data=1, fsdp=1, tensor=1), 1), ("sharded", dict(data=1, fsdp=4,
                                                                                                tensor=2), 8)):
-        cfg = lora_config(base_dir, steps=3, **{f"mesh.{k}": v for k, v in mesh.items()})
+        cfg = lora_config(base_dir, steps=2, **{f"mesh.{k}": v for k, v in mesh.items()})
         task = registry.task(cfg, str(tmp_path / name), make_mesh(cfg.mesh, jax.devices()[:devices]))
         s = task.start()
         step = task.jit_step(jax.tree.map(lambda x: x.sharding, s))
-        for i in range(3):
+        for i in range(2):
             s, m = step(s, task.source(s, i)[0], *task.frozen)
         out[name] = (float(m["loss"]), jax.device_get(s.params))
     np.testing.assert_allclose(out["sharded"][0], out["single"][0], rtol=1e-5)
@@ -191,19 +191,20 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     assert metric_rows(run)
 
 
-def test_dropout_applies_to_training_steps_only(base_dir, tmp_path):
-    """LoRA dropout on the adapters' input: another rate gives another run (B is zero at step 0, so the first loss
-    is the base's either way), and what evaluation and sampling see has no keys."""
-    runs = {}
-    for name, rate in (("a", 0.5), ("none", 0.0)):
-        cfg = lora_config(base_dir, steps=4, log_every=1, **{"lora.dropout": rate})
-        runs[name] = (registry.train(cfg, str(tmp_path / name)), losses(str(tmp_path / name)))
-    assert runs["a"][1][1] == runs["none"][1][1] and runs["a"][1][4] != runs["none"][1][4]
-    params = runs["a"][0].params
+def test_dropout_applies_to_training_steps_only(base_dir):
+    """LoRA dropout on the adapters' input changes the training step (B's gradient sees the dropped inputs even at
+    step 0), while what evaluation and sampling see carries no keys and never drops."""
+    after = {}
+    for rate in (0.5, 0.0):
+        task = registry.task(lora_config(base_dir, **{"lora.dropout": rate, "optim.warmup_steps": 0}), "")
+        s = task.start()
+        after[rate] = task.jit_step(jax.tree.map(lambda x: x.sharding, s))(s, task.source(s, 0)[0])[0].params
+    b = [lora.merge(after[rate])["layers"]["wq"] for rate in (0.5, 0.0)]
+    assert not np.allclose(b[0], b[1])
+    params = after[0.5]
     assert "lora_dropout" in params["layers"]["wq"] and "lora_key" not in params["layers"]["wq"]
-    np.testing.assert_array_equal(forward(params, cfg, TOKENS), forward(params, cfg, TOKENS))
     keyed = lora.keyed(params, jax.random.key(0))["layers"]["wq"]
-    assert keyed["lora_key"].shape == (cfg.model.n_layers,)
+    assert keyed["lora_key"].shape == (params["layers"]["wq"]["base"].shape[0],)
 
 
 def test_merge_writes_a_plain_run_with_the_same_model(base_dir, lora_run, tmp_path):
