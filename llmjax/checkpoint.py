@@ -69,13 +69,6 @@ PARTS = {
 MEANING = ("trainer", "model", "data.tokenizer", "ppo.algorithm", "ppo.value")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 def check_workdir(workdir: str, cfg) -> None:
     """Refuses, writing nothing, a workdir holding a run whose parameters would mean something else to this one
     (MEANING: another objective, model, tokenizer or parameter layout)."""
@@ -83,8 +76,8 @@ def check_workdir(workdir: str, cfg) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = _flat(json.load(f))
-    new = _flat(json.loads(cfg.to_json_best_effort()))
+        old = hf_weights.flat(json.load(f))
+    new = hf_weights.flat(json.loads(cfg.to_json_best_effort()))
     means = lambda key: any(key == m or key.startswith(m + ".") for m in MEANING)  # noqa: E731
     diff = sorted(k for k in set(old) | set(new) if means(k) and old.get(k) != new.get(k))
     if diff:

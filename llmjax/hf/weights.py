@@ -79,7 +79,7 @@ class Reader:
 def check(reader: Reader, model) -> None:
     """Refuses, before anything is read, a checkpoint whose tensors are not exactly the model's (by name and
     shape), naming what is missing or left over."""
-    specs = _flat(transformer.specs(model))
+    specs = flat(transformer.specs(model))
     wanted: dict[str, tuple[int, ...]] = {}
     for path, t in tensors(model).items():
         shape = specs[path].shape[1:] if "{i}" in t.key else specs[path].shape
@@ -103,16 +103,17 @@ def _few(keys: list[str]) -> str:
     return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict by dotted path ("layers.wq")."""
     out = {}
     for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
     return out
 
 
-def _unflat(flat: dict) -> dict:
+def _unflat(paths: dict) -> dict:
     out: dict = {}
-    for path, v in flat.items():
+    for path, v in paths.items():
         *parents, last = path.split(".")
         node = out
         for p in parents:
@@ -151,9 +152,9 @@ def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
     model.param_dtype; each device reads its own shard."""
     check(reader, model)
     specs = transformer.specs(model)
-    shardings = _flat(tree_shardings(specs, rules, mesh))
+    shardings = flat(tree_shardings(specs, rules, mesh))
     dtype = jnp.dtype(model.param_dtype)
-    shapes = {path: spec.shape for path, spec in _flat(specs).items()}
+    shapes = {path: spec.shape for path, spec in flat(specs).items()}
     return _unflat({path: jax.make_array_from_callback(shapes[path], shardings[path],
                                                        partial(_read, reader, t, shapes[path], dtype))
                     for path, t in tensors(model).items()})
@@ -167,7 +168,7 @@ def host(x: jax.Array) -> np.ndarray:
 def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
     """(name, shape, make) of every stored tensor, in the family's layout; `make()` gathers it onto this host in
     `dtype`. Tensors that hold several of ours (GPT-2's fused q, k, v) are concatenated in offset order."""
-    flat = _flat(params)
+    by_path = flat(params)
     by_key: dict[str, list[tuple[Tensor, str, int | None]]] = {}
     for path, t in tensors(model).items():
         for i in range(model.n_layers) if "{i}" in t.key else [None]:
@@ -183,12 +184,12 @@ def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tu
         def make(parts=parts):
             pieces = []
             for t, path, i in parts:
-                x = flat[path] if i is None else flat[path][i]
+                x = by_path[path] if i is None else by_path[path][i]
                 pieces.append(host(x).astype(dtype).reshape(view_shape(x.shape, t._replace(transpose=False))))
             joined = np.concatenate(pieces, axis=-1)
             return np.ascontiguousarray(joined.T if parts[0][0].transpose else joined)
 
-        shapes = [view_shape(flat[p].shape[1:] if i is not None else flat[p].shape, t) for t, p, i in parts]
+        shapes = [view_shape(by_path[p].shape[1:] if i is not None else by_path[p].shape, t) for t, p, i in parts]
         yield key, (*shapes[0][:-1], sum(s[-1] for s in shapes)), make
 
 
