@@ -151,11 +151,11 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     # on the adapters' input, in training steps only.
     c.lora = dict(targets="", rank=8, alpha=16.0, init="kaiming", dropout=0.0)
     # Mesh axes; one size may be -1 (the rest of the devices).
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh = dict(data=1, expert=1, fsdp=-1, tensor=1)
     # Logical axis -> comma-separated mesh axes ("" = replicated). The model only names logical axes.
     c.rules = dict(
-        batch="data,fsdp", embed="fsdp", vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor",
-        layers="", seq="", head_dim="", act_embed="",
+        batch="data,expert,fsdp", embed="fsdp", vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor",
+        experts="expert", layers="", seq="", head_dim="", act_embed="",
     )
     if model not in presets.PRESETS:
         c.data.tokenizer = model if model.startswith("hf:") else saved(model).data.tokenizer

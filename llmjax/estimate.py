@@ -80,7 +80,7 @@ TRAINERS = ("pretrain", "dpo")  # the steps the activations model; state_bytes k
 
 def abstract_mesh(cfg, n_devices: int) -> AbstractMesh:
     """The config's mesh without devices: enough for the sharding specs."""
-    sizes = mesh_shape({a: cfg.mesh[a] for a in AXES}, n_devices)
+    sizes = mesh_shape({a: cfg.mesh.get(a, 1) for a in AXES}, n_devices)
     return AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
 
 
@@ -287,7 +287,7 @@ def _report(runs: list[tuple[str, dict, dict | None]], device_gib: float) -> str
     side."""
     est, xla = runs[-1][1], runs[-1][2]
     m, act, lo = est["mesh"], est["activation_bytes"], est["lora"]
-    rows = est["batch_size"] // (m["data"] * m["fsdp"])
+    rows = est["batch_size"] // (m["data"] * m["expert"] * m["fsdp"])
     lines = [
         f"{est['model']} ({est['trainer']}): {est['devices']} devices, mesh data={m['data']} fsdp={m['fsdp']} "
         f"tensor={m['tensor']}, batch {est['batch_size']} x {est['seq_len']} ({rows} x {est['seq_len']} per device), "

@@ -59,8 +59,8 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])  # negative on padding
     segment_BP = (slot_BP >= 0).astype(jnp.int32)
     cache = transformer.init_cache(cfg, B, P + max_new_tokens)
-    logits_BPV, _, cache = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg,
-                                               constrain, cache)
+    out = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg, constrain, cache)
+    logits_BPV, cache = out.logits_BTV, out.cache
     out_BR = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
     logits_BV = limit_vocab(logits_BPV[:, -1], vocab_size)
     init = (0, logits_BV, cache, jnp.zeros(B, bool), out_BR, jnp.zeros((B, max_new_tokens)), key)
@@ -77,8 +77,9 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
         out_BR = out_BR.at[:, i].set(token_B)
         logp_BR = logp_BR.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
         done_B = done_B | (token_B == eos_id)
-        logits_B1V, _, cache = transformer.forward(params, token_B[:, None], (lengths_B + i)[:, None],
-                                                   (~done_B).astype(jnp.int32)[:, None], cfg, constrain, cache)
+        out = transformer.forward(params, token_B[:, None], (lengths_B + i)[:, None],
+                                  (~done_B).astype(jnp.int32)[:, None], cfg, constrain, cache)
+        logits_B1V, cache = out.logits_BTV, out.cache
         return i + 1, limit_vocab(logits_B1V[:, 0], vocab_size), cache, done_B, out_BR, logp_BR, key
 
     _, _, _, _, out_BR, logp_BR, _ = jax.lax.while_loop(cond, body, init)

@@ -1,12 +1,14 @@
 """Meshes and the logical-axis rules that place every array on them.
 
-The model names only logical axes ("batch", "embed", "heads", ...); `cfg.rules` maps each to mesh axes
-("data", "fsdp", "tensor"). We build meshes with `AxisType.Auto` (GSPMD-style): shardings are hints that
-XLA propagates, set on parameters through jit's in/out shardings and on activations with `constrain`.
+The model names only logical axes ("batch", "embed", "heads", "experts", ...); `cfg.rules` maps each to mesh axes
+("data", "expert", "fsdp", "tensor"; a mesh given without "expert" has it of size 1). We build meshes with
+`AxisType.Auto` (GSPMD-style): shardings are hints that XLA propagates, set on parameters through jit's in/out
+shardings and on activations with `constrain`.
 """
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -14,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "expert", "fsdp", "tensor")
 
 
 def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -38,7 +40,7 @@ def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    sizes = mesh_shape({a: mesh_cfg[a] for a in AXES}, len(devices))
+    sizes = mesh_shape({a: mesh_cfg.get(a, 1) for a in AXES}, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
@@ -49,7 +51,7 @@ def spec(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
     replicated (e.g. GPT-2's 50257-token vocabulary on tensor=2) rather than being padded."""
     out, used = [], set()
     for i, name in enumerate(logical):
-        axes = tuple(a for a in (rules[name].split(",") if name else ()) if a and a not in used)
+        axes = tuple(a for a in (rules[name].split(",") if name else ()) if a and a not in used and mesh.shape[a] > 1)
         size = int(np.prod([mesh.shape[a] for a in axes]))
         if not axes or size == 1 or (shape is not None and shape[i] % size):
             out.append(None)
@@ -70,20 +72,25 @@ def tree_shardings(specs, rules: Mapping[str, str], mesh: Mesh):
                         is_leaf=lambda x: hasattr(x, "axes"))
 
 
-Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+class Constrain(NamedTuple):
+    """Activation-sharding hints for use inside jit, `constrain(x_BTD, ("batch", "seq", "act_embed"))`; it also
+    carries the mesh and rules for the kernels that place their work themselves (llmjax.models.moe's shard_map).
+    Without a mesh it is the identity."""
+
+    mesh: Mesh | None = None
+    rules: Mapping[str, str] | None = None
+
+    def __call__(self, x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, named(logical, self.rules, self.mesh, x.shape))
 
 
-def no_constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    return x
+no_constrain = Constrain()
 
 
 def make_constrain(mesh: Mesh, rules: Mapping[str, str]) -> Constrain:
-    """An activation-sharding hint for use inside jit: constrain(x_BTD, ("batch", "seq", "act_embed"))."""
-
-    def constrain(x, logical):
-        return jax.lax.with_sharding_constraint(x, named(logical, rules, mesh, x.shape))
-
-    return constrain
+    return Constrain(mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, str]) -> NamedSharding:

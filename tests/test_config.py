@@ -37,8 +37,8 @@ def test_config_file_rejects_unknown_preset():
     ({"mesh.fsdp": 3}, r"has 3 devices but 8 are present; .* --config.mesh.fsdp=-1"),
     ({"mesh.fsdp": 3, "mesh.data": -1}, r"8 devices are not divisible by 3"),
     ({"mesh.fsdp": -1, "mesh.data": -1}, r"at most one -1"),
-    ({"batch_size": 12}, r"batch_size=12 is not divisible by data\*fsdp\*grad_accum=1\*8\*1; use a multiple of 8"),
-    ({"optim.grad_accum": 3}, r"batch_size=8 .*=1\*8\*3; use a multiple of 24"),
+    ({"batch_size": 12}, r"batch_size=12 is not divisible by data\*expert\*fsdp\*grad_accum=1\*1\*8\*1; use a multiple of 8"),
+    ({"optim.grad_accum": 3}, r"batch_size=8 .*=1\*1\*8\*3; use a multiple of 24"),
     ({"model.n_kv_heads": 3}, r"model.n_heads=4 is not divisible by model.n_kv_heads=3"),
     ({"mesh.tensor": 4}, r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"),
     ({"seq_len": 512}, r"seq_len=512 is longer than model.max_seq_len=256; lower --config.seq_len"),
@@ -56,10 +56,11 @@ def test_validate_rejects(overrides, message):
 
 
 @pytest.mark.parametrize("overrides, n_devices, sizes", [
-    ({}, 8, dict(data=1, fsdp=8, tensor=1)),
-    ({"mesh.tensor": 2}, 8, dict(data=1, fsdp=4, tensor=2)),
-    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, 8, dict(data=2, fsdp=2, tensor=2)),
-    ({}, 1, dict(data=1, fsdp=1, tensor=1)),
+    ({}, 8, dict(data=1, expert=1, fsdp=8, tensor=1)),
+    ({"mesh.tensor": 2}, 8, dict(data=1, expert=1, fsdp=4, tensor=2)),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, 8, dict(data=2, expert=1, fsdp=2, tensor=2)),
+    ({"mesh.expert": 2, "mesh.tensor": 2}, 8, dict(data=1, expert=2, fsdp=2, tensor=2)),
+    ({}, 1, dict(data=1, expert=1, fsdp=1, tensor=1)),
 ])
 def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
     assert registry.validate(tiny_config(**overrides), n_devices) == sizes

@@ -32,9 +32,8 @@ def reference(name: str) -> dict[str, np.ndarray]:
 
 def logits(params, model, ids_BT: np.ndarray) -> np.ndarray:
     B, T = ids_BT.shape
-    out, _ = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32),
-                                 model)
-    return np.asarray(out)
+    out = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32), model)
+    return np.asarray(out.logits_BTV)
 
 
 def stored(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:

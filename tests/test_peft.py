@@ -57,9 +57,8 @@ def adapted(base: transformer.Params, found: dict, folder: str) -> transformer.P
 
 def logits(params, model, ids_BT: np.ndarray) -> np.ndarray:
     B, T = ids_BT.shape
-    out, _ = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32),
-                                 model)
-    return np.asarray(out)
+    out = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32), model)
+    return np.asarray(out.logits_BTV)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])

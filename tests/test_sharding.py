@@ -42,10 +42,12 @@ def mesh(cfg):
 
 
 def test_make_mesh_fills_minus_one():
-    assert dict(sharding.make_mesh(dict(data=1, fsdp=-1, tensor=2)).shape) == dict(data=1, fsdp=4, tensor=2)
+    want = dict(data=1, expert=1, fsdp=4, tensor=2)
+    assert dict(sharding.make_mesh(dict(data=1, fsdp=-1, tensor=2)).shape) == want
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=2, tensor=1), dict(data=3, fsdp=-1, tensor=1)])
+@pytest.mark.parametrize("mesh_cfg", [dict(data=2, expert=1, fsdp=2, tensor=1), dict(data=3, expert=1, fsdp=-1,
+                                                                                     tensor=1)])
 def test_make_mesh_rejects_wrong_sizes(mesh_cfg):
     with pytest.raises(config.ConfigError, match=re.escape(f"mesh {mesh_cfg}")):
         sharding.make_mesh(mesh_cfg)

@@ -23,12 +23,13 @@ def specs(cfg) -> Params:
                      "b": ParamSpec((), (), transformer.zeros)}}
 
 
-def values(params: Params, rows: dict[str, jax.Array], cfg, constrain: Constrain = no_constrain) -> jax.Array:
-    """The head's scalar at every position, float32 values_BT (the trunk's logits are never used, so XLA
-    drops the unembedding)."""
-    _, h_BTD = transformer.forward(params["trunk"], rows["inputs"], rows["positions"], rows["segment_ids"], cfg,
-                                   constrain)
-    return apply(params["head"], h_BTD)
+def values(params: Params, rows: dict[str, jax.Array], cfg,
+           constrain: Constrain = no_constrain) -> tuple[jax.Array, dict]:
+    """The head's scalar at every position, float32 values_BT, and the trunk's MoE statistics (the trunk's logits
+    are never used, so XLA drops the unembedding)."""
+    out = transformer.forward(params["trunk"], rows["inputs"], rows["positions"], rows["segment_ids"], cfg,
+                              constrain)
+    return apply(params["head"], out.h_BTD), out.moe
 
 
 def apply(head: Params, h_BTD: jax.Array) -> jax.Array:

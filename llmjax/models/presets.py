@@ -1,7 +1,8 @@
 """Model presets: the one table of architectures a config can name with `model=NAME`.
 
 Published sizes the parameter-count test checks: GPT-2 small 124.4M (tied embeddings), Llama 3 8B 8.03B,
-Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 RoPE scaling).
+Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 RoPE scaling); Mixtral 8x7B 46.7B total,
+12.9B active per token.
 """
 
 LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", bias="none", norm_eps=1e-5, rope_theta=500_000.0)
@@ -24,6 +25,16 @@ PRESETS: dict[str, dict] = {
                       head_dim=128, d_ff=14336, max_seq_len=8192),
     "llama3-70b": dict(LLAMA, vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                        head_dim=128, d_ff=28672, max_seq_len=8192),
+    "mixtral-8x7b": dict(LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                         d_ff=14336, max_seq_len=32768, rope_theta=1_000_000.0, moe_experts=8, moe_top_k=2,
+                         moe_balance_coef=0.02),
+    # CPU mixture of experts: `small`'s attention, 8 experts of width 192 of which 4 run per token, so its active
+    # parameters equal `small`'s (4 x 192 = 768 = small's d_ff) while it holds twice the MLP parameters.
+    "moe-small": dict(LLAMA, vocab_size=320, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+                      d_ff=768, max_seq_len=512, rope_theta=10_000.0, remat="all_dots", attn_causal_block=64,
+                      moe_experts=8, moe_top_k=4, moe_d_ff=192),
+    "moe-tiny": dict(LLAMA, vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     d_ff=128, max_seq_len=256, rope_theta=10_000.0, moe_experts=4, moe_top_k=2, moe_d_ff=64),
 }
 
 # Every model key with its default; a preset overrides what differs. Overriding an unknown key fails.
@@ -47,6 +58,20 @@ DEFAULTS = dict(
     compute_dtype="float32",  # float32 | bfloat16: matmuls and activations; logits and loss stay float32
     remat="none",           # none | full | dots | all_dots: what the scanned layer saves for the backward pass
     attn_causal_block=0,    # >0: attention in query blocks that skip the masked upper triangle (CPU); 0: one block
+    # Mixture of experts (llmjax.models.moe): moe_experts > 0 replaces the MLP of every moe_every-th layer (layer i
+    # when (i + 1) % moe_every == 0, as Qwen-MoE's decoder_sparse_step) by moe_experts SwiGLU experts of width
+    # moe_d_ff (0: d_ff), moe_top_k of which run per token.
+    moe_experts=0,
+    moe_top_k=2,
+    moe_every=1,
+    moe_d_ff=0,
+    moe_renormalize=True,   # the top-k gates rescaled to sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    moe_shared_d_ff=0,      # >0: an always-on SwiGLU expert of this width beside the routed ones (Qwen-MoE, DeepSeek)
+    moe_shared_gate=False,  # the shared expert's output scaled by sigmoid(x . w) (Qwen2-MoE)
+    moe_dispatch="dropless",  # dropless: grouped by expert, jax.lax.ragged_dot | capacity: fixed slots, overflow lost
+    moe_capacity_factor=1.25,  # capacity: slots per expert = factor * tokens * top_k / experts
+    moe_balance_coef=0.01,  # load-balancing loss E * sum_e f_e P_e (Switch, Mixtral), added to every objective's loss
+    moe_z_coef=0.001,       # router z-loss mean(logsumexp(router logits)^2) (ST-MoE)
 )
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import layers
+from llmjax.models import layers, moe
 from llmjax.sharding import Constrain, no_constrain
 
 Params = dict[str, Any]
@@ -60,13 +60,27 @@ def specs(cfg) -> Params:
         "wo": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), w_out),
         "mlp_norm": norm(L),
     }
-    if cfg.mlp == "swiglu":
-        block["w_gate"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
-        block["w_up"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
-        block["w_down"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"), w_out)
-    else:
-        block["w_fc"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), w)
-        block["w_proj"] = ParamSpec((L, F, D), ("layers", "mlp", "embed"), w_out)
+    Lm = moe_layers(cfg)
+    Ld = L - Lm  # dense MLPs: every layer of a dense model, the others of an MoE one
+    if cfg.mlp == "swiglu" and Ld:
+        block["w_gate"] = ParamSpec((Ld, D, F), ("layers", "embed", "mlp"), w)
+        block["w_up"] = ParamSpec((Ld, D, F), ("layers", "embed", "mlp"), w)
+        block["w_down"] = ParamSpec((Ld, F, D), ("layers", "mlp", "embed"), w_out)
+    elif Ld:
+        block["w_fc"] = ParamSpec((Ld, D, F), ("layers", "embed", "mlp"), w)
+        block["w_proj"] = ParamSpec((Ld, F, D), ("layers", "mlp", "embed"), w_out)
+    if Lm:
+        E, Fe, Fs = cfg.moe_experts, cfg.moe_d_ff or F, cfg.moe_shared_d_ff
+        block["moe_router"] = ParamSpec((Lm, D, E), ("layers", "embed", None), w)
+        block["moe_gate"] = ParamSpec((Lm, E, D, Fe), ("layers", "experts", "embed", "mlp"), w)
+        block["moe_up"] = ParamSpec((Lm, E, D, Fe), ("layers", "experts", "embed", "mlp"), w)
+        block["moe_down"] = ParamSpec((Lm, E, Fe, D), ("layers", "experts", "mlp", "embed"), w_out)
+        if Fs:
+            block["shared_gate"] = ParamSpec((Lm, D, Fs), ("layers", "embed", "mlp"), w)
+            block["shared_up"] = ParamSpec((Lm, D, Fs), ("layers", "embed", "mlp"), w)
+            block["shared_down"] = ParamSpec((Lm, Fs, D), ("layers", "mlp", "embed"), w_out)
+        if Fs and cfg.moe_shared_gate:
+            block["shared_router"] = ParamSpec((Lm, D), ("layers", "embed"), w)
     if cfg.qk_norm:
         block["q_norm"] = {"scale": ParamSpec((L, H), ("layers", "head_dim"), ones)}
         block["k_norm"] = {"scale": ParamSpec((L, H), ("layers", "head_dim"), ones)}
@@ -76,9 +90,9 @@ def specs(cfg) -> Params:
         block["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), zeros)
     if cfg.bias == "all":
         block["bo"] = ParamSpec((L, D), ("layers", "embed"), zeros)
-        if cfg.mlp == "gelu":
-            block["b_fc"] = ParamSpec((L, F), ("layers", "mlp"), zeros)
-            block["b_proj"] = ParamSpec((L, D), ("layers", "embed"), zeros)
+        if cfg.mlp == "gelu" and Ld:
+            block["b_fc"] = ParamSpec((Ld, F), ("layers", "mlp"), zeros)
+            block["b_proj"] = ParamSpec((Ld, D), ("layers", "embed"), zeros)
     out = {"embed": ParamSpec((V, D), ("vocab", "embed"), w), "layers": block, "final_norm": norm()}
     if cfg.pos == "learned":
         out["pos_embed"] = ParamSpec((cfg.max_seq_len, D), (None, "embed"), normal(0.01))
@@ -107,11 +121,28 @@ def param_count(cfg) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(specs(cfg), is_leaf=is_spec))
 
 
+def active_param_count(cfg) -> int:
+    """Parameters a token uses: all but the routed experts it is not sent to (= param_count for a dense model)."""
+    return param_count(cfg) - _unrouted(cfg)
+
+
+def _unrouted(cfg) -> int:
+    if not cfg.moe_experts:
+        return 0
+    experts = sum(math.prod(specs(cfg)["layers"][k].shape) for k in moe.EXPERT_AXES)
+    return experts * (cfg.moe_experts - cfg.moe_top_k) // cfg.moe_experts
+
+
 def matmul_param_count(cfg) -> int:
-    """Parameters that take part in matrix multiplies: the FLOPs count's N (no lookups, norms, biases)."""
-    tree = specs(cfg)
-    n = sum(math.prod(s.shape) for k, s in tree["layers"].items() if k.startswith("w"))
-    return n + cfg.vocab_size * cfg.d_model  # the unembedding, tied or not
+    """Parameters that take part in a token's matrix multiplies: the FLOPs count's N (no lookups, norms, biases;
+    an MoE layer's router, shared expert and top_k of its experts)."""
+    n = sum(math.prod(s.shape) for k, s in specs(cfg)["layers"].items() if k.startswith(("w", "moe_", "shared_")))
+    return n - _unrouted(cfg) + cfg.vocab_size * cfg.d_model  # the unembedding, tied or not
+
+
+def moe_layers(cfg) -> int:
+    """How many layers have a mixture of experts for an MLP (every moe_every-th)."""
+    return cfg.n_layers // cfg.moe_every if cfg.moe_experts else 0
 
 
 def _norm(x, p, cfg):
@@ -145,10 +176,36 @@ def init_cache(cfg, batch: int, slots: int) -> Cache:
                  jnp.zeros((), jnp.int32))
 
 
+class Output(NamedTuple):
+    logits_BTV: jax.Array  # float32
+    h_BTD: jax.Array  # the final normed hidden states (heads read them)
+    moe: dict  # router statistics stacked over MoE layers (llmjax.models.moe.loss); {} for a dense model
+    cache: Cache | None  # the updated cache when one was given
+
+
+def _group_size(cfg) -> int:
+    return cfg.moe_every if cfg.moe_experts else 1
+
+
+DENSE_MLP = ("w_gate", "w_up", "w_down", "w_fc", "w_proj", "b_fc", "b_proj")
+
+
+def _groups(layers_p: Params, cfg) -> tuple[Params, Params, Params]:
+    """The layer stacks regrouped for one scan step per moe_every layers: (attention and norms [G, n, ...],
+    dense MLPs [G, n - 1, ...] ([G, 1, ...] when dense), MoE MLPs [G, ...])."""
+    G = cfg.n_layers // _group_size(cfg)
+    attn, dense, experts = {}, {}, {}
+    for k, v in layers_p.items():
+        part = experts if k.startswith(("moe_", "shared_")) else dense if k in DENSE_MLP else attn
+        part[k] = v
+    split = lambda tree: jax.tree.map(lambda a: a.reshape(G, -1, *a.shape[1:]), tree)  # noqa: E731
+    return split(attn), split(dense), experts
+
+
 def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-            cfg, constrain: Constrain = no_constrain, cache: Cache | None = None):
-    """Returns float32 logits_BTV and the final (normed) hidden states h_BTD, and the updated cache if one
-    was given (the tokens then fill slots index .. index+T and attend to everything cached before them).
+            cfg, constrain: Constrain = no_constrain, cache: Cache | None = None) -> Output:
+    """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill slots index ..
+    index+T and attend to everything cached before them.
 
     Tokens attend causally within their own segment, so documents packed in one row never see each other.
     """
@@ -169,8 +226,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
                                    cfg.rope_high_freq_factor, cfg.rope_original_max_len)
 
-    def block(x_BTD, w_and_cache):
-        w, kv_cache = w_and_cache
+    def attend(x_BTD, w, kv_cache):
         h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
         q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
         if cfg.bias != "none":
@@ -189,22 +245,39 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
             o_BTNH = layers.attention(q_BTNH, *kv_cache, mask_B1TS)
         o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
         x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD), ("batch", "seq", "act_embed"))
-        h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
-        if cfg.mlp == "swiglu":
-            m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])
-        else:
-            zero = jnp.zeros((), dtype)
-            m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
-        return constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed")), kv_cache
+        return x_BTD, _norm(x_BTD, w["mlp_norm"], cfg), kv_cache
+
+    def group(x_BTD, weights):
+        """moe_every layers (one for a dense model), the last with the MoE MLP when the model has experts."""
+        attn, dense, experts, kv_cache = weights
+        new_kv, stats = [], {}
+        for i in range(_group_size(cfg)):
+            at = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: B023, E731
+            x_BTD, h_BTD, kv = attend(x_BTD, at(attn), None if kv_cache is None else at(kv_cache))
+            new_kv.append(kv)
+            if cfg.moe_experts and i == cfg.moe_every - 1:
+                m_BTD, stats = moe.apply(h_BTD, experts, segment_ids_BT > 0, cfg, constrain)
+            elif cfg.mlp == "swiglu":
+                w = at(dense)
+                m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])
+            else:
+                w, zero = at(dense), jnp.zeros((), dtype)
+                m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
+            x_BTD = constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed"))
+        new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+        return x_BTD, (new_kv, stats)
 
     if REMAT[cfg.remat] is not None:
-        block = jax.checkpoint(block, policy=REMAT[cfg.remat], prevent_cse=False)
-    kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
-    x_BTD, kv = jax.lax.scan(block, x_BTD, (p["layers"], kv))
+        group = jax.checkpoint(group, policy=REMAT[cfg.remat], prevent_cse=False)
+    attn, dense, experts = _groups(p["layers"], cfg)
+    kv = None if cache is None else jax.tree.map(lambda a: a.reshape(-1, _group_size(cfg), *a.shape[1:]),
+                                                 (cache.k_LBSKH, cache.v_LBSKH))
+    x_BTD, (kv, stats) = jax.lax.scan(group, x_BTD, (attn, dense, experts, kv))
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
     unembed_DV = p["embed"].T if cfg.tie_embeddings else p["unembed"]
     logits_BTV = constrain(jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32),
                            ("batch", "seq", "vocab"))
     if cache is None:
-        return logits_BTV, h_BTD
-    return logits_BTV, h_BTD, Cache(*kv, kv_segment_BS, cache.index + T)
+        return Output(logits_BTV, h_BTD, stats, None)
+    kv = jax.tree.map(lambda a: a.reshape(cfg.n_layers, *a.shape[2:]), kv)
+    return Output(logits_BTV, h_BTD, stats, Cache(*kv, kv_segment_BS, cache.index + T))

@@ -18,7 +18,7 @@ from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
-from llmjax.models import lora, transformer
+from llmjax.models import lora, moe, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, process_rows
 from llmjax.train import loop, pretrain, state
 from llmjax.train.pretrain import Batch
@@ -35,28 +35,34 @@ def _per_sequence(batch: dict, values: Callable[[Batch], jax.Array]) -> tuple[ja
     return tuple(jnp.sum(values(batch[k]), axis=-1) for k in ("chosen", "rejected"))
 
 
-def pair_logps(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array]:
-    """Sequence log-probs (sums over response tokens) of the chosen and rejected answers."""
-    def logp_BT(rows: Batch) -> jax.Array:
-        logits = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
-                                     constrain)[0]
-        return losses.sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
+def pair_logps(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array, dict]:
+    """Sequence log-probs (sums over response tokens) of the chosen and rejected answers, and the MoE statistics
+    of the forwards that computed them."""
+    stats = []
 
-    return _per_sequence(batch, logp_BT)
+    def logp_BT(rows: Batch) -> jax.Array:
+        out = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
+                                  constrain)
+        stats.append(out.moe)
+        return losses.sequence_logprobs(out.logits_BTV, rows["targets"], rows["loss_mask"])
+
+    return *_per_sequence(batch, logp_BT), moe.merge(*stats)
 
 
 def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> tuple[jax.Array, dict]:
-    policy_chosen, policy_rejected = pair_logps(params, batch, cfg, constrain)
+    policy_chosen, policy_rejected, stats = pair_logps(params, batch, cfg, constrain)
     if reference is None:
         ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
     else:
-        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_logps(reference, batch, cfg, constrain))
+        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_logps(reference, batch, cfg, constrain)[:2])
     chosen_len, rejected_len = _per_sequence(batch, lambda rows: rows["loss_mask"])
     d = cfg.dpo
     loss, aux = losses.dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind=d.loss, beta=d.beta,
                            label_smoothing=d.label_smoothing, chosen_len_B=chosen_len,
                            rejected_len_B=rejected_len, simpo_gamma=d.simpo_gamma, nll_weight=d.nll_weight)
-    return loss, aux | {"logp_chosen": jnp.mean(policy_chosen), "logp_rejected": jnp.mean(policy_rejected)}
+    router_loss, router = moe.loss(stats, cfg.model)
+    return loss + router_loss, aux | router | {"logp_chosen": jnp.mean(policy_chosen),
+                                               "logp_rejected": jnp.mean(policy_rejected)}
 
 
 def precompute_reference(cfg, workdir: str, reference: Callable[[], dict], get: Callable[[int], dict], sharding,
@@ -70,7 +76,7 @@ def precompute_reference(cfg, workdir: str, reference: Callable[[], dict], get: 
 
     def load() -> dict[str, np.ndarray]:
         if not os.path.exists(path):
-            fn, params = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain)), reference()
+            fn, params = jax.jit(lambda ref, b: pair_logps(ref, b, cfg, constrain)[:2]), reference()
             logps = [multihost_utils.process_allgather(fn(params, get(s)), tiled=True) for s in range(cfg.steps)]
             del params
             if jax.process_index() == 0:

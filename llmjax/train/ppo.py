@@ -26,7 +26,7 @@ from llmjax.config import ConfigError, check_choices, check_ranges
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
-from llmjax.models import heads, lora, transformer
+from llmjax.models import heads, lora, moe, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, pretrain, reward, state
 from llmjax.train.state import TrainState
@@ -35,20 +35,20 @@ from llmjax.train.step import advance, make_update
 PARTS = {"lm": ("policy",)}  # the policy is a language model; the value function is PPO's own
 
 
-def token_logprobs(params, rows: dict, cfg, constrain: Constrain) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(logp_BT of the targets, masked; logits_BTV; hidden h_BTD) of a language model on rows, over the
+def token_logprobs(params, rows: dict, cfg, constrain: Constrain) -> tuple[jax.Array, transformer.Output]:
+    """(logp_BT of the targets, masked; the forward's output) of a language model on rows, its logits over the
     tokenizer's ids (what the sampler draws from)."""
-    logits, h = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model,
-                                    constrain)
-    logits = sampling.limit_vocab(logits, get_tokenizer(cfg.data.tokenizer).vocab_size)
-    return losses.sequence_logprobs(logits, rows["targets"], rows["loss_mask"]), logits, h
+    out = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model, constrain)
+    out = out._replace(logits_BTV=sampling.limit_vocab(out.logits_BTV, get_tokenizer(cfg.data.tokenizer).vocab_size))
+    return losses.sequence_logprobs(out.logits_BTV, rows["targets"], rows["loss_mask"]), out
 
 
-def value_estimates(params, rows: dict, h_BTD: jax.Array | None, cfg, constrain: Constrain) -> jax.Array:
-    """V_BT: the separate value model on rows, or the shared head on the policy's hidden states h_BTD."""
+def value_estimates(params, rows: dict, h_BTD: jax.Array | None, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
+    """V_BT: the separate value model on rows (with its MoE statistics), or the shared head on the policy's hidden
+    states h_BTD."""
     if cfg.ppo.value == "separate":
         return heads.values(params["value"], rows, cfg.model, constrain)
-    return heads.apply(params["value_head"], h_BTD)
+    return heads.apply(params["value_head"], h_BTD), {}
 
 
 def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
@@ -78,15 +78,15 @@ def experience(params, reference, rows: dict, scores_B: jax.Array, kl_coef: jax.
                constrain: Constrain) -> tuple[dict, dict]:
     """Reference log-probs, values, rewards and advantages of a rollout; returns (rows + them, metrics)."""
     p, mask = cfg.ppo, rows["loss_mask"]
-    ref_logp, _, _ = token_logprobs(reference, rows, cfg, constrain)
+    ref_logp, _ = token_logprobs(reference, rows, cfg, constrain)
     kl_BT = losses.kl_estimate(rows["old_logp"], ref_logp, p.kl_estimator) * mask
     if p.algorithm == "grpo":
         values = jnp.zeros_like(mask)
         advantages = losses.group_advantages(scores_B, p.group_size)[:, None] * mask
         returns = advantages
     else:
-        _, _, h = token_logprobs(params["policy"], rows, cfg, constrain) if p.value == "shared" else (0, 0, None)
-        values = value_estimates(params, rows, h, cfg, constrain) * mask
+        h = token_logprobs(params["policy"], rows, cfg, constrain)[1].h_BTD if p.value == "shared" else None
+        values = value_estimates(params, rows, h, cfg, constrain)[0] * mask
         rewards = losses.token_rewards(scores_B, kl_BT, mask, kl_coef)
         advantages, returns = losses.gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten:
@@ -101,19 +101,22 @@ def experience(params, reference, rows: dict, scores_B: jax.Array, kl_coef: jax.
 
 def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
     p, mask = cfg.ppo, mb["loss_mask"]
-    logp, logits, h = token_logprobs(params["policy"], mb, cfg, constrain)
+    logp, out = token_logprobs(params["policy"], mb, cfg, constrain)
     loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, p.clip_eps)
-    aux["entropy"] = losses.entropy(logits, mask)
+    aux["entropy"] = losses.entropy(out.logits_BTV, mask)
     aux["policy_loss"] = loss
+    router_loss, router = moe.loss(out.moe, cfg.model)
+    aux |= router
     if p.algorithm == "grpo":
         kl_BT = losses.kl_estimate(logp, mb["ref_logp"], p.kl_estimator)
         kl = jnp.sum(jnp.where(mask > 0, kl_BT, 0.0)) / jnp.maximum(jnp.sum(mask > 0), 1)
-        return loss + p.kl_coef * kl, aux | {"kl_loss": kl}
-    values = value_estimates(params, mb, h, cfg, constrain)
+        return loss + p.kl_coef * kl + router_loss, aux | {"kl_loss": kl}
+    values, value_stats = value_estimates(params, mb, out.h_BTD, cfg, constrain)
     value_loss, value_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps)
     aux |= value_aux | {"value_loss": value_loss,
                         "explained_variance": losses.explained_variance(mb["old_values"], mb["returns"], mask)}
-    return loss + p.vf_coef * value_loss - p.entropy_coef * aux["entropy"], aux
+    router_loss += moe.loss(value_stats, cfg.model)[0]
+    return loss + p.vf_coef * value_loss - p.entropy_coef * aux["entropy"] + router_loss, aux
 
 
 def tokens(mb: dict) -> jax.Array:
@@ -268,13 +271,13 @@ def validate(cfg, sizes: dict[str, int]) -> None:
         raise ConfigError("PPO prompts come from the synthetic tasks for now: set --config.data.source=synthetic")
     if p.tasks:
         tasks.check_names("ppo.tasks", p.tasks)
-    dp, k = sizes["data"] * sizes["fsdp"], cfg.optim.grad_accum
+    dp, k = sizes["data"] * sizes["expert"] * sizes["fsdp"], cfg.optim.grad_accum
     group = p.group_size if p.algorithm == "grpo" else 1
     if p.algorithm == "grpo" and group < 2:
         raise ConfigError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
     if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % (dp * k):
         raise ConfigError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
-                          f"that divide over data*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
+                          f"that divide over data*expert*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
                           f"{group})")
     if cfg.loss.z_loss:
         raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from llmjax import checkpoint, losses, metrics, optim
 from llmjax.data import pipeline, synthetic
 from llmjax.evaluate import make_evaluator
-from llmjax.models import lora, transformer
+from llmjax.models import lora, moe, transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, state
 from llmjax.train.step import make_step
@@ -24,9 +24,10 @@ PARTS = {"lm": ()}  # a language model at the root of the parameters
 
 def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
             normalizer: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    logits_BTV, _ = transformer.forward(params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                        cfg.model, constrain)
-    return losses.cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"], cfg.loss.z_loss, normalizer)
+    out = transformer.forward(params, batch["inputs"], batch["positions"], batch["segment_ids"], cfg.model, constrain)
+    loss, aux = losses.cross_entropy(out.logits_BTV, batch["targets"], batch["loss_mask"], cfg.loss.z_loss, normalizer)
+    router_loss, router = moe.loss(out.moe, cfg.model)
+    return loss + router_loss, aux | router
 
 
 def tokens(batch: Batch) -> jax.Array:

@@ -9,7 +9,7 @@ from llmjax.config import ConfigError, check_choices, check_ranges, lookup
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import lora
-from llmjax.sharding import make_mesh, mesh_shape
+from llmjax.sharding import AXES, make_mesh, mesh_shape
 from llmjax.train import dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
 
@@ -21,7 +21,7 @@ CHOICES = {
     "model.bias": ("none", "qkv", "all"),
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
-    "data.format": ("text", "chat"),
+    "data.format": ("text", "chat"), "model.moe_dispatch": ("dropless", "capacity"),
 }
 
 # The common numeric keys: (the interval the maths allows, what the value means). Each objective checks its own
@@ -39,6 +39,12 @@ RANGES = {
     "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),
     "model.rope_theta": ("(0, inf)", "RoPE's base wavelength"),
     "model.init_std": ("(0, inf)", "0 starts every weight equal, which no gradient tells apart"),
+    "model.moe_experts": ("[0, inf)", "experts per MoE layer; 0 is a dense model"),
+    "model.moe_d_ff": ("[0, inf)", "each expert's MLP width; 0 takes model.d_ff"),
+    "model.moe_shared_d_ff": ("[0, inf)", "the shared expert's width; 0 has none"),
+    "model.moe_capacity_factor": ("(0, inf)", "an expert's slots as a multiple of an even share of the tokens"),
+    "model.moe_balance_coef": ("[0, inf)", "the load-balancing loss's weight; below 0 it rewards collapse"),
+    "model.moe_z_coef": ("[0, inf)", "the router z-loss's weight; below 0 it rewards large router logits"),
     "eval_every": ("[0, inf)", "steps between evaluations; 0 never evaluates"),
     "eval_prompts": ("[1, inf)", "held-out prompts per task (reward: pairs) an evaluation reads"),
     "peak_flops": ("[0, inf)", "FLOP/s per device for MFU; 0 measures this device"),
@@ -67,6 +73,23 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
                           "grouped-query attention needs whole groups")
+    if m.moe_experts:
+        _validate_moe(m)
+
+
+def _validate_moe(m) -> None:
+    if m.mlp != "swiglu":
+        raise ConfigError(f"model.moe_experts={m.moe_experts} with model.mlp={m.mlp!r}: experts are SwiGLU MLPs; "
+                          "set --config.model.mlp=swiglu")
+    if not 1 <= m.moe_top_k <= m.moe_experts:
+        raise ConfigError(f"model.moe_top_k={m.moe_top_k}: each token goes to 1 .. moe_experts={m.moe_experts} "
+                          "experts")
+    if m.moe_every < 1 or m.n_layers % m.moe_every:
+        raise ConfigError(f"model.moe_every={m.moe_every} does not divide model.n_layers={m.n_layers}; every "
+                          "moe_every-th layer is MoE, so choose a divisor")
+    if m.moe_shared_gate and not m.moe_shared_d_ff:
+        raise ConfigError("model.moe_shared_gate=True gates a shared expert, but model.moe_shared_d_ff=0 makes none; "
+                          "set --config.model.moe_shared_d_ff")
 
 
 def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
@@ -74,7 +97,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     objective = get(cfg)
     _validate_model(cfg)
     m = cfg.model
-    sizes = mesh_shape(cfg.mesh, n_devices)
+    unknown = sorted(set(cfg.mesh) - set(AXES))
+    if unknown:
+        raise ConfigError(f"mesh names {unknown}; the mesh axes are {', '.join(AXES)}")
+    sizes = mesh_shape({a: cfg.mesh.get(a, 1) for a in AXES}, n_devices)
+    if m.moe_experts % sizes["expert"]:
+        raise ConfigError(f"model.moe_experts={m.moe_experts} is not divisible by mesh.expert={sizes['expert']}; "
+                          "each device of the expert axis holds a whole share of the experts")
     for axis in ("n_heads", "n_kv_heads"):
         if m[axis] % sizes["tensor"]:
             raise ConfigError(f"model.{axis}={m[axis]} is not divisible by mesh.tensor={sizes['tensor']}; "
@@ -86,11 +115,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                 "batch_size", "seq_len"):
         if lookup(cfg, key) < 1:
             raise ConfigError(f"{key}={lookup(cfg, key)} must be at least 1")
-    dp = sizes["data"] * sizes["fsdp"]
-    per_step = dp * cfg.optim.grad_accum
+    per_step = sizes["data"] * sizes["expert"] * sizes["fsdp"] * cfg.optim.grad_accum
     if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*fsdp*grad_accum="
-                          f"{sizes['data']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple of {per_step}")
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*expert*fsdp*grad_accum="
+                          f"{sizes['data']}*{sizes['expert']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple "
+                          f"of {per_step}")
     if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
         raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
                           "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")

@@ -19,7 +19,7 @@ from llmjax import checkpoint, losses, optim
 from llmjax.config import ConfigError, check_ranges
 from llmjax.data import preference
 from llmjax.evaluate import HELD_OUT
-from llmjax.models import heads, lora
+from llmjax.models import heads, lora, moe
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
 from llmjax.train import loop, state
 from llmjax.train.pretrain import flops_per_token, reads_lm
@@ -30,16 +30,21 @@ PARTS = {"scorer": ()}  # the whole of the parameters: {"trunk": a language mode
 
 def scores(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> jax.Array:
     """The reward of every sequence of rows [B, C, T] (or [B, T]): scores_BC (scores_B)."""
+    return _scored(params, rows, cfg, constrain)[0]
+
+
+def _scored(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
     lead = rows["inputs"].shape[:-1]
     flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)
-    r_B = heads.at_last(heads.values(params, flat, cfg.model, constrain), flat["loss_mask"])
-    return r_B.reshape(lead)
+    values_BT, stats = heads.values(params, flat, cfg.model, constrain)
+    return heads.at_last(values_BT, flat["loss_mask"]).reshape(lead), stats
 
 
 def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
-    """Bradley-Terry over every ranked pair (i better than j), margin reward.margin per rank apart."""
+    """Bradley-Terry over every ranked pair (i better than j), margin reward.margin per rank apart, plus the
+    trunk's MoE router losses."""
     rows = batch["responses"]
-    r_BC = scores(params, rows, cfg, constrain)
+    r_BC, stats = _scored(params, rows, cfg, constrain)
     valid_BC = jnp.any(rows["loss_mask"] > 0, axis=-1).astype(jnp.float32)
     n_B = jnp.sum(valid_BC, axis=-1)
     pairs = list(itertools.combinations(range(r_BC.shape[1]), 2))
@@ -51,7 +56,9 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, 
     count = jnp.maximum(jnp.sum(valid_BC), 1)
     mean = jnp.sum(r_BC * valid_BC) / count
     std = jnp.sqrt(jnp.sum(jnp.square(r_BC - mean) * valid_BC) / count)
-    return loss, aux | {"reward_mean": mean, "reward_std": std, "reward_best": jnp.mean(r_BC[:, 0])}
+    router_loss, router = moe.loss(stats, cfg.model)
+    return loss + router_loss, aux | router | {"reward_mean": mean, "reward_std": std,
+                                               "reward_best": jnp.mean(r_BC[:, 0])}
 
 
 def pairs(batch: dict) -> jax.Array:

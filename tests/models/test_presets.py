@@ -19,6 +19,18 @@ def test_param_count_matches_published(name, count):
     assert transformer.param_count(config.model_config(name)) == count
 
 
+def test_mixture_of_experts_counts_total_and_active_parameters():
+    """Mixtral 8x7B: 46.7B parameters, 12.9B of them used per token (2 of 8 experts); moe-small uses as many
+    per token as small."""
+    mixtral = config.model_config("mixtral-8x7b")
+    assert transformer.param_count(mixtral) == 46_702_792_704
+    assert transformer.active_param_count(mixtral) == 12_879_925_248
+    small, moe_small = config.model_config("small"), config.model_config("moe-small")
+    router = 4 * 256 * 8
+    assert transformer.active_param_count(moe_small) == transformer.param_count(small) + router
+    assert transformer.matmul_param_count(moe_small) == transformer.matmul_param_count(small) + router
+
+
 def test_preset_fills_every_key_from_defaults():
     tiny = presets.preset("tiny")
     assert set(tiny) == set(presets.DEFAULTS) and tiny["name"] == "tiny"

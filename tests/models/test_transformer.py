@@ -100,7 +100,7 @@ def test_remat_policies_same_gradients(models):
         cfg = tiny_config(**{"model.remat": remat}).model
 
         def loss(p):
-            logits, _ = transformer.forward(p, tokens[:, :-1], positions, segments, cfg)
+            logits = transformer.forward(p, tokens[:, :-1], positions, segments, cfg).logits_BTV
             return losses.cross_entropy(logits, tokens[:, 1:], jnp.ones_like(positions))[0]
 
         assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == (remat != "none")

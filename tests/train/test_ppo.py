@@ -17,7 +17,7 @@ def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, va
     task = registry.task(cfg, str(tmp_path))
     state = task.start()
     batch, metrics = task.source(state, 0)
-    logp, _, _ = ppo.token_logprobs(state.params["policy"], batch, cfg, sharding.no_constrain)
+    logp, _ = ppo.token_logprobs(state.params["policy"], batch, cfg, sharding.no_constrain)
     mask = np.asarray(batch["loss_mask"])
     assert mask.sum() > 16 and metrics["response_length"] > 1
     np.testing.assert_allclose(np.asarray(logp) * mask, np.asarray(batch["old_logp"]) * mask, atol=2e-4)
