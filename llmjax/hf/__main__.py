@@ -3,6 +3,8 @@
   python -m llmjax.hf import --hf_dir=~/hf/Llama-3.2-1B --workdir=runs/llama1b [--dtype=float32]
   python -m llmjax.hf export --workdir=runs/sft --out=~/hf/my-model [--dtype=bfloat16] [--shard_gb=5]
 
+Families: Llama (2, 3, 3.x), Mistral, Qwen2/2.5, Qwen3, GPT-2, and the mixtures of experts Mixtral, Qwen2-MoE and
+Qwen3-MoE (one stored tensor per expert, as the Hub's files hold them and transformers 4 and 5 load and save them).
 An imported run is a starting point like any other (`--config=configs/sft.py:model=runs/llama1b`); a folder can
 also be named directly (`model=hf:DIR`), which reads its safetensors at the start of the run.
 """

@@ -1,9 +1,12 @@
 """Hugging Face architectures as llmjax model configs, and where each of our parameters lives in their files.
 
-Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 and Qwen3 share one layout of tensor names; GPT-2 has its own (Conv1D
-weights stored (in, out), q, k and v fused in one tensor). Anything these families do that our model does not
-(sliding windows, other RoPE scalings, biases elsewhere) is refused by name: an import is the same model or none.
-Pure Python (no JAX), so a config can name a Hugging Face folder as its model.
+Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 and Qwen3 share one layout of tensor names, and so do their mixtures of
+experts Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) and Qwen3-MoE, whose experts are stored one tensor per
+expert, as the Hub's files hold them (transformers 5 fuses them on load and splits them again on save); GPT-2 has
+its own (Conv1D weights stored (in, out), q, k and v fused in one tensor). Anything these families do that our model
+does not (sliding windows, other RoPE scalings, biases elsewhere, experts in other layers than every n-th) is refused
+by name: an import is the same model or none. Pure Python (no JAX), so a config can name a Hugging Face folder as its
+model.
 """
 
 import json
@@ -15,9 +18,11 @@ from llmjax.config import ConfigError
 from llmjax.models import presets
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = (*LLAMA_LIKE, "gpt2")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = (*LLAMA_LIKE, *MOE, "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel"}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # float16 is kept exactly in float32
 
 
@@ -78,21 +83,51 @@ def model_config(hf: dict, where: str, dtype: str | None = None) -> dict:
                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings",
                                                                                               True))
     layer_types = hf.get("layer_types") or ["full_attention"]
-    window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
+    capped = kind in ("mistral", "mixtral")  # a window on every layer, else one under use_sliding_window
+    window = hf.get("sliding_window") if capped or hf.get("use_sliding_window") else None
     _refuse(where, hf, hidden_act=(hf.get("hidden_act", "silu") != "silu", "an MLP activation other than SiLU"),
             attention_bias=(hf.get("attention_bias") and kind != "qwen2", "biases on every attention projection"),
             mlp_bias=(hf.get("mlp_bias"), "biases in the MLP"),
             layer_types=(set(layer_types) != {"full_attention"}, "layers other than full attention"),
-            use_sliding_window=(kind != "mistral" and window, "sliding-window attention"))
+            use_sliding_window=(not capped and window, "sliding-window attention"))
     D, N = hf["hidden_size"], hf["num_attention_heads"]
     max_len = hf["max_position_embeddings"]
     if window and window < max_len:
         max_len = window  # Mistral's window: up to it, full attention is exactly the same model
-    return out | dict(presets.LLAMA, **_rope(hf, where), d_model=D, n_layers=hf["num_hidden_layers"], n_heads=N,
-                      n_kv_heads=hf.get("num_key_value_heads") or N, head_dim=hf.get("head_dim") or D // N,
-                      d_ff=hf["intermediate_size"], max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      bias="qkv" if kind == "qwen2" else "none", qk_norm=kind == "qwen3",
-                      tie_embeddings=hf.get("tie_word_embeddings", False))
+    qkv = kind == "qwen2" or kind == "qwen2_moe" and hf.get("qkv_bias", True)  # transformers 4 has no qkv_bias
+    out |= dict(presets.LLAMA, **_rope(hf, where), d_model=D, n_layers=hf["num_hidden_layers"], n_heads=N,
+                n_kv_heads=hf.get("num_key_value_heads") or N, head_dim=hf.get("head_dim") or D // N,
+                d_ff=hf["intermediate_size"], max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                bias="qkv" if qkv else "none", qk_norm=kind in ("qwen3", "qwen3_moe"),
+                tie_embeddings=hf.get("tie_word_embeddings", False))
+    return out | _experts(hf, where) if kind in MOE else out
+
+
+def _experts(hf: dict, where: str) -> dict:
+    """Our moe_* keys. Mixtral has experts of width intermediate_size in every layer and always renormalises its
+    top-k gates; Qwen's are moe_intermediate_size wide, in the layers decoder_sparse_step and mlp_only_layers pick
+    (its other layers are dense, intermediate_size wide), gates renormalised under norm_topk_prob, and Qwen2-MoE adds
+    a shared expert behind a sigmoid gate. Mixtral's router_jitter_noise is accepted and not applied: it scales the
+    router's input by noise in training only (never at inference), so the model is the same and a fine-tune here
+    trains without it, as with dropout. HF's aux loss and ours share router_aux_loss_coef; HF has no z-loss, so
+    moe_z_coef stays llmjax's."""
+    L, kind = hf["num_hidden_layers"], hf["model_type"]
+    common = dict(moe_top_k=hf["num_experts_per_tok"], moe_balance_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    if kind == "mixtral":
+        return common | dict(moe_experts=hf["num_local_experts"], moe_every=1, moe_d_ff=hf["intermediate_size"],
+                             moe_renormalize=True)
+    E = hf.get("num_experts", hf.get("num_local_experts", 0))  # transformers 5 writes Qwen3-MoE's as the latter
+    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+    sparse = [i for i in range(L) if E > 0 and i not in dense and (i + 1) % step == 0]
+    every = next((n for n in range(1, L + 1) if L % n == 0 and sparse == list(range(n - 1, L, n))), 0)
+    if not every:
+        key = "num_experts" if not E else "mlp_only_layers" if dense else "decoder_sparse_step"
+        raise ConfigError(f"{where}: {key}={hf.get(key)!r} (experts in layers {sparse}) is not supported by llmjax's "
+                          f"model, which has them in every n-th of its {L} layers (moe_every=n, n dividing {L})")
+    shared = hf.get("shared_expert_intermediate_size", 0) if kind == "qwen2_moe" else 0
+    return common | dict(moe_experts=E, moe_every=every, moe_d_ff=hf["moe_intermediate_size"],
+                         moe_renormalize=bool(hf.get("norm_topk_prob", False)), moe_shared_d_ff=shared,
+                         moe_shared_gate=shared > 0)
 
 
 def family(model) -> str:
@@ -101,6 +136,8 @@ def family(model) -> str:
             and model.n_kv_heads == model.n_heads and model.n_heads * model.head_dim == model.d_model):
         return "gpt2"
     if (model.norm, model.pos, model.mlp) == ("rms", "rope", "swiglu") and model.bias != "all":
+        if getattr(model, "moe_experts", 0):
+            return _moe_family(model)
         if model.qk_norm:
             return "qwen3" if model.bias == "none" else ""
         if model.bias == "qkv":
@@ -109,13 +146,25 @@ def family(model) -> str:
     return ""
 
 
+def _moe_family(model) -> str:
+    """Qwen2-MoE: a gated shared expert (q, k, v biases or none); Qwen3-MoE: q/k norms, no biases, no shared expert;
+    Mixtral: neither, renormalised gates, experts in every layer. Anything else has no Hugging Face architecture."""
+    if model.moe_shared_d_ff:
+        return "qwen2_moe" if model.moe_shared_gate and not model.qk_norm else ""
+    if model.qk_norm:
+        return "qwen3_moe" if model.bias == "none" else ""
+    return "mixtral" if model.bias == "none" and model.moe_renormalize and model.moe_every == 1 else ""
+
+
 def hf_config(model, dtype: str, bos_id: int | None, eos_id: int, pad_id: int) -> dict:
     """config.json for an llmjax model, in the layout published checkpoints use (transformers 4's, which 5 reads)."""
     kind = family(model)
     if not kind:
+        switches = ("moe_experts", "moe_every", "moe_renormalize", "moe_shared_d_ff", "moe_shared_gate")
+        moe = "".join(f", {k}={getattr(model, k)}" for k in switches if getattr(model, "moe_experts", 0))
         raise ConfigError(f"model {model.name!r} (norm={model.norm}, pos={model.pos}, mlp={model.mlp}, bias="
-                          f"{model.bias}, qk_norm={model.qk_norm}) matches no Hugging Face architecture llmjax writes "
-                          f"({', '.join(FAMILIES)})")
+                          f"{model.bias}, qk_norm={model.qk_norm}{moe}) matches no Hugging Face architecture llmjax "
+                          f"writes ({', '.join(FAMILIES)})")
     out = dict(architectures=[ARCHITECTURES[kind]], model_type=kind, vocab_size=model.vocab_size,
                bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=model.tie_embeddings,
                torch_dtype=dtype, initializer_range=model.init_std, use_cache=True)
@@ -132,45 +181,86 @@ def hf_config(model, dtype: str, bos_id: int | None, eos_id: int, pad_id: int) -
                 num_attention_heads=model.n_heads, num_key_value_heads=model.n_kv_heads, head_dim=model.head_dim,
                 hidden_act="silu", max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps,
                 rope_theta=model.rope_theta, rope_scaling=rope, attention_dropout=0.0)
-    if kind in ("llama", "qwen3"):
+    if kind in ("llama", "qwen3", "qwen3_moe"):
         out |= dict(attention_bias=False, mlp_bias=False) if kind == "llama" else dict(attention_bias=False)
-    if kind in ("qwen2", "qwen3"):
+    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         out |= dict(use_sliding_window=False, sliding_window=None, max_window_layers=model.n_layers)
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
         out |= dict(sliding_window=None)
+    return out | _experts_config(model, kind) if kind in MOE else out
+
+
+def _experts_config(model, kind: str) -> dict:
+    """The MoE keys of config.json (see _experts); Qwen3-MoE's num_experts is written as the Hub's files have it,
+    which transformers 5 reads as its num_local_experts."""
+    width = model.moe_d_ff or model.d_ff
+    out = dict(num_experts_per_tok=model.moe_top_k, router_aux_loss_coef=model.moe_balance_coef,
+               output_router_logits=False)
+    if kind == "mixtral":
+        return out | dict(num_local_experts=model.moe_experts, intermediate_size=width, router_jitter_noise=0.0)
+    out |= dict(num_experts=model.moe_experts, moe_intermediate_size=width, decoder_sparse_step=model.moe_every,
+                mlp_only_layers=[], norm_topk_prob=model.moe_renormalize)
+    if kind == "qwen2_moe":
+        out |= dict(shared_expert_intermediate_size=model.moe_shared_d_ff, qkv_bias=model.bias == "qkv")
     return out
 
 
 class Tensor(NamedTuple):
-    """Where one of our parameters (per layer, for a stacked one) lives in a Hugging Face tensor: the `cut` first
-    of our dimensions flatten into the view's first axis, the rest into its second; the view is the stored tensor,
-    transposed when it is stored (out, in); `offset` starts our part along the view's last axis (GPT-2's fused
-    q, k, v)."""
+    """Where one of our parameters (per layer and expert, for a stacked one) lives in a Hugging Face tensor: the
+    `cut` first of our dimensions flatten into the view's first axis, the rest into its second (cut 0: a first axis
+    of 1, Qwen2-MoE's (1, D) shared_expert_gate); the view is the stored tensor, transposed when it is stored (out,
+    in); `offset` starts our part along the view's last axis (GPT-2's fused q, k, v)."""
 
-    key: str  # "{i}" stands for the layer
+    key: str  # "{i}" stands for the layer, "{j}" for the expert
     cut: int
     transpose: bool = False
     offset: int = 0
+    layers: tuple[int, ...] = ()  # "{i}" keys: the Hugging Face layer of each entry of our stack
+
+
+def stacked(t: Tensor) -> int:
+    """How many of our leading axes index stored tensors: the layer stack ("{i}"), then the experts ("{j}")."""
+    return ("{i}" in t.key) + ("{j}" in t.key)
+
+
+def stored_key(t: Tensor, index: tuple[int, ...]) -> str:
+    """The stored tensor that holds our parameter's part at `index` along its stacked axes."""
+    return t.key.format(i=t.layers[index[0]], j=index[1] if len(index) > 1 else None) if index else t.key
+
+
+def sparse_layers(model) -> tuple[int, ...]:
+    """The layers with experts: every moe_every-th (Qwen-MoE's decoder_sparse_step); none for a dense model."""
+    every = model.moe_every if getattr(model, "moe_experts", 0) else 0
+    return tuple(range(every - 1, model.n_layers, every)) if every else ()
 
 
 def tensors(model) -> dict[str, Tensor]:
     """Our parameter paths ("layers.wq", "final_norm.scale") -> where each lives, for the model's family."""
-    if family(model) == "gpt2":
-        D = model.d_model
-        h = "transformer.h.{i}."
-        out = {"embed": Tensor("transformer.wte.weight", 1), "pos_embed": Tensor("transformer.wpe.weight", 1),
-               "final_norm.scale": Tensor("transformer.ln_f.weight", 1),
-               "final_norm.bias": Tensor("transformer.ln_f.bias", 1),
-               "layers.wo": Tensor(h + "attn.c_proj.weight", 2), "layers.bo": Tensor(h + "attn.c_proj.bias", 1),
-               "layers.w_fc": Tensor(h + "mlp.c_fc.weight", 1), "layers.b_fc": Tensor(h + "mlp.c_fc.bias", 1),
-               "layers.w_proj": Tensor(h + "mlp.c_proj.weight", 1), "layers.b_proj": Tensor(h + "mlp.c_proj.bias", 1)}
-        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            out |= {f"layers.{ours}.{p}": Tensor(f"{h}{theirs}.{t}", 1) for p, t in (("scale", "weight"),
-                                                                                   ("bias", "bias"))}
-        for n, x in enumerate("qkv"):
-            out[f"layers.w{x}"] = Tensor(h + "attn.c_attn.weight", 1, offset=n * D)
-            out[f"layers.b{x}"] = Tensor(h + "attn.c_attn.bias", 2, offset=n * D)
-        return out
+    every_layer = tuple(range(model.n_layers))
+    return {path: t._replace(layers=t.layers or every_layer) if "{i}" in t.key else t
+            for path, t in (_gpt2(model) if family(model) == "gpt2" else _llama(model)).items()}
+
+
+def _gpt2(model) -> dict[str, Tensor]:
+    D = model.d_model
+    h = "transformer.h.{i}."
+    out = {"embed": Tensor("transformer.wte.weight", 1), "pos_embed": Tensor("transformer.wpe.weight", 1),
+           "final_norm.scale": Tensor("transformer.ln_f.weight", 1),
+           "final_norm.bias": Tensor("transformer.ln_f.bias", 1),
+           "layers.wo": Tensor(h + "attn.c_proj.weight", 2), "layers.bo": Tensor(h + "attn.c_proj.bias", 1),
+           "layers.w_fc": Tensor(h + "mlp.c_fc.weight", 1), "layers.b_fc": Tensor(h + "mlp.c_fc.bias", 1),
+           "layers.w_proj": Tensor(h + "mlp.c_proj.weight", 1), "layers.b_proj": Tensor(h + "mlp.c_proj.bias", 1)}
+    for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        out |= {f"layers.{ours}.{p}": Tensor(f"{h}{theirs}.{t}", 1) for p, t in (("scale", "weight"), ("bias", "bias"))}
+    for n, x in enumerate("qkv"):
+        out[f"layers.w{x}"] = Tensor(h + "attn.c_attn.weight", 1, offset=n * D)
+        out[f"layers.b{x}"] = Tensor(h + "attn.c_attn.bias", 2, offset=n * D)
+    return out
+
+
+def _llama(model) -> dict[str, Tensor]:
+    """Llama's names; an MoE model's dense MLPs are the stack of its layers without experts, its experts' (router,
+    experts, shared expert) the stack of those with them, one stored tensor per layer and expert."""
     h = "model.layers.{i}."
     out = {"embed": Tensor("model.embed_tokens.weight", 1), "final_norm.scale": Tensor("model.norm.weight", 1),
            "layers.attn_norm.scale": Tensor(h + "input_layernorm.weight", 1),
@@ -182,14 +272,29 @@ def tensors(model) -> dict[str, Tensor]:
             out[f"layers.b{x}"] = Tensor(f"{h}self_attn.{x}_proj.bias", 2)
     if model.qk_norm:
         out |= {f"layers.{x}_norm.scale": Tensor(f"{h}self_attn.{x}_norm.weight", 1) for x in "qk"}
-    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-        out[f"layers.{ours}"] = Tensor(f"{h}mlp.{theirs}.weight", 1, transpose=True)
+    sparse = sparse_layers(model)
+    dense = tuple(i for i in range(model.n_layers) if i not in sparse)
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        if dense:
+            out[f"layers.w_{ours}"] = Tensor(f"{h}mlp.{theirs}.weight", 1, transpose=True, layers=dense)
+        if sparse and model.moe_shared_d_ff:
+            out[f"layers.shared_{ours}"] = Tensor(f"{h}mlp.shared_expert.{theirs}.weight", 1, True, layers=sparse)
+    if sparse:
+        mixtral = family(model) == "mixtral"
+        moe = h + ("block_sparse_moe." if mixtral else "mlp.")
+        out["layers.moe_router"] = Tensor(moe + "gate.weight", 1, transpose=True, layers=sparse)
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for ours, theirs in zip(("gate", "up", "down"), names, strict=True):
+            out[f"layers.moe_{ours}"] = Tensor(f"{moe}experts.{{j}}.{theirs}.weight", 1, True, layers=sparse)
+        if model.moe_shared_d_ff and model.moe_shared_gate:
+            out["layers.shared_router"] = Tensor(h + "mlp.shared_expert_gate.weight", 0, layers=sparse)
     if not model.tie_embeddings:
         out["unembed"] = Tensor("lm_head.weight", 1, transpose=True)
     return out
 
 
 def view_shape(shape: tuple[int, ...], t: Tensor) -> tuple[int, ...]:
-    """The stored tensor's part for one of our (per-layer) arrays, before transposition."""
+    """The stored tensor's part for one of our (per-layer, per-expert) arrays, before transposition."""
     view = tuple(math.prod(g) for g in (shape[:t.cut], shape[t.cut:]) if g)
+    view = (1, *view) if t.cut == 0 else view
     return view[::-1] if t.transpose else view

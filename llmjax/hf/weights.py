@@ -1,12 +1,14 @@
 """Safetensors in and out without a whole model on one host.
 
 Reading: every parameter is a `jax.make_array_from_callback` whose callback reads, for the device asking, only the
-rows and columns of the stored tensors that its shard covers (a stacked parameter: one tensor per layer). Writing:
+rows and columns of the stored tensors that its shard covers (a stacked parameter: one tensor per layer, and per
+expert for the experts' weights, so a device holding some experts reads only theirs). Writing:
 the safetensors format is an 8-byte header length, a JSON header, then the raw tensors; we write the header from
 the shapes and then each tensor as it is gathered, so a host holds one tensor at a time.
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -24,7 +26,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from llmjax.config import ConfigError
-from llmjax.hf.families import Tensor, tensors, view_shape
+from llmjax.hf.families import Tensor, stacked, stored_key, tensors, view_shape
 from llmjax.models import transformer
 from llmjax.sharding import tree_shardings
 
@@ -32,6 +34,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Tensors a checkpoint may hold that are buffers, not parameters (recomputed by every model that needs them).
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# transformers 5's in-memory experts (every expert in one tensor), which its save_pretrained splits by default
+FUSED = (".experts.gate_up_proj", ".experts.down_proj")
 NUMPY = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 NAMES = {np.dtype(v): k for k, v in NUMPY.items()}
 
@@ -82,21 +86,33 @@ def check(reader: Reader, model) -> None:
     specs = flat(transformer.specs(model))
     wanted: dict[str, tuple[int, ...]] = {}
     for path, t in tensors(model).items():
-        shape = specs[path].shape[1:] if "{i}" in t.key else specs[path].shape
-        view = view_shape(shape, t)
+        view = view_shape(specs[path].shape[stacked(t):], t)
         full = (*view[:-1], view[-1] + t.offset) if t.offset else view
-        for i in range(model.n_layers) if "{i}" in t.key else [0]:
-            key = t.key.format(i=i)
+        for index in _indices(specs[path].shape, t):
+            key = stored_key(t, index)
             wanted[key] = tuple(max(a, b) for a, b in zip(wanted.get(key, full), full, strict=True))
     missing = sorted(k for k in wanted if reader.name(k) is None)
     known = {reader.name(k) for k in wanted} | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(k for k in reader.where if k not in known and not k.endswith(BUFFERS))
+    fused = [k for k in extra if k.endswith(FUSED)]
+    if fused:
+        raise ConfigError(f"{reader.dir!r} holds its experts fused ({fused[0]}), as transformers 5 saves them with "
+                          "save_pretrained(save_original_format=False); save it with the default (one tensor per "
+                          "expert, the Hub's layout)")
     if missing or extra:
         what = f"lacks {_few(missing)}" if missing else f"holds tensors the model has no place for: {_few(extra)}"
         raise ConfigError(f"{reader.dir!r} {what}; its config.json does not describe these weights")
     for key, shape in wanted.items():
         if reader.shape(key) != shape:
             raise ConfigError(f"{reader.dir!r}: {key} has shape {reader.shape(key)}, its config.json implies {shape}")
+
+
+def _indices(shape: tuple[int, ...], t: Tensor, index: tuple[slice, ...] = ()) -> list[tuple[int, ...]]:
+    """Our parameter's parts (of `shape`, within `index`) that are stored tensors: their index along the stacked
+    axes (layers, then experts); one empty index for an unstacked parameter."""
+    n = stacked(t)
+    index = (*index, *(slice(None),) * (n - len(index)))
+    return list(itertools.product(*(range(shape[a])[index[a]] for a in range(n))))
 
 
 def _few(keys: list[str]) -> str:
@@ -126,6 +142,7 @@ def _block(reader: Reader, t: Tensor, key: str, shape: tuple[int, ...], index: t
     """Our array of `shape` at `index`, read from the stored tensor `key`: for each view axis, only the range its
     first dimension's slice covers (whole rows of the inner dimensions), then the inner slices."""
     groups = [g for g in ((0, t.cut), (t.cut, len(shape))) if g[0] < g[1]]
+    lead = (slice(None),) if t.cut == 0 else ()  # the view's first axis of 1
     spans, sizes, inner_index = [], [], []
     for n, (lo, hi) in enumerate(groups):
         start, stop, _ = index[lo].indices(shape[lo])
@@ -134,17 +151,17 @@ def _block(reader: Reader, t: Tensor, key: str, shape: tuple[int, ...], index: t
         spans.append(slice(start * inner + shift, stop * inner + shift))
         sizes += [stop - start, *shape[lo + 1:hi]]
         inner_index += [slice(None), *index[lo + 1:hi]]
-    data = reader.read(key, tuple(spans[::-1] if t.transpose else spans))
+    data = reader.read(key, lead + tuple(spans[::-1] if t.transpose else spans))
     return (data.T if t.transpose else data).reshape(sizes)[tuple(inner_index)]
 
 
 def _read(reader: Reader, t: Tensor, shape: tuple[int, ...], dtype, index: tuple[slice, ...]) -> np.ndarray:
-    """One device's shard of one parameter; a stacked one ("{i}" in the key) reads one tensor per layer."""
-    if "{i}" not in t.key:
-        return _block(reader, t, t.key, shape, index).astype(dtype, copy=False)
-    layers = range(shape[0])[index[0]]
-    stacked = np.stack([_block(reader, t, t.key.format(i=i), shape[1:], index[1:]) for i in layers])
-    return stacked.astype(dtype, copy=False)
+    """One device's shard of one parameter; a stacked one reads one tensor per layer (and expert) of its shard."""
+    n = stacked(t)
+    parts = _indices(shape, t, index[:n])
+    blocks = [_block(reader, t, stored_key(t, part), shape[n:], index[n:]) for part in parts]
+    lead = [len(range(shape[a])[index[a]]) for a in range(n)]
+    return np.stack(blocks).reshape(*lead, *blocks[0].shape).astype(dtype, copy=False)
 
 
 def load(reader: Reader, model, rules, mesh: Mesh) -> transformer.Params:
@@ -169,10 +186,10 @@ def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tu
     """(name, shape, make) of every stored tensor, in the family's layout; `make()` gathers it onto this host in
     `dtype`. Tensors that hold several of ours (GPT-2's fused q, k, v) are concatenated in offset order."""
     by_path = flat(params)
-    by_key: dict[str, list[tuple[Tensor, str, int | None]]] = {}
+    by_key: dict[str, list[tuple[Tensor, str, tuple[int, ...]]]] = {}
     for path, t in tensors(model).items():
-        for i in range(model.n_layers) if "{i}" in t.key else [None]:
-            by_key.setdefault(t.key.format(i=i), []).append((t, path, i))
+        for index in _indices(by_path[path].shape, t):
+            by_key.setdefault(stored_key(t, index), []).append((t, path, index))
 
     def order(key: str) -> int:  # embeddings, then layer by layer, then the rest, as transformers writes them
         layer = re.search(r"\.(\d+)\.", key)
@@ -183,13 +200,13 @@ def exported(params: transformer.Params, model, dtype) -> Iterator[tuple[str, tu
 
         def make(parts=parts):
             pieces = []
-            for t, path, i in parts:
-                x = by_path[path] if i is None else by_path[path][i]
+            for t, path, index in parts:
+                x = by_path[path][index] if index else by_path[path]
                 pieces.append(host(x).astype(dtype).reshape(view_shape(x.shape, t._replace(transpose=False))))
             joined = np.concatenate(pieces, axis=-1)
             return np.ascontiguousarray(joined.T if parts[0][0].transpose else joined)
 
-        shapes = [view_shape(by_path[p].shape[1:] if i is not None else by_path[p].shape, t) for t, p, i in parts]
+        shapes = [view_shape(by_path[p].shape[len(index):], t) for t, p, index in parts]
         yield key, (*shapes[0][:-1], sum(s[-1] for s in shapes)), make
 
 
