@@ -6,5 +6,6 @@ Array names end in their shape, one letter a dimension, with one alphabet for th
   L layers              P prompt length              R response (generated) length
   C candidates per prompt (ranked responses, a GRPO group's samples)    G groups    Q pairs of a ranked list
   M microbatches
+  E experts    X a token's chosen experts (top_k)    A routed copies of tokens (token, choice)    U an expert's slots
 A digit is a dimension of that size (`mask_B1TS`).
 """

@@ -1,5 +1,7 @@
 """Benchmarks that write JSON:
   python -m llmjax.bench train --config=configs/pretrain.py[:model=small] [--steps=16] [--out=bench_train.json]
+  python -m llmjax.bench moe --config=configs/pretrain.py:model=moe-small  (MoE dropless and capacity vs the dense
+      model of equal active parameters, tokens/s)
   python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
   python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
   python -m llmjax.bench ppo --config=configs/ppo.py --config.ppo.reward=tasks  (time split of one iteration)
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 
 from llmjax import checkpoint, metrics, sampling
 from llmjax.cli import run_main
+from llmjax.config import ConfigError
 from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
@@ -77,11 +80,31 @@ def bench_train(cfg) -> dict:
         "compiles": step._cache_size(),  # 1: no recompiles after the first step
         "tokens_per_s": tokens_per_s, "flops_per_token": task.flops_per_token, "model_flops_per_s": model_flops,
         "jax_matmul_flops_per_s": jax_rate, "mfu_vs_jax_matmul": model_flops / jax_rate,
+        **{k: float(v) for k, v in m.items() if k.startswith("moe_")},  # the last step's router statistics
     }
     if on_cpu:
         np_rate = statistics.median(np_rates)
         out |= {"numpy_matmul_flops_per_s": np_rate, "mfu_vs_numpy_matmul": model_flops / np_rate}
     return out
+
+
+def bench_moe(cfg) -> dict:
+    """bench_train of the MoE model with dropless and with capacity dispatch, and of its dense twin: the same model
+    with one MLP as wide as the experts a token uses (top_k x moe_d_ff + moe_shared_d_ff), so equal active
+    parameters and FLOPs per token."""
+    m = cfg.model
+    if not m.moe_experts:
+        raise ConfigError(f"model {m.name!r} has no experts; benchmark an MoE model, e.g. :model=moe-small")
+    runs = {}
+    for name, changes in (("dense", dict(moe_experts=0, d_ff=m.moe_top_k * (m.moe_d_ff or m.d_ff) + m.moe_shared_d_ff)),
+                          ("dropless", dict(moe_dispatch="dropless")), ("capacity", dict(moe_dispatch="capacity"))):
+        run = copy.deepcopy(cfg)
+        with run.unlocked():
+            run.model.update(changes)
+        runs[name] = bench_train(run) | {"active_params": transformer.active_param_count(run.model)}
+    dense = runs["dense"]["tokens_per_s"]
+    return {"runs": runs, "capacity_factor": m.moe_capacity_factor,
+            **{f"{k}_tokens_per_s_vs_dense": runs[k]["tokens_per_s"] / dense for k in ("dropless", "capacity")}}
 
 
 def _timed(fn, *args) -> tuple[float, object]:
@@ -267,8 +290,8 @@ def bench_import(cfg) -> dict:
     return out
 
 
-BENCHES = {"train": bench_train, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo, "data": bench_data,
-           "import": bench_import}
+BENCHES = {"train": bench_train, "moe": bench_moe, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo,
+           "data": bench_data, "import": bench_import}
 
 
 def main(argv: list[str]) -> None:

@@ -23,8 +23,9 @@ of devices its sharding spec splits it over, a dimension the mesh does not divid
   activations  s b T [L (saved(remat) + R) + layer] c  +  (s + 1) b T V' 4  +  weights
 with b = rows per device per microbatch, T = seq_len, s = 2 for DPO's pairs (chosen and rejected are two
 forwards, each logits held until the loss) and 1 otherwise, and per token and layer (N', K', F', V' = heads, kv
-heads, d_ff, vocab per device under the tensor axis; H = head_dim; S = keys a query scores, T without causal
-blocks, else the blocks' average; score elements are float32, counted as 4/c elements of size c):
+heads, MLP width, vocab per device under the tensor axis, the MLP width of an MoE layer being its top_k experts'
+plus its shared expert's plus E router logits, averaged over the layers; H = head_dim; S = keys a query scores,
+T without causal blocks, else the blocks' average; score elements are float32, counted as 4/c elements of size c):
   full      D                                       the scan carry x_BTD, the only residual
   dots      2 D + (N' + 2 K') H + m F'              + q, k, v, the output projection, the MLP's first
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
@@ -56,7 +57,7 @@ from ml_collections import config_flags
 from llmjax import optim
 from llmjax.cli import run_main
 from llmjax.config import ConfigError
-from llmjax.models import lora, transformer
+from llmjax.models import lora, moe, transformer
 from llmjax.sharding import AXES, batch_sharding, make_constrain, make_mesh, mesh_shape, spec, tree_shardings
 from llmjax.train import dpo, loop, ppo, pretrain, registry, state
 from llmjax.train.step import make_step
@@ -142,12 +143,30 @@ def saved_per_token(cfg, mesh: AbstractMesh, remat: str) -> float:
     m, r = cfg.model, cfg.rules
     n = m.n_heads / shards(("heads",), (m.n_heads,), r, mesh)
     k = m.n_kv_heads / shards(("kv_heads",), (m.n_kv_heads,), r, mesh)
-    f = m.d_ff / shards(("mlp",), (m.d_ff,), r, mesh)
+    f = mlp_width(cfg, mesh)
     mlp_dots = 2 if m.mlp == "swiglu" else 1
     scores = score_elements(cfg, mesh)
     dots = 2 * m.d_model + (n + 2 * k) * m.head_dim + mlp_dots * f
     return {"full": m.d_model, "dots": dots, "all_dots": dots + n * m.head_dim + scores,
             "none": 4 * m.d_model + (2 * n + 2 * k) * m.head_dim + (2 * mlp_dots + 1) * f + 2 * scores}[remat]
+
+
+def mlp_width(cfg, mesh: AbstractMesh) -> float:
+    """F': the MLP hidden width a token has per device, averaged over layers; an MoE layer's is its top_k experts'
+    (and shared expert's) widths plus the router's E logits."""
+    m = cfg.model
+    per_device = lambda f: f / shards(("mlp",), (f,), cfg.rules, mesh) if f else 0  # noqa: E731
+    moe = transformer.moe_layers(m)
+    routed = m.moe_top_k * per_device(m.moe_d_ff or m.d_ff) + per_device(m.moe_shared_d_ff) + m.moe_experts
+    return ((m.n_layers - moe) * per_device(m.d_ff) + moe * routed) / m.n_layers
+
+
+def expert_bytes(cfg, mesh: AbstractMesh) -> int:
+    """Bytes of every routed expert's weights on one device: all experts stay in memory, though a token uses
+    top_k of them."""
+    layers = transformer.specs(cfg.model)["layers"]
+    experts = {k: layers[k] for k in moe.EXPERT_AXES if k in layers}
+    return elements(experts, cfg.rules, mesh) * jnp.dtype(cfg.model.param_dtype).itemsize
 
 
 def adapter_elements(cfg, mesh: AbstractMesh) -> float:
@@ -209,7 +228,8 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, p
         "model": cfg.model.name, "trainer": cfg.trainer, "devices": n_devices, "mesh": dict(mesh.shape),
         "remat": cfg.model.remat, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
         "lora": {"targets": lora.targets(cfg), "rank": cfg.lora.rank} if lora.targets(cfg) else None,
-        "params": transformer.param_count(cfg.model),
+        "params": transformer.param_count(cfg.model), "active_params": transformer.active_param_count(cfg.model),
+        "expert_bytes": expert_bytes(cfg, mesh),
         "trainable_params": sum(math.prod(s.shape) for s in jax.tree.leaves(layout(cfg), is_leaf=transformer.is_spec)
                                 if s.trainable),
         "matmul_params": transformer.matmul_param_count(cfg.model), "flops_per_token": fpt, "tokens": tokens,
@@ -289,10 +309,13 @@ def _report(runs: list[tuple[str, dict, dict | None]], device_gib: float) -> str
     m, act, lo = est["mesh"], est["activation_bytes"], est["lora"]
     rows = est["batch_size"] // (m["data"] * m["expert"] * m["fsdp"])
     lines = [
-        f"{est['model']} ({est['trainer']}): {est['devices']} devices, mesh data={m['data']} fsdp={m['fsdp']} "
+        f"{est['model']} ({est['trainer']}): {est['devices']} devices, mesh data={m['data']} expert={m['expert']} "
+        f"fsdp={m['fsdp']} "
         f"tensor={m['tensor']}, batch {est['batch_size']} x {est['seq_len']} ({rows} x {est['seq_len']} per device), "
         f"remat={est['remat']}",
-        f"parameters          {est['params']:,} ({est['matmul_params']:,} in matmuls)",
+        f"parameters          {est['params']:,} ({est['matmul_params']:,} in a token's matmuls)",
+        *([f"experts             {est['active_params']:,} parameters active per token; all experts hold "
+           f"{_size(est['expert_bytes'])} per device"] if est["active_params"] != est["params"] else []),
         *([f"trainable           {est['trainable_params']:,}: LoRA rank {lo['rank']} on {','.join(lo['targets'])}"]
           if lo else []),
         f"FLOPs per token     {est['flops_per_token']:.4g}",

@@ -37,7 +37,8 @@ def test_config_file_rejects_unknown_preset():
     ({"mesh.fsdp": 3}, r"has 3 devices but 8 are present; .* --config.mesh.fsdp=-1"),
     ({"mesh.fsdp": 3, "mesh.data": -1}, r"8 devices are not divisible by 3"),
     ({"mesh.fsdp": -1, "mesh.data": -1}, r"at most one -1"),
-    ({"batch_size": 12}, r"batch_size=12 is not divisible by data\*expert\*fsdp\*grad_accum=1\*1\*8\*1; use a multiple of 8"),
+    ({"batch_size": 12}, r"batch_size=12 is not divisible by data\*expert\*fsdp\*grad_accum=1\*1\*8\*1; use a "
+                         r"multiple of 8"),
     ({"optim.grad_accum": 3}, r"batch_size=8 .*=1\*1\*8\*3; use a multiple of 24"),
     ({"model.n_kv_heads": 3}, r"model.n_heads=4 is not divisible by model.n_kv_heads=3"),
     ({"mesh.tensor": 4}, r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"),

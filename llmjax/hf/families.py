@@ -109,10 +109,11 @@ def _experts(hf: dict, where: str) -> dict:
     (its other layers are dense, intermediate_size wide), gates renormalised under norm_topk_prob, and Qwen2-MoE adds
     a shared expert behind a sigmoid gate. Mixtral's router_jitter_noise is accepted and not applied: it scales the
     router's input by noise in training only (never at inference), so the model is the same and a fine-tune here
-    trains without it, as with dropout. HF's aux loss and ours share router_aux_loss_coef; HF has no z-loss, so
-    moe_z_coef stays llmjax's."""
+    trains without it, as with dropout. HF's balancing loss is top_k times ours (its expert fractions sum to top_k,
+    ours to 1), so its router_aux_loss_coef is ours divided by top_k; HF has no z-loss, so moe_z_coef stays llmjax's."""
     L, kind = hf["num_hidden_layers"], hf["model_type"]
-    common = dict(moe_top_k=hf["num_experts_per_tok"], moe_balance_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    k = hf["num_experts_per_tok"]
+    common = dict(moe_top_k=k, moe_balance_coef=k * float(hf.get("router_aux_loss_coef", 0.001)))
     if kind == "mixtral":
         return common | dict(moe_experts=hf["num_local_experts"], moe_every=1, moe_d_ff=hf["intermediate_size"],
                              moe_renormalize=True)
@@ -194,7 +195,7 @@ def _experts_config(model, kind: str) -> dict:
     """The MoE keys of config.json (see _experts); Qwen3-MoE's num_experts is written as the Hub's files have it,
     which transformers 5 reads as its num_local_experts."""
     width = model.moe_d_ff or model.d_ff
-    out = dict(num_experts_per_tok=model.moe_top_k, router_aux_loss_coef=model.moe_balance_coef,
+    out = dict(num_experts_per_tok=model.moe_top_k, router_aux_loss_coef=model.moe_balance_coef / model.moe_top_k,
                output_router_logits=False)
     if kind == "mixtral":
         return out | dict(num_local_experts=model.moe_experts, intermediate_size=width, router_jitter_noise=0.0)

@@ -27,7 +27,7 @@ PRESETS: dict[str, dict] = {
                        head_dim=128, d_ff=28672, max_seq_len=8192),
     "mixtral-8x7b": dict(LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                          d_ff=14336, max_seq_len=32768, rope_theta=1_000_000.0, moe_experts=8, moe_top_k=2,
-                         moe_balance_coef=0.02),
+                         moe_balance_coef=0.04),  # Mixtral's router_aux_loss_coef 0.02 (moe.py: ours x top_k)
     # CPU mixture of experts: `small`'s attention, 8 experts of width 192 of which 4 run per token, so its active
     # parameters equal `small`'s (4 x 192 = 768 = small's d_ff) while it holds twice the MLP parameters.
     "moe-small": dict(LLAMA, vocab_size=320, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
