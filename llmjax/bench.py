@@ -33,7 +33,7 @@ from llmjax.cli import run_main
 from llmjax.config import ConfigError
 from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
-from llmjax.models import transformer
+from llmjax.models import moe, transformer
 from llmjax.train import registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to benchmark.",
@@ -96,8 +96,8 @@ def bench_moe(cfg) -> dict:
     if not m.moe_experts:
         raise ConfigError(f"model {m.name!r} has no experts; benchmark an MoE model, e.g. :model=moe-small")
     runs = {}
-    for name, changes in (("dense", dict(moe_experts=0, d_ff=m.moe_top_k * (m.moe_d_ff or m.d_ff) + m.moe_shared_d_ff)),
-                          ("dropless", dict(moe_dispatch="dropless")), ("capacity", dict(moe_dispatch="capacity"))):
+    for name, changes in (("dense", moe.dense_twin(m)), ("dropless", dict(moe_dispatch="dropless")),
+                          ("capacity", dict(moe_dispatch="capacity"))):
         run = copy.deepcopy(cfg)
         with run.unlocked():
             run.model.update(changes)

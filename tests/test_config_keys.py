@@ -79,6 +79,12 @@ CONTEXT = {
     "dpo.simpo_gamma": {"dpo.loss": "simpo"},
     "ppo.group_size": {"ppo.algorithm": "grpo"},  # GRPO's samples per prompt
     "ppo.kl_horizon": {"ppo.target_kl": 0.1},  # how fast the adaptive KL coefficient moves
+    # The mixture of experts' keys, on a model with experts (an expert rule: on a mesh with an expert axis).
+    **dict.fromkeys((f"model.moe_{k}" for k in ("top_k", "every", "d_ff", "renormalize", "shared_d_ff", "dispatch",
+                                                  "balance_coef", "z_coef")), {"model.moe_experts": 4}),
+    "model.moe_shared_gate": {"model.moe_experts": 4, "model.moe_shared_d_ff": 32},
+    "model.moe_capacity_factor": {"model.moe_experts": 4, "model.moe_dispatch": "capacity"},
+    "rules.experts": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.moe_experts": 4},
     "lora.targets": {"init_from": "lm"},  # LoRA adapts a trained model
     **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init", "lora.dropout"), {"lora.targets": "all",
                                                                                  "init_from": "lm"}),
@@ -90,6 +96,7 @@ ALTERNATIVES = {
     "trainer": tuple(registry.OBJECTIVES),
     "model.name": ("tiny", "small"),
     "model.attn_causal_block": (0, 16),
+    "model.moe_experts": (4,),
     "data.source": ("synthetic", "files"),
     "data.tokenizer": ("synthetic", "byte"),
     "data.tasks": ("sort", "reverse"),
@@ -108,7 +115,7 @@ ALTERNATIVES = {
     # Each rule moved so that it places something on the 2x2x2 mesh (an axis an earlier dimension took is skipped).
     "rules.batch": ("data",), "rules.embed": ("",), "rules.vocab": ("",), "rules.heads": ("",),
     "rules.kv_heads": ("",), "rules.mlp": ("",), "rules.layers": ("fsdp",), "rules.seq": ("tensor",),
-    "rules.head_dim": ("data",), "rules.act_embed": ("tensor",),
+    "rules.head_dim": ("data",), "rules.act_embed": ("tensor",), "rules.experts": ("fsdp",),
 }
 
 

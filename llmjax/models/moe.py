@@ -167,6 +167,12 @@ def loss(stats: dict, cfg) -> tuple[jax.Array, dict]:
                  "moe_load_max": jnp.max(load)}
 
 
+def dense_twin(cfg) -> dict:
+    """The model keys that make cfg's MoE model dense with equal active parameters: one MLP as wide as the experts a
+    token uses (top_k x moe_d_ff, plus the shared expert's width)."""
+    return dict(moe_experts=0, d_ff=cfg.moe_top_k * (cfg.moe_d_ff or cfg.d_ff) + cfg.moe_shared_d_ff)
+
+
 def merge(*stats: dict) -> dict:
     """The mean of several forwards' statistics (DPO's chosen and rejected rows)."""
     return jax.tree.map(lambda *a: sum(a) / len(a), *stats) if stats[0] else {}
