@@ -60,6 +60,11 @@ def test_logits_and_greedy_generation_equal_transformers(name):
 @pytest.mark.parametrize("name", ALL)
 def test_logits_and_greedy_generation_equal_transformers_live(name):
     """The same comparison against transformers itself, where it is installed (the `hf` extra)."""
+    compare_live(name)
+
+
+def compare_live(name: str) -> None:
+    """transformers' greedy tokens equal the fixture's, and its logits ours."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(fixture(name), dtype=torch.float32)

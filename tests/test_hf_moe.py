@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_hf import fixture, live_transformers_check, logits, reference, stored
+from test_hf import compare_live, fixture, live_transformers_check, logits, reference, stored
 
 from llmjax import checkpoint, config, sampling
 from llmjax.config import ConfigError
@@ -157,21 +157,8 @@ def test_experts_without_a_hugging_face_architecture_are_refused_on_export():
 
 @pytest.mark.parametrize("name", MOE)
 def test_logits_and_greedy_generation_equal_transformers_live(name):
-    """transformers itself, where it is installed, on the fixtures; then on their export (no missing or unexpected
-    keys, the same logits)."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(fixture(name), dtype=torch.float32)
-    ref = reference(name)
-    with torch.no_grad():
-        expected = theirs(torch.tensor(ref["input_ids"])).logits.numpy()
-        prompt = torch.tensor(ref["prompt_ids"])
-        greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].numpy()
-    np.testing.assert_array_equal(greedy, ref["greedy_ids"])
-    params = checkpoint.load_params(f"hf:{fixture(name)}", make_mesh(ONE))
-    model = checkpoint.run_config(f"hf:{fixture(name)}").model
-    np.testing.assert_allclose(logits(params, model, ref["input_ids"]), expected, atol=1e-4, rtol=0)
+    """transformers itself, where it is installed, on the fixtures."""
+    compare_live(name)
 
 
 @pytest.mark.parametrize("name", MOE)

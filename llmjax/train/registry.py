@@ -146,7 +146,7 @@ def task(cfg, workdir: str, mesh=None) -> loop.Task:
     return get(cfg).task(cfg, workdir, mesh or make_mesh(cfg.mesh))
 
 
-def train(cfg, workdir: str) -> TrainState:
-    """Trains cfg's objective to cfg.steps in `workdir` (resuming what is there): what `python -m llmjax.main`
-    runs."""
-    return loop.run(cfg, workdir, task(cfg, workdir))
+def train(cfg, workdir: str, mesh=None) -> TrainState:
+    """Trains cfg's objective to cfg.steps in `workdir` (resuming what is there; on `mesh`, default the config's
+    over every device): what `python -m llmjax.main` runs."""
+    return loop.run(cfg, workdir, task(cfg, workdir, mesh))
