@@ -105,3 +105,23 @@ def test_nonfinite_step_is_skipped_and_counted():
     new, m = step(state, clean)
     assert float(m["nonfinite"]) == 0 and int(new.bad_steps) == 0 and int(new.step) == 3
     assert not np.array_equal(new.params["w"], state.params["w"])
+
+
+@pytest.mark.parametrize("name", ["reward", "dpo", "ppo"])
+def test_router_losses_join_every_objective(name, tmp_path):
+    """On an MoE model each objective's step logs the router's losses and trains the router (pretraining and SFT:
+    tests/models/test_moe.py, tests/test_moe_experiment.py)."""
+    moe = {"model.moe_experts": 4, "model.moe_d_ff": 64, "model.moe_top_k": 2}
+    lm = str(tmp_path / "lm")
+    saved_run(tiny_config(**{"data.format": "chat", "data.tasks": "sort", **moe}), lm)
+    cfg = objective_config(name, lm)
+    for key, value in (moe | {"optim.warmup_steps": 0}).items():  # a first step with a learning rate
+        config.override(cfg, key, value)
+    task = registry.task(cfg, str(tmp_path / "run"), sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    state = task.start()
+    router = lambda p: np.asarray((p["trunk"] if name == "reward" else p["policy"] if name == "ppo" else p)  # noqa: E731
+                                  ["layers"]["moe_router"])
+    before = router(state.params)  # the step donates the state
+    new, m = task.jit_step(jax.tree.map(lambda x: x.sharding, state))(state, task.source(state, 0)[0], *task.frozen)
+    assert {"moe_balance", "moe_z", "moe_load_min"} <= set(m) and float(m["moe_balance"]) >= 1.0
+    assert np.abs(router(new.params) - before).max() > 0
