@@ -6,7 +6,7 @@ import os
 
 import jax
 import pytest
-from helpers import reward_config, tiny_config
+from helpers import one_device, reward_config, tiny_config
 
 jax.config.update("jax_num_cpu_devices", 8)
 # one compilation cache per worker: jax writes its entries without a lock
@@ -35,8 +35,9 @@ def sft_dir(tmp_path_factory) -> str:
     """A tiny model fine-tuned on `sort` in the chat format (about 30% greedy accuracy): the starting point,
     reference and trunk for the reward, DPO and PPO tests."""
     workdir = str(tmp_path_factory.mktemp("sft"))
-    registry.train(tiny_config(steps=150, eval_every=150, eval_prompts=32,
-                               **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3}), workdir)
+    cfg = tiny_config(steps=150, eval_every=150, eval_prompts=32,
+                      **{"data.format": "chat", "data.tasks": "sort", "optim.lr": 3e-3})
+    registry.train(cfg, workdir, one_device())
     return workdir
 
 
@@ -44,7 +45,7 @@ def sft_dir(tmp_path_factory) -> str:
 def rm_dir(sft_dir, tmp_path_factory) -> str:
     """A tiny reward model on the SFT trunk (its held-out pairwise accuracy in metrics.jsonl)."""
     workdir = str(tmp_path_factory.mktemp("rm"))
-    registry.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir)
+    registry.train(reward_config(sft_dir, steps=120, eval_every=120, eval_prompts=128), workdir, one_device())
     return workdir
 
 
@@ -52,5 +53,5 @@ def rm_dir(sft_dir, tmp_path_factory) -> str:
 def pipeline_dir(tmp_path_factory) -> str:
     """The pipeline experiment on `tiny`, two steps a stage: every stage's checkpoint, results and plot."""
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    run.run(workdir, "tiny", 0.01)
+    run.run(workdir, "tiny", 0.01, jax.devices()[:1])
     return workdir

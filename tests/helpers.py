@@ -21,6 +21,16 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def one_device():
+    """A mesh of one fake device, for runs that train: tiny models train about 1.5x faster on one than on eight
+    that share two cores (the sharded paths have tests of their own)."""
+    import jax
+
+    from llmjax.sharding import make_mesh
+
+    return make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
 def reward_config(init_from="", **overrides) -> ml_collections.ConfigDict:
     """A tiny reward model on `sort` preference pairs (the correct answer over a corrupted one)."""
     cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "init_from": init_from, "trainer": "reward",

@@ -20,6 +20,7 @@ from absl import flags
 
 from llmjax.cli import run_main
 from llmjax.config import load
+from llmjax.sharding import make_mesh
 from llmjax.train import registry
 
 # name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir)
@@ -130,9 +131,10 @@ def plot(results: list[dict], runs: dict[str, list[dict]], focus: list[str], pat
     fig.savefig(path, dpi=110)
 
 
-def run(root: str, model: str, scale: float) -> dict:
-    """Trains every stage into root/<stage> (or finds it trained), then writes the table and plot; returns
-    what results.json holds. Every stage's config is validated before the first one trains."""
+def run(root: str, model: str, scale: float, devices: list | None = None) -> dict:
+    """Trains every stage into root/<stage> (or finds it trained) on `devices` (default all), then writes the table
+    and plot; returns what results.json holds. Every stage's config is validated before the first one trains."""
+    devices = devices or jax.devices()
     paths = {name: os.path.join(root, name) for name, *_ in STAGES}
     configs = {}
     for name, spec, parent, overrides in STAGES:
@@ -140,7 +142,7 @@ def run(root: str, model: str, scale: float) -> dict:
                                                 for k, v in overrides.items()})
         if parent:
             cfg.init_from = paths[parent]
-        registry.validate(cfg, jax.device_count())
+        registry.validate(cfg, len(devices))
         configs[name] = cfg
     rl = next(cfg for cfg in configs.values() if cfg.trainer == "ppo")
     focus = (rl.ppo.tasks or rl.data.tasks).split(",")
@@ -148,7 +150,7 @@ def run(root: str, model: str, scale: float) -> dict:
     for name, cfg in configs.items():
         print(f"== {name}: {cfg.trainer} from {cfg.init_from or 'scratch'} -> {paths[name]}", flush=True)
         t = time.perf_counter()
-        registry.train(cfg, paths[name])
+        registry.train(cfg, paths[name], make_mesh(cfg.mesh, devices))
         runs[name] = read_metrics(paths[name])
         results.append(summarise(name, runs[name], time.perf_counter() - t))
         print(table(results[-1:], focus), flush=True)

@@ -2,10 +2,11 @@
 
 Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU), GPT-2 (LayerNorm, learned positions, GELU, biases,
 tied embeddings), Qwen2 (biases on q, k, v) and Qwen3 (RMSNorm on each head's q and k) are the same forward with
-different config switches. `specs(cfg)` is the one
-source of truth for parameters: shape, logical axes and initializer of every leaf; initialisation,
-sharding, checkpoint layout and parameter counts all derive from it. Layers are stacked on a leading
-"layers" axis and run with `jax.lax.scan`.
+different config switches; Mixtral and Qwen-MoE add routed experts (llmjax.models.moe) in every moe_every-th layer.
+`specs(cfg)` is the one source of truth for parameters: shape, logical axes and initializer of every leaf;
+initialisation, sharding, checkpoint layout and parameter counts all derive from it. Layers are stacked on a
+leading "layers" axis (the dense MLPs and the experts on stacks of their own layers) and run with `jax.lax.scan`,
+one step per moe_every layers.
 """
 
 import math

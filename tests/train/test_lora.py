@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import dpo_config, losses, metric_rows, ppo_config, reward_config, saved_run, tiny_config
+from helpers import dpo_config, losses, metric_rows, one_device, ppo_config, reward_config, saved_run, tiny_config
 
 from llmjax import checkpoint, generate
 from llmjax.config import ConfigError
@@ -146,7 +146,7 @@ def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
     cfg = ppo_config(base_dir, "ppo", steps=2, **LORA)
     task = registry.task(cfg, str(tmp_path / "rl"))
     assert task.source.reference is None  # the reference is the policy's base, adapters off
-    trained = registry.train(cfg, str(tmp_path / "rl"))
+    trained = registry.train(cfg, str(tmp_path / "rl"), one_device())
     base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["policy"], base)
     # the value model: a LoRA trunk on the same base, and its own trained head
@@ -156,7 +156,7 @@ def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
 
 def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
     cfg = reward_config(base_dir, steps=6, **LORA)
-    trained = registry.train(cfg, str(tmp_path / "rm"))
+    trained = registry.train(cfg, str(tmp_path / "rm"), one_device())
     base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["trunk"], base)
     assert np.abs(np.asarray(trained.params["head"]["w"])).max() > 0
@@ -224,7 +224,7 @@ def test_lora_sft_learns_over_its_base(tmp_path):
     """A tiny model pretrained on `sort` as plain text cannot answer in the chat format; rank-8 LoRA SFT on every
     projection teaches it in 60 steps (measured: 0% -> 34% greedy accuracy on 32 held-out prompts)."""
     base, run = str(tmp_path / "base"), str(tmp_path / "lora")
-    registry.train(tiny_config(steps=100, **{"data.tasks": "sort", "optim.lr": 3e-3}), base)
+    registry.train(tiny_config(steps=100, **{"data.tasks": "sort", "optim.lr": 3e-3}), base, one_device())
     cfg = tiny_config(steps=60, eval_every=60, eval_prompts=32, **{
         "data.format": "chat", "data.tasks": "sort", "init_from": base, "lora.targets": "all", "lora.rank": 8,
         "optim.lr": 1e-2})
@@ -232,6 +232,6 @@ def test_lora_sft_learns_over_its_base(tmp_path):
     from llmjax.evaluate import make_evaluator
 
     before = make_evaluator(cfg, mesh, n=32)(checkpoint.load_params(base, mesh))["accuracy"]
-    registry.train(cfg, run)
+    registry.train(cfg, run, one_device())
     after = [r for r in metric_rows(run) if "eval/accuracy" in r][-1]["eval/accuracy"]
     assert before < 0.1 and after > before + 0.25, (before, after)

@@ -4,7 +4,7 @@ update is the same sharded as on one device, and both learn: the task reward and
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, ppo_config
+from helpers import metric_rows, one_device, ppo_config
 
 from llmjax import config, sharding
 from llmjax.train import ppo, registry
@@ -57,7 +57,7 @@ def test_learns_the_task_reward(sft_dir, tmp_path, algorithm):
     """Rewarded by the sort checker, the sampled answers get right more often while the KL stays bounded."""
     cfg = ppo_config(sft_dir, algorithm, steps=60, batch_size=64)
     cfg.ppo.update(epochs=1, minibatches=1, group_size=8)
-    registry.train(cfg, str(tmp_path))
+    registry.train(cfg, str(tmp_path), one_device())
     first, last = quarters(tmp_path, "score")
     assert last > first + 0.04, (first, last)
     assert quarters(tmp_path, "kl_to_ref")[1] < 1.5
@@ -68,7 +68,7 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
     logged, and the coefficient moves toward its target."""
     cfg = ppo_config(sft_dir, steps=20, batch_size=32)
     cfg.ppo.update(reward=rm_dir, epochs=1, minibatches=1, target_kl=0.01)
-    registry.train(cfg, str(tmp_path))
+    registry.train(cfg, str(tmp_path), one_device())
     first, last = quarters(tmp_path, "score")
     assert last > first + 0.2, (first, last)
     rows = [r for r in metric_rows(tmp_path) if "score" in r]
