@@ -5,7 +5,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from helpers import dpo_config, metric_rows, one_device
+from helpers import dpo_config, metric_rows
 
 from llmjax import checkpoint, config, sharding
 from llmjax.data import preference
@@ -78,7 +78,7 @@ def test_dpo_learns(sft_dir, tmp_path):
     batch = preference.batches(held_out, task.batch_sharding, preference.source(held_out))(0)
     constrain = sharding.make_constrain(sharding.make_mesh(cfg.mesh), cfg.rules)
     before = task.evaluate(reference)
-    final = registry.train(cfg, str(tmp_path), one_device())
+    final = registry.train(cfg, str(tmp_path))
     _, aux = dpo.loss_fn(final.params, batch, cfg, constrain, reference)
     assert float(aux["reward_accuracy"]) >= 0.8, aux
     assert float(aux["reward_margin"]) > 0.1, aux  # both are 0 at the start, where policy == reference
