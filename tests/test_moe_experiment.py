@@ -4,12 +4,14 @@ collapses onto a few experts."""
 
 import jax
 import numpy as np
+import pytest
 
 from experiments.moe import run
 
 STEPS = 400
 
 
+@pytest.mark.slow
 def test_moe_beats_its_dense_twin_and_balances_its_experts(tmp_path):
     results = {}
     for name, changes in run.RUNS:

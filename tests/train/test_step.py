@@ -107,6 +107,7 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert not np.array_equal(new.params["w"], state.params["w"])
 
 
+@pytest.mark.slow  # three compiles of whole objectives
 @pytest.mark.parametrize("name", ["reward", "dpo", "ppo"])
 def test_router_losses_join_every_objective(name, tmp_path):
     """On an MoE model each objective's step logs the router's losses and trains the router (pretraining and SFT:
