@@ -239,6 +239,11 @@ def live_transformers_check(folder: str, params, model) -> None:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_exported_folders_load_in_transformers_live(name, tmp_path):
+    export_loads_live(name, tmp_path)
+
+
+def export_loads_live(name: str, tmp_path) -> None:
+    """A fixture imported and exported again loads in transformers with its keys and our logits."""
     pytest.importorskip("transformers")
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     convert.import_run(fixture(name), run)

@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_hf import compare_live, fixture, live_transformers_check, logits, reference, stored
+from test_hf import compare_live, export_loads_live, fixture, logits, reference, stored
 
 from llmjax import checkpoint, config, sampling
 from llmjax.config import ConfigError
@@ -163,8 +163,4 @@ def test_logits_and_greedy_generation_equal_transformers_live(name):
 
 @pytest.mark.parametrize("name", MOE)
 def test_exported_folders_load_in_transformers_live(name, tmp_path):
-    pytest.importorskip("transformers")
-    run, out = str(tmp_path / "run"), str(tmp_path / "out")
-    convert.import_run(fixture(name), run)
-    convert.export_run(run, out)
-    live_transformers_check(out, checkpoint.load_params(run, make_mesh(ONE)), checkpoint.run_config(run).model)
+    export_loads_live(name, tmp_path)
