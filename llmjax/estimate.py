@@ -81,7 +81,7 @@ TRAINERS = ("pretrain", "dpo")  # the steps the activations model; state_bytes k
 
 def abstract_mesh(cfg, n_devices: int) -> AbstractMesh:
     """The config's mesh without devices: enough for the sharding specs."""
-    sizes = mesh_shape({a: cfg.mesh.get(a, 1) for a in AXES}, n_devices)
+    sizes = mesh_shape(cfg.mesh, n_devices)
     return AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
 
 
@@ -156,9 +156,9 @@ def mlp_width(cfg, mesh: AbstractMesh) -> float:
     (and shared expert's) widths plus the router's E logits."""
     m = cfg.model
     per_device = lambda f: f / shards(("mlp",), (f,), cfg.rules, mesh) if f else 0  # noqa: E731
-    moe = transformer.moe_layers(m)
+    n_moe = transformer.moe_layers(m)
     routed = m.moe_top_k * per_device(m.moe_d_ff or m.d_ff) + per_device(m.moe_shared_d_ff) + m.moe_experts
-    return ((m.n_layers - moe) * per_device(m.d_ff) + moe * routed) / m.n_layers
+    return ((m.n_layers - n_moe) * per_device(m.d_ff) + n_moe * routed) / m.n_layers
 
 
 def expert_bytes(cfg, mesh: AbstractMesh) -> int:

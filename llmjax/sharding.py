@@ -20,8 +20,9 @@ AXES = ("data", "expert", "fsdp", "tensor")
 
 
 def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
-    """Resolves the one -1 entry; raises ConfigError when the sizes cannot cover the devices exactly."""
-    sizes = dict(mesh)
+    """Every mesh axis's size (an axis `mesh` leaves out has size 1), the one -1 entry resolved; raises ConfigError
+    when the sizes cannot cover the devices exactly."""
+    sizes = {a: mesh.get(a, 1) for a in AXES}
     free = [k for k, v in sizes.items() if v == -1]
     bad = [k for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
@@ -40,7 +41,7 @@ def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    sizes = mesh_shape({a: mesh_cfg.get(a, 1) for a in AXES}, len(devices))
+    sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
@@ -53,7 +54,7 @@ def spec(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
     for i, name in enumerate(logical):
         axes = tuple(a for a in (rules[name].split(",") if name else ()) if a and a not in used and mesh.shape[a] > 1)
         size = int(np.prod([mesh.shape[a] for a in axes]))
-        if not axes or size == 1 or (shape is not None and shape[i] % size):
+        if not axes or (shape is not None and shape[i] % size):
             out.append(None)
             continue
         used.update(axes)

@@ -17,6 +17,7 @@ import numpy as np
 from absl import flags
 
 from configs import stdlib
+from experiments.pipeline.run import read_metrics
 from llmjax import checkpoint, sharding
 from llmjax.cli import run_main
 from llmjax.config import override
@@ -57,8 +58,7 @@ def train(name: str, cfg, out: str, devices=None) -> dict:
     if not os.path.exists(os.path.join(workdir, "done")):
         registry.train(cfg, workdir, mesh)
         open(os.path.join(workdir, "done"), "w").close()
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(workdir)
     last = [r for r in rows if "eval/perplexity" in r][-1]
     result = {"name": name, "model": cfg.model.name, "steps": cfg.steps, "params": transformer.param_count(cfg.model),
               "active_params": transformer.active_param_count(cfg.model),

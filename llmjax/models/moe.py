@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llmjax.models import layers
 from llmjax.sharding import Constrain, spec
 
 EXPERT_AXES = {"moe_gate": ("experts", "embed", "mlp"), "moe_up": ("experts", "embed", "mlp"),
@@ -52,16 +53,11 @@ def apply(x_BTD: jax.Array, w: dict, valid_BT: jax.Array, cfg, constrain: Constr
     else:
         y_BTD, stats["dropped"] = _sharded(x_BTD, experts_BTX, gates_BTX, experts, cfg, constrain), jnp.zeros(())
     if cfg.moe_shared_d_ff:
-        shared_BTD = swiglu(x_BTD, w["shared_gate"], w["shared_up"], w["shared_down"])
+        shared_BTD = layers.swiglu(x_BTD, w["shared_gate"], w["shared_up"], w["shared_down"])
         if cfg.moe_shared_gate:
             shared_BTD = shared_BTD * jax.nn.sigmoid(jnp.einsum("btd,d->bt", x_BTD, w["shared_router"]))[..., None]
         y_BTD = y_BTD + shared_BTD
     return y_BTD, stats
-
-
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    h = jax.nn.silu(x @ gate) * (x @ up)
-    return h @ down
 
 
 def _grouped_swiglu(x_AD: jax.Array, sizes_E: jax.Array, w: dict, first: jax.Array | int) -> jax.Array:

@@ -100,7 +100,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     unknown = sorted(set(cfg.mesh) - set(AXES))
     if unknown:
         raise ConfigError(f"mesh names {unknown}; the mesh axes are {', '.join(AXES)}")
-    sizes = mesh_shape({a: cfg.mesh.get(a, 1) for a in AXES}, n_devices)
+    sizes = mesh_shape(cfg.mesh, n_devices)
     if m.moe_experts % sizes["expert"]:
         raise ConfigError(f"model.moe_experts={m.moe_experts} is not divisible by mesh.expert={sizes['expert']}; "
                           "each device of the expert axis holds a whole share of the experts")
