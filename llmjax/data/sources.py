@@ -12,12 +12,12 @@ Record kinds and the fields they are stored and read back with:
     sft         {"prompt", "response"}
     preference  {"prompt", "responses"}: responses ranked best first. A {"prompt", "chosen", "rejected"} line is
                 stored as responses=[chosen, rejected]; a {"prompt", "responses": [...]} line (two or more) as given.
-    prompts     {"prompt"}
-A .jsonl file holds one JSON object per line; fields beyond its kind's are ignored. A .txt file holds one document
-per blank-line-separated block, as in llmjax.data.curate, read as a text record (or a prompt, for kind "prompts").
-A .py file is one document, as code keeps blank lines inside it. In a folder, files below a site-packages or
-dist-packages folder are not read: installed packages, which some installs keep inside the standard library.
-With kind="auto" the first record decides: a .txt block or .py file is text; a JSON object with "chosen" or
+    prompts     {"prompt"}, and a JSON line's other fields as they were ("answer", "id", ...: one string, extra_json)
+A .jsonl file holds one JSON object per line; fields beyond its kind's are ignored (but for prompts). A .txt file
+holds one document per blank-line-separated block, as in llmjax.data.curate, read as a text record (or a prompt, for
+kind "prompts"). A .py file is one document, as code keeps blank lines inside it. In a folder, files below a
+site-packages or dist-packages folder are not read: installed packages, which some installs keep inside the standard
+library. With kind="auto" the first record decides: a .txt block or .py file is text; a JSON object with "chosen" or
 "responses" is preference, else with "response" sft, else with "text" text, else with "prompt" prompts. Later records
 that do not fit that kind are input problems, so pass the kind when the first record might mislead.
 
@@ -62,6 +62,7 @@ _INSTALLED = {"site-packages", "dist-packages"}
 _INFER = (("chosen", "preference"), ("responses", "preference"), ("response", "sft"), ("text", "text"),
           ("prompt", "prompts"))
 _BUILDER_NAME = "llmjax_files"
+_EXTRA = "extra_json"  # the feature holding a prompts record's other fields
 
 
 @dataclasses.dataclass
@@ -150,8 +151,8 @@ def _items(path: Path, invalid_utf8: str, report: _Report) -> Iterator[tuple[int
 def _record(item: Any, kind: str) -> dict[str, Any] | str:
     """The record of `kind` that a .txt block or a JSON line holds, or what is wrong with it."""
     if isinstance(item, str):
-        return {KINDS[kind][0]: item}
-    if not isinstance(item, dict):
+        item = {KINDS[kind][0]: item}
+    elif not isinstance(item, dict):
         return f"not a JSON object but {type(item).__name__}"
     fields = KINDS[kind]
     if kind == "preference" and "responses" not in item:
@@ -170,6 +171,8 @@ def _record(item: Any, kind: str) -> dict[str, Any] | str:
             return f'"{f}" is {type(value).__name__}, not a string'
     if "chosen" in fields:
         return {"prompt": item["prompt"], "responses": [item["chosen"], item["rejected"]]}
+    if kind == "prompts":  # item is this line's own parse; keys sorted, as a split hashes content, not key order
+        return {"prompt": item.pop("prompt"), _EXTRA: json.dumps(item, sort_keys=True)}
     return {f: item[f] for f in fields}
 
 
@@ -233,7 +236,7 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = _BUILDER_NAME
-    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: counts of degenerate records in metadata.json
+    VERSION = tfds.core.Version("1.2.0")  # 1.1.0: counts of degenerate records in metadata.json; 1.2.0: extra_json
     # tfds looks for download checksums beside a builder's code, which for a builder in a package needs the
     # importlib_resources backport (not a tfds dependency); there is nothing to download.
     code_path = None
@@ -246,7 +249,8 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        features = {f: tfds.features.Sequence(text) if f == "responses" else text for f in KINDS[self._kind]}
+        fields = KINDS[self._kind] + ((_EXTRA,) if self._kind == "prompts" else ())
+        features = {f: tfds.features.Sequence(text) if f == "responses" else text for f in fields}
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
                                      disable_shuffling=True,  # keep the input order; training samples its own
                                      metadata=tfds.core.MetadataDict())  # the degenerate records of each split
@@ -318,9 +322,9 @@ def _plain(value: Any) -> Any:
 
 
 class Records(Sequence[dict]):
-    """A tfds data source (len, random access, iteration) whose records come back as dicts of str / list[str].
-    `degenerate`: how many of them train on nothing (see `_degenerate`), as counted when a files: source was
-    prepared; None where not known (a tfds dataset prepared elsewhere, a sliced split)."""
+    """A tfds data source (len, random access, iteration) whose records come back as dicts of str / list[str] (and
+    a prompt's other JSON fields). `degenerate`: how many of them train on nothing (see `_degenerate`), as counted
+    when a files: source was prepared; None where not known (a tfds dataset prepared elsewhere, a sliced split)."""
 
     def __init__(self, source: Sequence[dict], degenerate: int | None = None):
         self._source, self.degenerate = source, degenerate
@@ -331,7 +335,8 @@ class Records(Sequence[dict]):
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):  # array_record raises ValueError, and Sequence iterates to IndexError
             raise IndexError(f"record {index} is out of range for {len(self)} records")
-        return _plain(self._source[index % len(self)])
+        record = _plain(self._source[index % len(self)])
+        return record | json.loads(record.pop(_EXTRA, "{}"))  # the pop comes first: extra_json is not returned
 
 
 class NoSplit(ValueError):

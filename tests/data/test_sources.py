@@ -62,7 +62,7 @@ def test_python_file_is_one_document_and_installed_packages_are_skipped(tmp_path
 def test_each_kind_reads_back_and_is_inferred(tmp_path, kind, lines, expected):
     folder = write(tmp_path / "in", {"data.jsonl": lines})
     builder = sources.prepare(folder, kind="auto", data_dir=str(tmp_path / "tfds"), validation=0)
-    assert set(builder.info.features) == set(sources.KINDS[kind])
+    assert set(builder.info.features) == set(sources.KINDS[kind]) | ({"extra_json"} if kind == "prompts" else set())
     assert read(folder, tmp_path / "tfds", kind=kind) == expected
     assert read(folder, tmp_path / "tfds") == expected  # inferred from the first record
 
@@ -70,6 +70,17 @@ def test_each_kind_reads_back_and_is_inferred(tmp_path, kind, lines, expected):
 def test_prompts_from_txt_blocks(tmp_path):
     folder = write(tmp_path / "in", {"p.txt": "sort 321 = \n\nreverse abc = "})
     assert read(folder, tmp_path / "tfds", kind="prompts") == [{"prompt": "sort 321 = "}, {"prompt": "reverse abc = "}]
+
+
+def test_prompts_keep_their_other_fields_in_both_splits(tmp_path):
+    lines = [{"prompt": f"q{i}", "answer": i, "meta": {"k": [1, 2.5, None]}, "id": f"x{i}", "ok": i % 2 == 0}
+             for i in range(60)] + [{"prompt": "bare"}]
+    folder = write(tmp_path / "in", {"p.jsonl": lines, "t.txt": "a prompt\n\nanother"})
+    splits = [read(folder, tmp_path / "tfds", split, validation=0.3, kind="prompts", strict=True)
+              for split in ("train", "validation")]
+    assert all(splits) and sorted(splits[0] + splits[1], key=str) == sorted(
+        [*lines, {"prompt": "a prompt"}, {"prompt": "another"}], key=str)
+    assert all(type(r.get("answer", 0)) is int and type(r.get("ok", True)) is bool for r in splits[0] + splits[1])
 
 
 def test_validation_split_follows_content(tmp_path):
