@@ -4,6 +4,8 @@ Masked-out positions never enter the arithmetic: their inputs are replaced (`jnp
 any use, so padding that holds -100 targets or NaN/inf values reaches neither the values nor the gradients.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -191,46 +193,114 @@ def whiten(x_BT: jax.Array, mask_BT: jax.Array, shift_mean: bool = True, eps: fl
     return jnp.where(mask_BT > 0, out, 0.0)
 
 
-def ppo_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: jax.Array, mask_BT: jax.Array,
-                    clip_eps: float = 0.2) -> tuple[jax.Array, dict]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated and averaged over masked-in tokens:
-    -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi / pi_old. The min is a pessimistic bound, so the
-    gradient vanishes where moving r further outside [1 - eps, 1 + eps] would only help the objective.
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
-    aux: clip_frac (fraction of tokens where the clipped term is the one taken), approx_kl = mean k3
-    estimate of KL(pi_old || pi) (the tokens were sampled from pi_old), ratio_mean.
+
+@dataclasses.dataclass(frozen=True)
+class Aggregator:
+    """agg(x_BT, mask_BT) -> scalar: how per-token terms become a batch's loss; made by `aggregator`. Frozen, so
+    equal settings hash alike (one compile as a static jit argument)."""
+    mode: str = "token_mean"
+    max_len: int | None = None
+
+    def __post_init__(self):
+        _check_aggregation(self.mode)
+        if self.mode == "seq_mean_token_sum_norm" and (self.max_len is None or self.max_len < 1):
+            raise ValueError(f"seq_mean_token_sum_norm divides by the generation budget; got max_len={self.max_len}")
+
+    def __call__(self, x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+        if self.mode == "token_mean":
+            return _masked_mean(x_BT, mask_BT)
+        m_BT = mask_BT > 0
+        n_B = jnp.sum(m_BT, axis=-1)
+        sum_B = jnp.sum(jnp.where(m_BT, x_BT, 0.0), axis=-1)
+        seq_B = sum_B / (jnp.maximum(n_B, 1) if self.mode == "seq_mean_token_mean" else self.max_len)
+        return jnp.sum(seq_B) / jnp.maximum(jnp.sum(n_B > 0), 1)  # an empty row adds 0 and is not counted
+
+    def metric(self, x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+        """A mean of x over the units this mode's weight counts: the token mean, or for both sequence modes the
+        mean of per-sequence means. Exact under grad accumulation like the loss, and still a mean of x (a
+        fraction stays a fraction) where the loss is a sum over a budget."""
+        return (self if self.mode == "token_mean" else Aggregator("seq_mean_token_mean"))(x_BT, mask_BT)
+
+
+def _check_aggregation(mode: str) -> None:
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def aggregator(mode: str, max_len: int | None = None) -> Aggregator:
+    """The loss aggregation the RL objectives disagree on, for per-token terms x_BT (0/1 mask_BT):
+      token_mean               sum over all valid tokens / their number: every token weighs the same (DAPO,
+                               Yu et al. 2025, sec. 3.3), so long responses are not under-weighted
+      seq_mean_token_mean      each sequence's mean over its tokens, then the mean over sequences (GRPO, Shao et
+                               al. 2024, eq. 3): a token of a short response weighs more
+      seq_mean_token_sum_norm  each sequence's token sum / max_len (the generation budget, a constant), then the
+                               mean over sequences (Dr. GRPO, Liu et al. 2025): no length bias
+    Sequence means count only rows with a valid token: a row masked out entirely (dropped by dynamic sampling)
+    neither contributes nor dilutes. Padding (even NaN) reaches neither the value nor the gradient of x.
+    max_len matters only to seq_mean_token_sum_norm, which requires it."""
+    return Aggregator(mode, max_len if mode == "seq_mean_token_sum_norm" else None)
+
+
+def aggregation_weight(mask_BT: jax.Array, mode: str) -> jax.Array:
+    """The number of units an aggregate averages over: valid tokens (token_mean) or rows with a valid token
+    (sequence modes). Microbatch aggregates weighed by it (llmjax.train.step.grads' `weight`) average to exactly
+    the whole batch's aggregate."""
+    _check_aggregation(mode)
+    m_BT = mask_BT > 0
+    return jnp.sum(m_BT) if mode == "token_mean" else jnp.sum(jnp.any(m_BT, axis=-1))
+
+
+def ppo_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: jax.Array, mask_BT: jax.Array,
+                    clip_low: float = 0.2, clip_high: float | None = None,
+                    agg: Aggregator | None = None) -> tuple[jax.Array, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated and aggregated by `agg` (default: the mean
+    over masked-in tokens): -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) with r = pi / pi_old. The min is
+    a pessimistic bound, so the gradient vanishes where moving r further outside the range would only help the
+    objective. clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, sec. 3.1): a token with A > 0 may gain
+    more probability before its gradient stops, which keeps unlikely tokens explorable (less entropy collapse);
+    clip_high=None is the symmetric clip_low.
+
+    aux, each an `agg.metric` (a token mean, or a mean of per-sequence means for the sequence modes): clip_frac
+    (the clipped term is the one taken), approx_kl (k3 estimate of KL(pi_old || pi): the tokens were sampled from
+    pi_old), ratio_mean.
     """
+    agg = Aggregator() if agg is None else agg
+    clip_high = clip_low if clip_high is None else clip_high
     log_ratio = _zero_padding(mask_BT, logp_BT) - _zero_padding(mask_BT, old_logp_BT)
     ratio = jnp.exp(log_ratio)
     adv = _zero_padding(mask_BT, advantages_BT)
-    unclipped, clipped = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _masked_mean(jnp.maximum(unclipped, clipped), mask_BT)
-    aux = {"clip_frac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask_BT),
-           "approx_kl": _masked_mean(jax.lax.stop_gradient(jnp.expm1(log_ratio) - log_ratio), mask_BT),
-           "ratio_mean": _masked_mean(jax.lax.stop_gradient(ratio), mask_BT)}
+    unclipped, clipped = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = agg(jnp.maximum(unclipped, clipped), mask_BT)
+    aux = {"clip_frac": agg.metric((clipped > unclipped).astype(jnp.float32), mask_BT),
+           "approx_kl": agg.metric(jax.lax.stop_gradient(jnp.expm1(log_ratio) - log_ratio), mask_BT),
+           "ratio_mean": agg.metric(jax.lax.stop_gradient(ratio), mask_BT)}
     return loss, aux
 
 
 def ppo_value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array,
-                   clip_eps: float = 0.2) -> tuple[jax.Array, dict]:
+                   clip_eps: float = 0.2, agg: Aggregator | None = None) -> tuple[jax.Array, dict]:
     """Clipped value loss (PPO2 baselines; InstructGPT): 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps)
-    - R)^2), masked mean, so one update cannot move the value far from the rollout's estimate.
-    aux: value_clip_frac (fraction of tokens where the clipped error is the larger one)."""
+    - R)^2), aggregated by `agg` (default: token mean), so one update cannot move the value far from the
+    rollout's estimate. aux: value_clip_frac (the clipped error is the larger one), an `agg.metric`."""
+    agg = Aggregator() if agg is None else agg
     v, v_old, ret = (_zero_padding(mask_BT, a) for a in (values_BT, old_values_BT, returns_BT))
     err, err_clipped = jnp.square(v - ret), jnp.square(jnp.clip(v, v_old - clip_eps, v_old + clip_eps) - ret)
-    loss = 0.5 * _masked_mean(jnp.maximum(err, err_clipped), mask_BT)
-    return loss, {"value_clip_frac": _masked_mean((err_clipped > err).astype(jnp.float32), mask_BT)}
+    loss = 0.5 * agg(jnp.maximum(err, err_clipped), mask_BT)
+    return loss, {"value_clip_frac": agg.metric((err_clipped > err).astype(jnp.float32), mask_BT)}
 
 
-def entropy(logits_BTV: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    """Mean per-token entropy -sum_v p log p of the softmax (float32), over masked-in tokens: the PPO entropy
-    bonus, and a collapse detector. Masked rows' logits (even NaN/inf) are replaced before the softmax, and
+def entropy(logits_BTV: jax.Array, mask_BT: jax.Array, agg: Aggregator | None = None) -> jax.Array:
+    """Per-token entropy -sum_v p log p of the softmax (float32), aggregated by `agg` (default: token mean) like
+    the loss it joins as PPO's bonus (under seq_mean_token_sum_norm: a sum per budget token, below the per-token
+    mean); also a collapse detector. Masked rows' logits (even NaN/inf) are replaced before the softmax, and
     p log p counts as 0 where p = 0 (a -inf logit), so neither gives NaN values or gradients."""
     m_BT = mask_BT > 0
     logp_BTV = jax.nn.log_softmax(jnp.where(m_BT[..., None], logits_BTV.astype(jnp.float32), 0.0), axis=-1)
     p_BTV = jnp.exp(logp_BTV)
     logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)  # else 0 * -inf, and its gradient, would be NaN
-    return _masked_mean(-jnp.sum(p_BTV * logp_BTV, axis=-1), mask_BT)
+    return (Aggregator() if agg is None else agg)(-jnp.sum(p_BTV * logp_BTV, axis=-1), mask_BT)
 
 
 def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -242,20 +312,57 @@ def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax
     return jnp.where(var_r > 0, ev, 0.0)
 
 
-def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6, scale: bool = True) -> jax.Array:
-    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2): rows come in consecutive groups
-    of K = group_size samples of one prompt; A = (r - mean_group) / (std_group + eps), the group mean being
-    the baseline that replaces a learned critic. std is the sample (ddof=1) std, as in the TRL/verl/OpenRLHF
-    implementations. scale=False only centres (Dr. GRPO, Liu et al. 2025: dividing by std up-weights
-    near-unanimous groups)."""
+BASELINES = ("mean", "leave_one_out")
+
+
+def _groups(rewards_B: jax.Array, group_size: int) -> jax.Array:
+    """[G, C] view of rows that come in consecutive groups of C = group_size samples of one prompt."""
     n = rewards_B.shape[0]
     if group_size < 2 or n % group_size:
         raise ValueError(f"group_size must be >= 2 and divide the batch; got {group_size} for {n} rows")
-    r_GC = rewards_B.astype(jnp.float32).reshape(n // group_size, group_size)
-    adv_GC = r_GC - jnp.mean(r_GC, axis=1, keepdims=True)
+    return rewards_B.reshape(n // group_size, group_size)
+
+
+def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6, scale: bool = True,
+                     baseline: str = "mean") -> jax.Array:
+    """Critic-free outcome advantages from rows in consecutive groups of K = group_size samples of one prompt:
+      mean           A_i = r_i - mean_j r_j                 GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1.2)
+      leave_one_out  A_i = r_i - mean_{j != i} r_j          RLOO (Kool et al. 2019; Ahmadian et al. 2024): a
+                     baseline independent of sample i, so the gradient estimate stays unbiased (= K/(K-1) x mean's)
+    scale divides by the group's sample (ddof=1) std + eps, as in TRL/verl/OpenRLHF; scale=False leaves it out
+    (Dr. GRPO, Liu et al. 2025: dividing by std up-weights near-unanimous groups)."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    r_GC = _groups(rewards_B.astype(jnp.float32), group_size)
+    # exactly 0 for a unanimous group: float32 r - mean can be ~1e-7 off, which / (std + eps) would blow up
+    adv_GC = jnp.where(_unanimous_G1(r_GC), 0.0, r_GC - jnp.mean(r_GC, axis=1, keepdims=True))
+    if baseline == "leave_one_out":  # r_i - (K mean - r_i) / (K - 1) = K / (K - 1) (r_i - mean)
+        adv_GC = adv_GC * (group_size / (group_size - 1))
     if scale:
         adv_GC = adv_GC / (jnp.std(r_GC, axis=1, keepdims=True, ddof=1) + eps)
-    return adv_GC.reshape(n)
+    return adv_GC.reshape(-1)
+
+
+def unanimous_groups(rewards_B: jax.Array, group_size: int) -> jax.Array:
+    """bool_B: True on the rows of groups whose rewards are all exactly equal. Their group-relative advantages
+    are 0, so they carry no learning signal, only dilution: DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2)
+    drops them (e.g. mask them out of the loss, with a sequence aggregation or token_mean not counting them)."""
+    return jnp.repeat(_unanimous_G1(_groups(rewards_B, group_size))[:, 0], group_size)
+
+
+def _unanimous_G1(r_GC: jax.Array) -> jax.Array:
+    return jnp.all(r_GC == r_GC[:, :1], axis=1, keepdims=True)
+
+
+def overlong_penalty(lengths_B: jax.Array, ended_B: jax.Array, max_len: int, buffer: int) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, sec. 3.4, eq. 13), added to the reward: 0 up to length
+    max_len - buffer, then falling linearly to -1 at length == max_len; -1 for a response the budget cut off
+    (ended_B False: it would have run past max_len). max_len is the generation budget and buffer, in (0, max_len],
+    the punished stretch before it, so a response is warned off the cut-off before it gets there."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"buffer must be in (0, max_len]; got buffer={buffer}, max_len={max_len}")
+    ramp_B = jnp.clip((max_len - buffer - lengths_B.astype(jnp.float32)) / buffer, -1.0, 0.0)
+    return jnp.where(ended_B, ramp_B, -1.0)
 
 
 def adaptive_kl_coef(coef: float | jax.Array, observed_kl: float | jax.Array, target_kl: float,

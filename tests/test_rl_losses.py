@@ -12,16 +12,22 @@ B, T, V = 6, 9, 11
 LENGTHS = np.array([9, 5, 1, 9, 3, 7])  # rows that end early, and one with a single valid token
 MASK = (np.arange(T)[None, :] < LENGTHS[:, None]).astype(np.float32)
 PAD = MASK == 0
+ZLENGTHS = np.array([9, 5, 0, 1, 3, 7])  # as LENGTHS, but row 2 is masked out entirely (dropped by dynamic sampling)
+ZMASK = (np.arange(T)[None, :] < ZLENGTHS[:, None]).astype(np.float32)
+BUDGET = 12  # the generation budget seq_mean_token_sum_norm divides by: a constant, here larger than T
+AGGS = {mode: losses.aggregator(mode, BUDGET) for mode in losses.AGGREGATIONS}
 
 # everything is tested under jit: it must trace, and one compile per function beats eager op-by-op dispatch
 kl_estimate = jax.jit(losses.kl_estimate, static_argnames="kind")
 gae = jax.jit(losses.gae)
 whiten = jax.jit(losses.whiten, static_argnames="shift_mean")
-entropy = jax.jit(losses.entropy)
+entropy = jax.jit(losses.entropy, static_argnames="agg")
 explained_variance = jax.jit(losses.explained_variance)
-ppo_policy_loss = jax.jit(losses.ppo_policy_loss)
-ppo_value_loss = jax.jit(losses.ppo_value_loss)
-group_advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale"))
+ppo_policy_loss = jax.jit(losses.ppo_policy_loss, static_argnames="agg")
+ppo_value_loss = jax.jit(losses.ppo_value_loss, static_argnames="agg")
+group_advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "baseline"))
+unanimous_groups = jax.jit(losses.unanimous_groups, static_argnames="group_size")
+overlong_penalty = jax.jit(losses.overlong_penalty, static_argnames=("max_len", "buffer"))
 adaptive_kl_coef = jax.jit(losses.adaptive_kl_coef)
 token_rewards = jax.jit(losses.token_rewards)
 
@@ -41,6 +47,36 @@ def masked_mean(x, mask=MASK):
 def masked_var(x, mask=MASK):
     mu = masked_mean(x, mask)
     return masked_mean((x - mu) ** 2, mask)
+
+
+def numpy_aggregate(x, mask, mode, max_len=BUDGET):
+    """The three aggregations as float64 loops over rows and tokens, straight from their definitions."""
+    if mode == "token_mean":
+        valid = [float(x[b, t]) for b in range(x.shape[0]) for t in range(x.shape[1]) if mask[b, t]]
+        return sum(valid) / max(len(valid), 1)
+    seqs = []
+    for b in range(x.shape[0]):
+        valid = [float(x[b, t]) for t in range(x.shape[1]) if mask[b, t]]
+        if valid:  # a row with no valid token neither contributes nor counts
+            seqs.append(sum(valid) / (len(valid) if mode == "seq_mean_token_mean" else max_len))
+    return sum(seqs) / max(len(seqs), 1)
+
+
+def numpy_token_weights(mask, mode, max_len=BUDGET):
+    """d aggregate / d x[b, t]: 1/tokens, 1/(row's tokens * rows) or 1/(max_len * rows) on valid tokens, else 0."""
+    rows = [b for b in range(mask.shape[0]) if mask[b].any()]
+    w = np.zeros(mask.shape)
+    for b in rows:
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                w[b, t] = {"token_mean": 1 / mask.sum(), "seq_mean_token_mean": 1 / (mask[b].sum() * len(rows)),
+                           "seq_mean_token_sum_norm": 1 / (max_len * len(rows))}[mode]
+    return w
+
+
+def metric_mode(mode):
+    """What a loss's aux metrics average over under `mode` (Aggregator.metric): tokens, or sequence means."""
+    return "token_mean" if mode == "token_mean" else "seq_mean_token_mean"
 
 
 # --- KL estimators ----------------------------------------------------------------------------------------------
@@ -144,6 +180,10 @@ def test_entropy_matches_numpy():
     logp = x - x.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     np.testing.assert_allclose(got, masked_mean(-(np.exp(logp) * logp).sum(-1)), rtol=1e-5)
+    nan_padded = jnp.asarray(np.where(ZMASK[..., None] > 0, logits, np.nan), jnp.bfloat16)
+    for mode, agg in AGGS.items():
+        np.testing.assert_allclose(entropy(nan_padded, jnp.asarray(ZMASK), agg),
+                                   numpy_aggregate(-(np.exp(logp) * logp).sum(-1), ZMASK, mode), rtol=1e-5)
     np.testing.assert_allclose(entropy(jnp.zeros((2, 3, V)), jnp.ones((2, 3))), np.log(V), rtol=1e-6)
 
 
@@ -210,6 +250,11 @@ def test_ppo_value_loss_matches_numpy():
     np.testing.assert_allclose(loss, 0.5 * masked_mean(np.maximum(err, err_c)), rtol=1e-5)
     np.testing.assert_allclose(aux["value_clip_frac"], masked_mean(err_c > err))
     assert 0 < float(aux["value_clip_frac"]) < 1
+    for mode, agg in AGGS.items():
+        loss, aux = ppo_value_loss(*map(jnp.asarray, (values, old, rets, ZMASK)), 0.2, agg)
+        np.testing.assert_allclose(loss, 0.5 * numpy_aggregate(np.maximum(err, err_c), ZMASK, mode), rtol=1e-5)
+        np.testing.assert_allclose(aux["value_clip_frac"], numpy_aggregate(err_c > err, ZMASK, metric_mode(mode)),
+                                   rtol=1e-6)
 
 
 # --- GRPO, KL controller, InstructGPT rewards -------------------------------------------------------------------
@@ -236,6 +281,87 @@ def test_group_advantages_match_numpy():
                                .reshape(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("baseline", losses.BASELINES)
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_baselines_match_numpy(baseline, scale):
+    K = 4
+    rewards = RNG.normal(size=24)
+    rewards[8:12] = 0.7  # a unanimous group: exactly 0, neither NaN nor float32 noise (r - mean) / eps
+    got = group_advantages(jnp.asarray(rewards, jnp.float32), K, scale=scale, baseline=baseline)
+    want = np.zeros(24)
+    for g in range(0, 24, K):
+        group = [float(x) for x in rewards[g:g + K]]
+        for i in range(K):
+            others = group[:i] + group[i + 1:]
+            want[g + i] = group[i] - (np.mean(others) if baseline == "leave_one_out" else np.mean(group))
+            if scale:
+                want[g + i] /= np.std(group, ddof=1) + 1e-6
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got)[8:12] == 0.0)
+
+
+def test_leave_one_out_by_hand():
+    """[1, 0, 0, 1]: the other three average 1/3 for a 1 and 2/3 for a 0, so A = +-2/3 = K/(K-1) * GRPO's +-1/2."""
+    rewards = jnp.array([1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(group_advantages(rewards, 4, scale=False, baseline="leave_one_out"),
+                               [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown baseline 'median'.*leave_one_out"):
+        group_advantages(rewards, 4, baseline="median")
+
+
+def test_unanimous_groups():
+    just_above_one = np.nextafter(np.float32(1), np.float32(2))  # equality is exact
+    rewards = np.array([1, 1, 1, 0, 1, 0, 2, 2, 2, 0, 0, 0, 1, 1, just_above_one], np.float32)
+    got = unanimous_groups(jnp.asarray(rewards), 3)
+    assert got.dtype == jnp.bool_
+    np.testing.assert_array_equal(got, np.repeat([True, False, True, True, False], 3))
+    with pytest.raises(ValueError, match="group_size"):
+        unanimous_groups(jnp.asarray(rewards), 4)
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_dynamic_sampling_drops_unanimous_groups_from_the_gradient(mode):
+    """Masking out the rows of unanimous groups gives them exactly 0 gradient and leaves the other rows'
+    gradients those of the batch without them: the dropped rows do not dilute any aggregation."""
+    K, n, t = 3, 12, 5
+    rng = np.random.default_rng(5)
+    rewards = np.array([1, 0, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0], np.float32)  # groups 2 and 4 are unanimous
+    mask = (np.arange(t)[None, :] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32)
+    old = (rng.standard_normal((n, t)) - 2).astype(np.float32)
+    logp = (old + 0.3 * rng.standard_normal((n, t))).astype(np.float32)
+    logp[mask == 0] = old[mask == 0] = np.nan
+    adv = np.repeat(np.asarray(group_advantages(jnp.asarray(rewards), K))[:, None], t, axis=1)
+    drop = np.asarray(unanimous_groups(jnp.asarray(rewards), K))
+    np.testing.assert_array_equal(drop, np.repeat([False, True, False, True], K))
+    agg, keep = losses.aggregator(mode, t), ~drop
+
+    def value_and_grad(rows, m):
+        return jax.jit(jax.value_and_grad(lambda lp: losses.ppo_policy_loss(
+            lp, jnp.asarray(old[rows]), jnp.asarray(adv[rows]), jnp.asarray(m), 0.2, 0.28, agg)[0]))(
+            jnp.asarray(logp[rows]))
+
+    loss, grad = value_and_grad(slice(None), mask * keep[:, None])
+    want_loss, want_grad = value_and_grad(keep, mask[keep])
+    assert np.all(np.asarray(grad)[drop] == 0.0)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad)[keep], want_grad, rtol=1e-6, atol=1e-9)
+    diluted = np.asarray(value_and_grad(slice(None), mask)[1])[keep]  # left in, they still count
+    assert not np.allclose(diluted, want_grad, rtol=1e-3)
+
+
+def test_overlong_penalty_by_hand():
+    """max_len 10, buffer 4: nothing up to length 6, then -1/4 a token down to -1 at 10; cut off unended: -1."""
+    lengths, ended = jnp.array([0, 6, 7, 8, 9, 10, 10]), jnp.array([True] * 6 + [False])
+    got = overlong_penalty(lengths, ended, 10, 4)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, [0, 0, -0.25, -0.5, -0.75, -1, -1], rtol=1e-6)
+    np.testing.assert_allclose(overlong_penalty(jnp.array([0, 5, 10]), jnp.ones(3, bool), 10, 10), [0, -0.5, -1])
+    np.testing.assert_allclose(overlong_penalty(jnp.array([9, 10]), jnp.ones(2, bool), 10, 1), [0, -1])
+    for buffer in (0, -2, 11):
+        with pytest.raises(ValueError, match="buffer must be in"):
+            overlong_penalty(lengths, ended, 10, buffer)
+
+
 def test_adaptive_kl_coef():
     f = adaptive_kl_coef  # jitted: coef, observed KL and n_steps may be traced values
     np.testing.assert_allclose(f(0.1, 7.0, 6.0, 10_000, 256), 0.1 * (1 + (7 / 6 - 1) * 256 / 10_000), rtol=1e-6)
@@ -260,6 +386,111 @@ def test_token_rewards_match_numpy():
                                + scores * (lengths > 0), rtol=1e-5, atol=1e-5)
 
 
+# --- loss aggregation (DAPO's token mean, GRPO's sequence mean, Dr. GRPO's budget-normalised sum) -----------------
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_aggregation_matches_numpy_loops(mode):
+    x = RNG.standard_normal((B, T)).astype(np.float32)
+    x[ZMASK == 0] = np.nan
+    value, grad = jax.jit(jax.value_and_grad(AGGS[mode]))(jnp.asarray(x), jnp.asarray(ZMASK))
+    np.testing.assert_allclose(value, numpy_aggregate(x, ZMASK, mode), rtol=1e-6)
+    assert np.all(np.asarray(grad)[ZMASK == 0] == 0.0)  # NaN padding: exactly 0, not NaN
+    np.testing.assert_allclose(grad, numpy_token_weights(ZMASK, mode), rtol=1e-6)
+    assert int(losses.aggregation_weight(jnp.asarray(ZMASK), mode)) == (ZLENGTHS.sum() if mode == "token_mean" else 5)
+
+
+def test_aggregations_differ_and_validate():
+    x = jnp.asarray(np.where(ZMASK > 0, RNG.standard_normal((B, T)), 0.0))
+    values = {float(agg(x, jnp.asarray(ZMASK))) for agg in AGGS.values()}
+    assert len(values) == 3  # the ragged mask tells them apart
+    assert float(AGGS["token_mean"](x, jnp.zeros((B, T)))) == 0.0  # nothing valid: 0, not NaN
+    assert float(AGGS["seq_mean_token_mean"](x, jnp.zeros((B, T)))) == 0.0
+    assert losses.aggregator("token_mean", 7) == losses.aggregator("token_mean")  # max_len only matters to sum_norm
+    with pytest.raises(ValueError, match="unknown loss aggregation 'seq_sum'.*token_mean.*seq_mean_token_sum_norm"):
+        losses.aggregator("seq_sum", 10)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'seq_sum'"):
+        losses.aggregation_weight(jnp.asarray(ZMASK), "seq_sum")
+    with pytest.raises(ValueError, match="max_len"):
+        losses.aggregator("seq_mean_token_sum_norm")
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_microbatches_weighed_by_aggregation_weight_equal_the_whole_batch(mode):
+    agg = AGGS[mode]
+    x = RNG.standard_normal((B, T)).astype(np.float32)
+    x[ZMASK == 0] = np.nan
+    halves = [slice(0, 2), slice(2, B)]  # 14 tokens in 2 rows | 11 tokens in 3 valid rows of 4
+    w = [float(losses.aggregation_weight(jnp.asarray(ZMASK[h]), mode)) for h in halves]
+    parts = [float(agg(jnp.asarray(x[h]), jnp.asarray(ZMASK[h]))) for h in halves]
+    np.testing.assert_allclose(np.dot(w, parts) / sum(w), numpy_aggregate(x, ZMASK, mode), rtol=1e-6)
+
+    # through the accumulation every objective takes (step.grads, microbatches of rows 0,2,4 | 1,3,5): the loss,
+    # its metrics and the gradients of a stand-in parameter theta_T, logp = old + theta * direction
+    from llmjax.train import step
+    old, direction, adv = rand(B, T) - 2, rand(B, T, pad=0.0), rand(B, T)
+    batch = {k: jnp.asarray(v) for k, v in {"old": old, "dir": direction, "adv": adv, "mask": ZMASK}.items()}
+
+    def loss_fn(theta, mb):
+        logp = mb["old"] + theta[None, :] * mb["dir"]
+        return losses.ppo_policy_loss(logp, mb["old"], mb["adv"], mb["mask"], 0.2, 0.28, agg)
+
+    theta = jnp.full(T, 0.4)
+    whole = jax.jit(step.grads(loss_fn))(theta, batch)
+    accumulated = jax.jit(step.grads(loss_fn, 2, lambda mb: losses.aggregation_weight(mb["mask"], mode)))(theta, batch)
+    for got, want in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    assert 0 < float(whole[1]["clip_frac"]) < 1
+
+
+# --- PPO asymmetric clipping (DAPO's clip-higher) -------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_asymmetric_clipping_matches_numpy(mode):
+    """Ratios above 1 + high, in (1 + low, 1 + high], inside, below 1 - low, with advantages of both signs."""
+    low, high, rng = 0.2, 0.28, np.random.default_rng(4)
+    k = np.cumsum(ZMASK > 0).reshape(B, T) - 1  # the valid tokens in order: each ratio region with either sign
+    ratio = np.array([1.5, 1.25, 1.1, 0.9, 0.7, 0.5])[k % 6] * np.exp(0.004 * rng.standard_normal((B, T)))
+    old = (rng.standard_normal((B, T)) - 3).astype(np.float32)
+    logp = (old + np.log(ratio)).astype(np.float32)
+    adv = (np.where(k // 6 % 2, -1.0, 1.0) * rng.uniform(0.5, 2.0, (B, T))).astype(np.float32)
+    for a in (logp, old, adv):
+        a[ZMASK == 0] = np.nan
+    agg = AGGS[mode]
+    (loss, aux), grad = jax.jit(jax.value_and_grad(
+        lambda lp: losses.ppo_policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(ZMASK), low, high, agg),
+        has_aux=True))(jnp.asarray(logp))
+
+    valid = ZMASK > 0
+    r = np.where(valid, np.exp(logp.astype(np.float64) - old), 1.0)
+    a = np.where(valid, adv.astype(np.float64), 0.0)
+    unclipped, clipped = -a * r, -a * np.clip(r, 1 - low, 1 + high)
+    clip_taken = valid & (clipped > unclipped)
+    np.testing.assert_allclose(loss, numpy_aggregate(np.maximum(unclipped, clipped), ZMASK, mode), rtol=1e-5)
+    # d/dlogp: -A r (times the token's aggregation weight) where the unclipped term is taken, else exactly 0
+    want_grad = np.where(clip_taken, 0.0, -a * r) * numpy_token_weights(ZMASK, mode)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(grad)[clip_taken | ~valid] == 0.0) and np.all(np.asarray(grad)[valid & ~clip_taken] != 0)
+    np.testing.assert_allclose(aux["clip_frac"], numpy_aggregate(clip_taken, ZMASK, metric_mode(mode)), rtol=1e-6)
+    np.testing.assert_allclose(aux["ratio_mean"], numpy_aggregate(r, ZMASK, metric_mode(mode)), rtol=1e-5)
+    # every region is exercised: A > 0 in (1 + low, 1 + high] is kept only because high > low
+    for lo, hi in [(1.3, 9), (1.2, 1.28), (0.8, 1.2), (0, 0.8)]:
+        in_region = valid & (r > lo) & (r < hi)
+        assert np.any(in_region & (a > 0)) and np.any(in_region & (a < 0)), (lo, hi)
+    assert np.any(valid & (r > 1.2) & (r < 1.28) & (a > 0) & ~clip_taken)
+    symmetric = ppo_policy_loss(*map(jnp.asarray, (logp, old, adv, ZMASK)), low, None, agg)[0]
+    np.testing.assert_allclose(symmetric, ppo_policy_loss(*map(jnp.asarray, (logp, old, adv, ZMASK)), low, low, agg)[0])
+    assert float(symmetric) != float(loss)
+
+
+def test_policy_loss_defaults_are_the_token_mean():
+    old = rand(B, T) - 3
+    logp, adv = old + rand(B, T, scale=0.3), rand(B, T)
+    args = tuple(map(jnp.asarray, (logp, old, adv, MASK)))
+    default, explicit = ppo_policy_loss(*args, 0.2), ppo_policy_loss(*args, 0.2, 0.2, AGGS["token_mean"])
+    for got, want in zip(jax.tree.leaves(default), jax.tree.leaves(explicit), strict=True):
+        assert float(got) == float(want)
+
+
 # --- padding never reaches a value or a gradient ----------------------------------------------------------------
 
 def padded(rng, pad, scale=1.0, shift=0.0):
@@ -272,6 +503,10 @@ def padded(rng, pad, scale=1.0, shift=0.0):
 GRAD_CASES = {
     "ppo_policy_loss": (lambda lp, old, adv: losses.ppo_policy_loss(lp, old, adv, MASK, 0.2)[0], 3),
     "ppo_value_loss": (lambda v, old, ret: losses.ppo_value_loss(v, old, ret, MASK, 0.2)[0], 3),
+    "ppo_policy_loss_seq_mean": (lambda lp, old, adv: losses.ppo_policy_loss(
+        lp, old, adv, MASK, 0.2, 0.28, losses.aggregator("seq_mean_token_mean"))[0], 3),
+    "ppo_value_loss_sum_norm": (lambda v, old, ret: losses.ppo_value_loss(
+        v, old, ret, MASK, 0.2, losses.aggregator("seq_mean_token_sum_norm", T))[0], 3),
     "whiten": (lambda x: jnp.sum(losses.whiten(x, MASK) * jnp.arange(B * T).reshape(B, T)), 1),
     "whiten_scale_only": (lambda x: jnp.sum(losses.whiten(x, MASK, False) * jnp.arange(B * T).reshape(B, T)), 1),
     "explained_variance": (lambda v, ret: losses.explained_variance(v, ret, MASK), 2),
