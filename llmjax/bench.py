@@ -186,11 +186,11 @@ def bench_dpo(cfg) -> dict:
 
 
 def bench_ppo(cfg) -> dict:
-    """Seconds of one PPO iteration split into generation (KV cache), scoring with the reference log-probs,
-    values and advantages, and the update (ppo.epochs x ppo.minibatches optimizer steps), medians after the
-    compiling iteration; and how often the update compiled (1: never again after the first iteration).
-    Starts from a fresh model saved as the SFT run, rewarded by the tasks' checkers unless cfg.ppo.reward
-    names a reward run."""
+    """One PPO iteration: generation tokens/s (answer tokens over the sampler's seconds), the update's tokens/s (the
+    rollout's rows x epochs over its seconds), and the seconds split into generation, scoring with the reference
+    log-probs, values and advantages, and the update; medians after the compiling iteration. The compile counts
+    of the sampler and the update must stay 1 while the prompts' lengths vary from iteration to iteration. Starts
+    from a fresh model saved as the SFT run, rewarded by cfg.ppo.reward (tasks unless it names a reward run)."""
     cfg = copy.deepcopy(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         cfg.init_from = os.path.join(tmp, "sft")
@@ -200,22 +200,33 @@ def bench_ppo(cfg) -> dict:
         train_state = task.start()
         step = task.jit_step(jax.tree.map(lambda x: x.sharding, train_state))
         times = {"generate_s": [], "score_reference_advantages_s": [], "update_s": []}
+        generated, prompt_lengths = [], set()
         for i in range(_STEPS.value + 1):
+            records = rollout.prompts(i)
             t0 = time.perf_counter()
-            rows, scored, correct = jax.block_until_ready(rollout.sample(train_state.params, rollout.prompts(i), i))
+            sampled = rollout.sample(train_state.params, records, i)  # returns once the answers are on the host
             t1 = time.perf_counter()
-            batch, _ = jax.block_until_ready(rollout.experience(
-                train_state.params, rows, rollout.score(scored, correct), train_state.extra["kl_coef"]))
+            scores, _ = rollout.score(records, sampled)
+            batch, _ = jax.block_until_ready(rollout.experience(train_state.params, sampled.rows, scores,
+                                                               train_state.extra["kl_coef"]))
             t2 = time.perf_counter()
             train_state, m = jax.block_until_ready(step(train_state, batch))
             for name, dt in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2), strict=True):
                 times[name].append(dt)
+            generated.append(int(sampled.lengths.sum()))
+            prompt_lengths.add(max(len(rollout.tokenizer.encode(r["prompt"])) for r in records))
     out = {name: statistics.median(v[1:]) for name, v in times.items()}
     total = sum(out.values())
+    rows, width = batch["inputs"].shape
     return {"model": cfg.model.name, "algorithm": cfg.ppo.algorithm, "reward": cfg.ppo.reward,
             "prompts": cfg.batch_size, "max_new_tokens": cfg.ppo.max_new_tokens, "iteration_s": total, **out,
             **{name.replace("_s", "_share"): v / total for name, v in out.items()},
-            "first_iteration_s": sum(v[0] for v in times.values()), "update_compiles": step._cache_size()}
+            "generate_tokens_per_s": statistics.median(g / t for g, t in zip(generated[1:], times["generate_s"][1:],
+                                                                              strict=True)),
+            "update_tokens_per_s": rows * width * cfg.ppo.epochs / out["update_s"],
+            "first_iteration_s": sum(v[0] for v in times.values()),
+            "longest_prompts_seen": sorted(prompt_lengths), "sampler_compiles": rollout._generate._cache_size(),
+            "update_compiles": step._cache_size()}
 
 
 def bench_data(cfg, records: int = 20_000) -> dict:

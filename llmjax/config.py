@@ -163,7 +163,9 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.checkpoint = dict(every=100, keep=3, use_async=True)
     c.log_every = 10
     c.eval_every = 100       # held-out perplexity and task accuracy every N steps and at the end; 0 = never
-    c.eval_prompts = 64      # sampled prompts per task for accuracy
+    c.eval_prompts = 64      # held-out prompts per task (and of an RL run's prompt source) for greedy accuracy
+    c.eval_samples = 1       # > 1: also this many answers per prompt, sampled at eval_temperature, for pass@k
+    c.eval_temperature = 1.0
     c.peak_flops = 0.0       # per device FLOP/s for MFU; 0 = measure this device's float32 matmul rate
     c.distributed = False    # call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)
     return c

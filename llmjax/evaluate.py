@@ -1,7 +1,10 @@
-"""Evaluation: held-out perplexity, and task accuracy by sampling answers and checking them with each task's
-checker. Used inside the training loop (cfg.eval_every) and standalone:
+"""Evaluation: held-out perplexity, and task accuracy by answering held-out prompts and checking the answers: the
+synthetic tasks with their checkers, an RL run's prompt records (files: or tfds:) against their "answer" as the
+`math` reward reads it. Greedy accuracy, and with `samples` > 1 also pass@k over that many answers sampled at
+`temperature` per prompt (Chen et al. 2021's unbiased estimator). Used inside the training loop (cfg.eval_every,
+eval_samples, eval_temperature) and standalone:
 
-  python -m llmjax.evaluate --workdir=runs/demo [--format=chat] [--n=100]
+  python -m llmjax.evaluate --workdir=runs/demo [--format=chat] [--n=100] [--samples=16 --temperature=1.0]
 """
 
 import json
@@ -13,15 +16,14 @@ import jax
 import numpy as np
 from absl import flags
 
-from llmjax import checkpoint, losses, sampling
+from llmjax import checkpoint, losses, rewards, sampling
 from llmjax.cli import run_main
 from llmjax.config import ConfigError
-from llmjax.data import chat, pipeline, synthetic, tasks
+from llmjax.data import chat, pipeline, prompts, synthetic, tasks
+from llmjax.data.prompts import HELD_OUT
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, no_constrain
-
-HELD_OUT = 1_000_003  # offsets the seed so evaluation never sees a training example's random stream
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
@@ -29,67 +31,128 @@ def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
     return chat.prompt_ids(tokenizer, prompt) if fmt == "chat" else tokenizer.encode(prompt, bos=True)
 
 
-def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, batches: int = 4,
-                   fmt: str | None = None) -> Callable[[transformer.Params], dict[str, float]]:
-    """fn(params) -> {perplexity, accuracy, accuracy/<task>} on held-out data, compiled once. For a files or
-    tfds source: the perplexity of its validation split alone (the task checkers only know synthetic tasks)."""
-    fmt = fmt or cfg.data.format
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    names = cfg.data.tasks.split(",")
-    sharding = batch_sharding(mesh, cfg.rules)
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k answers drawn without replacement from n, c of them correct, is correct:
+    1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1), as a product that never forms the binomials."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def check(record: dict, response: str) -> bool | None:
+    """Whether a response answers a prompt record: its task's checker, else its "answer" as the `math` reward
+    compares them (the final \\boxed{} or number, else the whole response); None for a record with neither."""
+    if "task" in record:
+        return tasks.TASKS[record["task"]].check(record["prompt"], response)
+    if "answer" in record:
+        return rewards.same_answer(rewards.extract_answer(response), record["answer"])
+    return None
+
+
+def ks(samples: int) -> list[int]:
+    """The k of pass@k reported for `samples` answers per prompt: powers of two below it, and itself."""
+    return sorted({2 ** i for i in range(samples.bit_length()) if 2 ** i < samples} | {samples})
+
+
+def _held_out_rows(cfg, sharding, batches: int, fmt: str) -> list[dict] | None:
+    """Rows whose perplexity is reported: held-out synthetic documents, or a files or tfds source's validation
+    split; none for an RL run's prompt records (there is nothing to predict)."""
     if cfg.data.source == "synthetic":
         get = synthetic.batches(cfg, sharding, seed=cfg.seed + HELD_OUT, format=fmt)
-        eval_batches = [get(i) for i in range(batches)]
-    else:
-        try:
-            eval_batches = pipeline.validation_batches(cfg, sharding, batches)
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
-                              "--config.data.validation or set --config.eval_every=0") from None
+        return [get(i) for i in range(batches)]
+    if cfg.trainer == "ppo":
+        return None
+    try:
+        return pipeline.validation_batches(cfg, sharding, batches)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
+                          "--config.data.validation or set --config.eval_every=0") from None
+
+
+def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, batches: int = 4,
+                   fmt: str | None = None, samples: int | None = None,
+                   temperature: float | None = None) -> Callable[[transformer.Params], dict[str, float]]:
+    """fn(params) -> {perplexity, accuracy, accuracy/<set>, pass@k, pass@k/<set>} on held-out data, compiled once.
+    Sets: each synthetic task (for synthetic sources and RL runs) and an RL run's own prompt source. A files or
+    tfds source outside RL: the perplexity of its validation split alone (the checkers only know the tasks)."""
+    fmt = fmt or cfg.data.format
+    samples = cfg.eval_samples if samples is None else samples
+    temperature = cfg.eval_temperature if temperature is None else temperature
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    sharding = batch_sharding(mesh, cfg.rules)
+    rows = _held_out_rows(cfg, sharding, batches, fmt)
 
     def summed_ce(params, b):
         logits = transformer.forward(params, b["inputs"], b["positions"], b["segment_ids"], cfg.model, constrain)[0]
         return losses.cross_entropy(logits, b["targets"], b["loss_mask"], normalizer=1.0)[0]
 
     loss = jax.jit(summed_ce)
-    rng = np.random.default_rng([cfg.seed, HELD_OUT])
-    examples = [tasks.sample(rng, [name]) for name in names for _ in range(n)]
-    prompts, lengths = sampling.left_pad([prompt_ids(tokenizer, ex.prompt, fmt) for ex in examples])
-    generate = sampling.sampler(cfg.model, max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                vocab_size=tokenizer.vocab_size, constrain=constrain)
+    sets = prompts.held_out(cfg, n) if cfg.data.source == "synthetic" or cfg.trainer == "ppo" else {}
+    examples = [(name, record) for name, records in sets.items() for record in records]
+    ids, lengths = sampling.left_pad([prompt_ids(tokenizer, r["prompt"], fmt) for _, r in examples] or [[0]])
+    settings = dict(max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    vocab_size=tokenizer.vocab_size, constrain=constrain)
+    greedy = sampling.sampler(cfg.model, **settings)
+    sample = sampling.sampler(cfg.model, temperature=temperature, **settings) if samples > 1 else None
+
+    def answers(generate, params, repeat: int) -> list[str]:
+        out = jax.device_get(generate(params, np.repeat(ids, repeat, 0), np.repeat(lengths, repeat),
+                                      jax.random.key(0)))
+        return [tokenizer.decode(t[:m]) for t, m in zip(out["tokens"], out["lengths"], strict=True)]
+
+    def scored(responses: list[str], repeat: int) -> dict[str, np.ndarray]:
+        """Per set, [prompts, repeat] correctness, for the sets whose records can be checked."""
+        out = {}
+        for name, records in sets.items():
+            first = next(i for i, (s, _) in enumerate(examples) if s == name)
+            marks = [check(r, responses[(first + i) * repeat + j]) for i, r in enumerate(records)
+                     for j in range(repeat)]
+            if records and None not in marks:
+                out[name] = np.array(marks, bool).reshape(len(records), repeat)
+        return out
 
     def evaluate(params) -> dict[str, float]:
-        total = sum(float(loss(params, b)) for b in eval_batches)
-        tokens = sum(float(b["loss_mask"].sum()) for b in eval_batches)
-        if cfg.data.source != "synthetic":
-            return {"perplexity": math.exp(total / tokens)}
-        out = jax.device_get(generate(params, prompts, lengths, jax.random.key(0)))
-        correct = {name: [] for name in names}
-        for ex, toks, length in zip(examples, out["tokens"], out["lengths"], strict=True):
-            response = tokenizer.decode(toks[:length])
-            correct[ex.task].append(tasks.TASKS[ex.task].check(ex.prompt, response))
-        metrics = {"perplexity": math.exp(total / tokens), "accuracy": float(np.mean(sum(correct.values(), [])))}
-        return metrics | {f"accuracy/{name}": float(np.mean(c)) for name, c in correct.items()}
+        metrics = {}
+        if rows is not None:
+            total = sum(float(loss(params, b)) for b in rows)
+            metrics["perplexity"] = math.exp(total / sum(float(b["loss_mask"].sum()) for b in rows))
+        if not examples:
+            return metrics
+        correct = scored(answers(greedy, params, 1), 1)
+        if correct:
+            metrics["accuracy"] = float(np.mean(np.concatenate(list(correct.values()))))
+            metrics |= {f"accuracy/{name}": float(c.mean()) for name, c in correct.items()}
+        if sample is not None:
+            passed = scored(answers(sample, params, samples), samples)
+            for k in ks(samples) if passed else ():
+                per_set = {name: [pass_at_k(samples, int(c.sum()), k) for c in marks] for name, marks in passed.items()}
+                metrics[f"pass@{k}"] = float(np.mean(sum(per_set.values(), [])))
+                metrics |= {f"pass@{k}/{name}": float(np.mean(v)) for name, v in per_set.items()}
+        return metrics
 
     return evaluate
 
 
 def main(argv: list[str]) -> None:
     del argv
-    workdir, fmt = flags.FLAGS.workdir, flags.FLAGS.format
-    cfg = checkpoint.run_config(workdir)
+    f = flags.FLAGS
+    cfg = checkpoint.run_config(f.workdir)
     mesh = make_mesh(cfg.mesh)
-    params = checkpoint.load_params(workdir, mesh, reader="evaluate")
-    result = make_evaluator(cfg, mesh, make_constrain(mesh, cfg.rules), n=flags.FLAGS.n, fmt=fmt)(params)
-    with open(os.path.join(workdir, f"eval_{fmt or cfg.data.format}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    params = checkpoint.load_params(f.workdir, mesh, reader="evaluate")
+    result = make_evaluator(cfg, mesh, make_constrain(mesh, cfg.rules), n=f.n, fmt=f.format, samples=f.samples,
+                            temperature=f.temperature)(params)
+    suffix = f"_pass{f.samples}" if f.samples > 1 else ""
+    with open(os.path.join(f.workdir, f"eval_{f.format or cfg.data.format}{suffix}.json"), "w") as file:
+        json.dump(result, file, indent=2)
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":  # flags only for the command line: the trainers import this module
     flags.DEFINE_string("workdir", None, "A run's workdir; its latest checkpoint is evaluated.", required=True)
     flags.DEFINE_enum("format", None, ["text", "chat"], "Prompt format (default: the run's data.format).")
-    flags.DEFINE_integer("n", 100, "Prompts per task.")
+    flags.DEFINE_integer("n", 100, "Prompts per task (and of an RL run's own held-out prompts).")
+    flags.DEFINE_integer("samples", 1, "Answers sampled per prompt for pass@k (1: greedy accuracy only).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the pass@k answers.")
     run_main(main)

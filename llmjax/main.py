@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmjax.cli import init_distributed, run_main
+from llmjax.rewards import RewardError
 from llmjax.train import loop, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:model=small.",
@@ -21,7 +22,7 @@ def main(argv: list[str]) -> None:
     init_distributed(cfg.distributed)
     try:
         registry.train(cfg, _WORKDIR.value)
-    except loop.Diverged as e:
+    except (loop.Diverged, RewardError) as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(1)
 

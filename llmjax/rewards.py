@@ -67,9 +67,10 @@ def _show(response: str) -> str:
     return repr(_cut(response, 80))
 
 
-def extract_answer(response: str) -> str | None:
+def extract_answer(response: str) -> str:
     """The final answer a response gives: the content of its last complete \\boxed{...} (braces inside it nested),
-    else its last number (as written, e.g. "1,000" or "3/4"); None if it has neither."""
+    else its last number (as written, e.g. "1,000" or "3/4"), else the whole response (a text answer, e.g. a word
+    or a sorted string)."""
     for start in reversed([m.end() for m in _BOXED.finditer(response)]):
         depth = 1
         for i in range(start, len(response)):
@@ -77,7 +78,7 @@ def extract_answer(response: str) -> str | None:
             if depth == 0:
                 return response[start:i]
     numbers = _NUMBER.findall(response)
-    return numbers[-1] if numbers else None
+    return numbers[-1] if numbers else response
 
 
 def _text(answer: Any) -> str:
@@ -136,8 +137,7 @@ def _math(prompts: list[str], responses: list[str], records: list[dict]) -> list
     del prompts
     out = []
     for i, (response, record) in enumerate(zip(responses, records, strict=True)):
-        answer, given = _field(record, "answer", i, "math"), extract_answer(response)
-        out.append(float(given is not None and same_answer(given, answer)))
+        out.append(float(same_answer(extract_answer(response), _field(record, "answer", i, "math"))))
     return out
 
 

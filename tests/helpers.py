@@ -58,6 +58,35 @@ def ppo_config(init_from, algorithm="ppo", **overrides) -> ml_collections.Config
     return cfg
 
 
+def prompts_file(path, n: int = 64, seed: int = 0) -> str:
+    """A files: source of n `sort` prompt records with their answers and extra fields (an id, a weight)."""
+    import numpy as np
+
+    from llmjax.data import tasks
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            ex = tasks.sample(rng, ["sort"])
+            f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "id": i, "weight": 1 + i % 3}) + "\n")
+    return f"files:{path}"
+
+
+def weighted_length(prompts, responses, records) -> list[float]:
+    """A user's reward function (ppo.reward="helpers:weighted_length"): reads the records' extra field."""
+    return [r["weight"] * len(response) for r, response in zip(records, responses, strict=True)]
+
+
+def raising(prompts, responses, records) -> list[float]:
+    if any(len(r) > 2 for r in responses):
+        raise ValueError("too long")
+    return [0.0] * len(responses)
+
+
+def nan_for_long(prompts, responses, records) -> list[float]:
+    return [float("nan") if len(r) > 3 else 1.0 for r in responses]
+
+
 def metric_rows(workdir) -> list[dict]:
     """The rows a run wrote to metrics.jsonl (training rows carry "loss", evaluation rows "eval/...")."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -14,21 +14,22 @@ another key has some value are changed in that setting (CONTEXT). Sections read 
 every objective (the model, mesh, rules, optimizer) are walked on the pretrain config only.
 """
 
+import functools
 import hashlib
 import itertools
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import saved_run
 
-from llmjax import config, sampling
+from llmjax import config, losses
 from llmjax.config import ConfigError
-from llmjax.data import chat, tasks
-from llmjax.train import ppo, registry
+from llmjax.data import tasks
+from llmjax.train import registry
+from llmjax.train.rollout import Rollout, Sampled
 
 # Keys whose effect a few-step run's fingerprint cannot see, and what each does.
 ALLOW = {
@@ -79,6 +80,8 @@ CONTEXT = {
     "dpo.simpo_gamma": {"dpo.loss": "simpo"},
     "ppo.group_size": {"ppo.algorithm": "grpo"},  # GRPO's samples per prompt
     "ppo.kl_horizon": {"ppo.target_kl": 0.1},  # how fast the adaptive KL coefficient moves
+    **dict.fromkeys(("ppo.baseline", "ppo.scale_rewards", "ppo.dynamic_sampling"), {"ppo.algorithm": "grpo"}),
+    "eval_temperature": {"eval_samples": 4},  # the pass@k answers' temperature
     # The mixture of experts' keys, on a model with experts (an expert rule: on a mesh with an expert axis).
     **dict.fromkeys((f"model.moe_{k}" for k in ("top_k", "every", "d_ff", "renormalize", "shared_d_ff", "dispatch",
                                                   "balance_coef", "z_coef")), {"model.moe_experts": 4}),
@@ -110,6 +113,8 @@ ALTERNATIVES = {
     "ppo.tasks": ("sort", "reverse"),
     "ppo.value": ("separate", "shared"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.loss_agg": losses.AGGREGATIONS,
+    "ppo.baseline": losses.BASELINES,
     "lora.targets": ("all", "wq,wv"),
     "lora.init": ("kaiming", "gaussian"),
     # Each rule moved so that it places something on the 2x2x2 mesh (an axis an earlier dimension took is skipped).
@@ -224,7 +229,12 @@ def captured(fn) -> str:
             for k, v in x.items():
                 visit(k)
                 visit(v)
-        elif getattr(x, "__closure__", None):  # a plain function; jitted ones hold no data of their own
+        elif isinstance(x, functools.partial):  # e.g. a sampler's settings
+            visit(x.args)
+            visit(x.keywords)
+        elif hasattr(x, "__wrapped__"):  # a jitted function: what it wraps
+            visit(x.__wrapped__)
+        elif getattr(x, "__closure__", None):  # a plain function
             for cell in x.__closure__:
                 visit(cell.cell_contents)
 
@@ -241,20 +251,23 @@ def stage(name: str, fn, *args):
 
 def rollout(task):
     """PPO's batch source, traced stage by stage instead of run (running it compiles a sampler for each variant):
-    the prompts, sampling, the training and reward-model rows, the reward model, the experience. Mirrors
-    ppo.Rollout.sample; returns the rollout batch's shapes."""
+    the prompts, sampling, the training and reward-model rows, the reward model, the rewards of fixed answers, the
+    experience. Mirrors ppo's Rollout.__call__; returns the rollout batch's shapes."""
     r, params = task.source, task.abstract.params
-    examples = r.prompts(0)
-    yield "prompts", digest([repr(ex) for ex in examples])
-    ids, lengths = (r._put(x) for x in sampling.left_pad([chat.prompt_ids(r.tokenizer, ex.prompt)
-                                                          for ex in examples]))
+    records = r.prompts(0)
+    yield "prompts", digest([repr(x) for x in records])
+    ids, lengths = r.encode(records)
     out = yield from stage("sample", r._generate, params["policy"], ids, lengths, jax.random.key(0))
     rows, scored = yield from stage("rows", r._rows, ids, lengths, out)
-    if r.reward_model is None:  # the tasks' checkers
-        scores = jax.ShapeDtypeStruct((len(examples),), jnp.float32, sharding=r.sharding)
-    else:
+    if r.reward_model is not None:
         yield "reward model", digest(r.reward_model)
-        scores = yield from stage("score", r._score, r.reward_model, scored)
+        yield from stage("score", r._score, r.reward_model, scored)
+    n = len(records)  # answers: the right one or not, ended or cut off, of every length
+    answers = [str(x.get("answer", "")) if i % 3 else "no" for i, x in enumerate(records)]
+    fake = Sampled(rows, scored, answers, np.arange(n) % (r.cfg.ppo.max_new_tokens + 1), np.arange(n) % 2 == 0)
+    model = None if r.reward_model is None else np.linspace(-1, 1, n)
+    scores, made = r.combine(records, fake, model)
+    yield "rewards", digest((scores, made))
     batch, _ = yield from stage("experience", r._experience, params, rows, scores, task.abstract.extra["kl_coef"])
     return batch
 
@@ -274,7 +287,7 @@ def fingerprint(cfg, workdir: str):
         task = registry.task(cfg, workdir)
         yield "flops per token", task.flops_per_token
         yield "evaluation", captured(task.evaluate)
-        if isinstance(task.source, ppo.Rollout):
+        if isinstance(task.source, Rollout):
             batch = yield from rollout(task)
         else:
             batch, made = task.source(task.abstract, 0)

@@ -1,18 +1,56 @@
-"""Standalone evaluation: the CLI writes a checkpoint's perplexity and per-task accuracy to the run's eval JSON."""
+"""Evaluation: pass@k is Chen et al.'s unbiased estimator; the CLI writes a checkpoint's perplexity, per-task greedy
+accuracy and pass@k to the run's eval JSON."""
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from llmjax.evaluate import check, ks, pass_at_k
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("marks", ["0000", "1000", "0110", "1111", "10010000", "0000000000000001", "1" * 5 + "0" * 15])
+def test_pass_at_k_is_the_share_of_k_subsets_with_a_correct_answer(marks):
+    """On constructed samples: the estimator equals the fraction of all k-subsets of the n answers that hold at
+    least one correct one (what it estimates without bias), and 1 - C(n-c, k) / C(n, k) in float64."""
+    n, c = len(marks), marks.count("1")
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(marks, k))
+        share = sum("1" in s for s in subsets) / len(subsets)
+        assert pass_at_k(n, c, k) == pytest.approx(share, abs=1e-12)
+        assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+def test_pass_at_k_is_stable_where_the_binomials_overflow():
+    n, c = 2000, 3
+    assert pass_at_k(n, c, 100) == pytest.approx(1 - np.prod([1 - 100 / i for i in range(n - c + 1, n + 1)]))
+    assert 0 < pass_at_k(n, c, 100) < 1
+
+
+def test_reported_ks_and_checks():
+    assert ks(1) == [1] and ks(8) == [1, 2, 4, 8] and ks(10) == [1, 2, 4, 8, 10]
+    assert check({"prompt": "sort dcba = ", "task": "sort"}, "abcd") is True
+    assert check({"prompt": "2 apples and 3 more?", "answer": "5"}, "It is \\boxed{5}.") is True
+    assert check({"prompt": "2 apples and 3 more?", "answer": 5}, "6") is False
+    assert check({"prompt": "say hi"}, "hi") is None
 
 
 def test_evaluate_cli(sft_dir):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-m", "llmjax.evaluate", f"--workdir={sft_dir}", "--n=8"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "llmjax.evaluate", f"--workdir={sft_dir}", "--n=8", "--samples=4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    with open(os.path.join(sft_dir, "eval_chat.json")) as f:
+    with open(os.path.join(sft_dir, "eval_chat_pass4.json")) as f:
         result = json.load(f)
-    assert set(result) == {"perplexity", "accuracy", "accuracy/sort"}
+    passes = [f"pass@{k}" for k in (1, 2, 4)]
+    assert set(result) == {"perplexity", "accuracy", "accuracy/sort", *passes, *(f"{p}/sort" for p in passes)}
+    assert result["pass@1"] <= result["pass@2"] <= result["pass@4"] <= 1
+    assert result["pass@4"] > 0  # the SFT model answers some sort prompts

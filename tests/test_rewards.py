@@ -112,7 +112,8 @@ def test_the_key_named_is_the_callers():
     ("\\boxed{ Paris. }", "paris", 1.0),  # text: stripped, casefolded, a trailing period dropped
     ("\\boxed{New   York}", "new york", 1.0),
     ("19", "20", 0.0),
-    ("nineteen apples", "19", 0.0),  # words only: no answer
+    ("nineteen apples", "19", 0.0),  # words only: compared as text
+    (" Abcd ", "abcd", 1.0),  # a text answer (no number): the whole response, normalised
     ("\\boxed{1e3}", 1000, 0.0),  # scientific notation is text
     ("1e3", 1, 1.0),  # ... and in a response only its 1 is a number
     ("1,2,3", "123", 0.0),
@@ -124,7 +125,7 @@ def test_math_compares_final_answers_as_numbers(response, answer, expected):
 
 def test_extract_answer_and_same_answer():
     assert rewards.extract_answer("\\boxed{a{b{c}}d} 4") == "a{b{c}}d"
-    assert rewards.extract_answer("no number here") is None
+    assert rewards.extract_answer("no number here") == "no number here"
     assert rewards.same_answer("1,000", 1000) and rewards.same_answer(" -1.50 ", "-3/2")
     assert not rewards.same_answer("1,00", 100) and not rewards.same_answer("9" * 5000, "9" * 4999)
 

@@ -1,34 +1,35 @@
-"""RLHF: PPO with a KL penalty to the frozen SFT reference (InstructGPT), and GRPO as a config option.
+"""RL from the SFT run: PPO with a KL penalty to the frozen reference (InstructGPT), and GRPO and its variants.
 
-One iteration is a rollout then an update. The rollout samples responses to a batch of prompts with the KV-cache
-sampler, scores them (a reward model run, or the synthetic tasks' checkers with ppo.reward=tasks), and computes
+One iteration is a rollout then an update. The rollout (llmjax.train.rollout) samples answers to a batch of prompt
+records (the synthetic tasks, or a files:/tfds: source's), scores them with ppo.reward (a reward model run, the
+tasks' checkers, built-in verifiers, a user's function, or a weighted sum of them; llmjax.rewards), and computes
 the reference's log-probs and the values; PPO adds the per-token KL penalty to the reward and takes GAE
-advantages, GRPO normalises each prompt's K scores within their group. The update is the usual
+advantages, GRPO takes each prompt's K scores against their group's baseline (its mean, or RLOO's leave-one-out
+mean), scaled by the group's std unless ppo.scale_rewards=False (Dr. GRPO). The update is the usual
 step(state, batch) -> (state, metrics), jitted once: ppo.epochs passes over ppo.minibatches minibatches of the
-rollout with the clipped policy loss (+ the clipped value loss and an entropy bonus for PPO, + for GRPO the KL
-to the reference, estimated as ppo.kl_estimator says: k3 in configs/ppo.py).
+rollout with the clipped policy loss (clip-higher: ppo.clip_high above ppo.clip_low, DAPO) (+ the clipped value
+loss and an entropy bonus for PPO, + for GRPO the KL to the reference, estimated as ppo.kl_estimator says), every
+term averaged as ppo.loss_agg says (token mean, DAPO; sequence mean of token means, GRPO; Dr. GRPO's constant).
 
 Parameters: {"policy": a language model, "value": a reward-model-shaped value model (ppo.value=separate,
-initialised from the reward model, or from the SFT trunk with ppo.reward=tasks) or "value_head": a head on the
-policy's own trunk (ppo.value=shared)}; GRPO has no value function. The adaptive KL coefficient (ppo.target_kl)
-lives in the train state, so a resumed run carries it on.
+initialised from the reward model, or from the SFT trunk when no reward model scores) or "value_head": a head on
+the policy's own trunk (ppo.value=shared)}; GRPO has no value function. The adaptive KL coefficient
+(ppo.target_kl) lives in the train state, so a resumed run carries it on.
 """
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from llmjax import checkpoint, losses, optim, sampling
+from llmjax import losses, optim, rewards, sampling
 from llmjax.config import ConfigError, check_choices, check_ranges
-from llmjax.data import chat, tasks
+from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import make_evaluator
 from llmjax.models import heads, lora, moe, transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain
-from llmjax.train import loop, pretrain, reward, state
+from llmjax.sharding import Constrain, make_constrain
+from llmjax.train import loop, pretrain, state
+from llmjax.train.rollout import Rollout
 from llmjax.train.state import TrainState
 from llmjax.train.step import advance, make_update
 
@@ -51,84 +52,68 @@ def value_estimates(params, rows: dict, h_BTD: jax.Array | None, cfg, constrain:
     return heads.apply(params["value_head"], h_BTD), {}
 
 
-def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
-            read_eos: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """The rollout as training rows (next-token layout): left-padded prompt then response, the loss mask on the
-    response tokens up to and including eos, old_logp (the sampler's log-probs) aligned with the targets; and
-    as a reward model's rows, the whole sequence as inputs with the mask ending where the score is read (at the
-    eos, or at the response's last token before it)."""
-    P, R = prompts_BP.shape[1], out["tokens"].shape[1]
-    seq_BT = jnp.concatenate([prompts_BP, out["tokens"]], axis=1)
-    slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])
-    response_BR = jnp.arange(R)[None] < out["lengths"][:, None]
-    positions = jnp.concatenate([jnp.maximum(slot_BP, 0), lengths_B[:, None] + jnp.arange(R)[None]], axis=1)
-    segments = jnp.concatenate([slot_BP >= 0, response_BR], axis=1).astype(jnp.int32)
-    mask_BT = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), response_BR.astype(jnp.float32)], axis=1)
-    old_BT = jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), out["logprobs"] * response_BR], axis=1)
-    rows = {"inputs": seq_BT[:, :-1], "targets": seq_BT[:, 1:], "positions": positions[:, :-1],
-            "segment_ids": segments[:, :-1], "loss_mask": mask_BT[:, 1:], "old_logp": old_BT[:, 1:]}
-    ended_B = jnp.any(out["tokens"] == eos_id, axis=1)
-    read_BR = jnp.arange(R)[None] < (out["lengths"] - (ended_B & (not read_eos)))[:, None]
-    scored = {"inputs": seq_BT, "positions": positions, "segment_ids": segments,
-              "loss_mask": jnp.concatenate([jnp.zeros_like(slot_BP, jnp.float32), read_BR.astype(jnp.float32)], 1)}
-    return rows, scored
+def aggregate(cfg):
+    """How every term of the loss averages over the rollout's tokens (ppo.loss_agg)."""
+    return losses.aggregator(cfg.ppo.loss_agg, cfg.ppo.max_new_tokens)
 
 
 def experience(params, reference, rows: dict, scores_B: jax.Array, kl_coef: jax.Array, cfg,
                constrain: Constrain) -> tuple[dict, dict]:
-    """Reference log-probs, values, rewards and advantages of a rollout; returns (rows + them, metrics)."""
+    """Reference log-probs, values, rewards and advantages of a rollout; returns (rows + them, metrics). GRPO's
+    dynamic sampling takes the groups whose answers all scored alike out of the loss mask: no gradient from them."""
     p, mask = cfg.ppo, rows["loss_mask"]
     ref_logp, _ = token_logprobs(reference, rows, cfg, constrain)
     kl_BT = losses.kl_estimate(rows["old_logp"], ref_logp, p.kl_estimator) * mask
+    metrics = {}
     if p.algorithm == "grpo":
         values = jnp.zeros_like(mask)
-        advantages = losses.group_advantages(scores_B, p.group_size)[:, None] * mask
-        returns = advantages
+        advantages_B = losses.group_advantages(scores_B, p.group_size, scale=p.scale_rewards, baseline=p.baseline)
+        if p.dynamic_sampling:
+            kept_B = ~losses.unanimous_groups(scores_B, p.group_size)
+            metrics["groups_kept"] = jnp.mean(kept_B.astype(jnp.float32))
+            rows = rows | {"loss_mask": mask * kept_B[:, None]}
+        advantages = returns = advantages_B[:, None] * rows["loss_mask"]
     else:
         h = token_logprobs(params["policy"], rows, cfg, constrain)[1].h_BTD if p.value == "shared" else None
         values = value_estimates(params, rows, h, cfg, constrain)[0] * mask
-        rewards = losses.token_rewards(scores_B, kl_BT, mask, kl_coef)
-        advantages, returns = losses.gae(rewards, values, mask, p.gamma, p.lam)
+        rewards_BT = losses.token_rewards(scores_B, kl_BT, mask, kl_coef)
+        advantages, returns = losses.gae(rewards_BT, values, mask, p.gamma, p.lam)
         if p.whiten:
             advantages = losses.whiten(advantages, mask)
     kl_B = jnp.sum(kl_BT, axis=-1)
-    metrics = {"score": jnp.mean(scores_B), "reward_with_kl": jnp.mean(scores_B - kl_coef * kl_B),
-               "kl_to_ref": jnp.mean(kl_B), "kl_coef": kl_coef, "response_length": jnp.mean(jnp.sum(mask, -1))}
+    metrics |= {"score": jnp.mean(scores_B), "reward_with_kl": jnp.mean(scores_B - kl_coef * kl_B),
+                "kl_to_ref": jnp.mean(kl_B), "kl_coef": kl_coef, "response_length": jnp.mean(jnp.sum(mask, -1))}
     batch = rows | {"ref_logp": ref_logp, "old_values": values, "advantages": advantages, "returns": returns,
                     "kl": kl_B}
     return batch, metrics
 
 
 def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
-    p, mask = cfg.ppo, mb["loss_mask"]
+    p, mask, agg = cfg.ppo, mb["loss_mask"], aggregate(cfg)
     logp, out = token_logprobs(params["policy"], mb, cfg, constrain)
-    loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, p.clip_eps)
-    aux["entropy"] = losses.entropy(out.logits_BTV, mask)
+    loss, aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, p.clip_low, p.clip_high, agg)
+    aux["entropy"] = losses.entropy(out.logits_BTV, mask, agg)
     aux["policy_loss"] = loss
     router_loss, router = moe.loss(out.moe, cfg.model)
     aux |= router
     if p.algorithm == "grpo":
-        kl_BT = losses.kl_estimate(logp, mb["ref_logp"], p.kl_estimator)
-        kl = jnp.sum(jnp.where(mask > 0, kl_BT, 0.0)) / jnp.maximum(jnp.sum(mask > 0), 1)
+        kl = agg(losses.kl_estimate(logp, mb["ref_logp"], p.kl_estimator), mask)
         return loss + p.kl_coef * kl + router_loss, aux | {"kl_loss": kl}
     values, value_stats = value_estimates(params, mb, out.h_BTD, cfg, constrain)
-    value_loss, value_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps)
+    value_loss, value_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps, agg)
     aux |= value_aux | {"value_loss": value_loss,
                         "explained_variance": losses.explained_variance(mb["old_values"], mb["returns"], mask)}
     router_loss += moe.loss(value_stats, cfg.model)[0]
     return loss + p.vf_coef * value_loss - p.entropy_coef * aux["entropy"] + router_loss, aux
 
 
-def tokens(mb: dict) -> jax.Array:
-    """What every term of the loss averages over: the response tokens (the weight of a microbatch)."""
-    return jnp.sum(mb["loss_mask"] > 0)
-
-
 def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain, mask=None):
     """step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled minibatches,
     each minibatch one call of the shared update (over optim.grad_accum microbatches; of the `mask`ed leaves)."""
     p = cfg.ppo
-    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, tokens,
+    # A microbatch weighs what its loss averages over (ppo.loss_agg: tokens or answers), so accumulation is exact.
+    weight = lambda mb: losses.aggregation_weight(mb["loss_mask"], p.loss_agg)  # noqa: E731
+    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, weight,
                          mask)
     lr = optim.schedule(cfg)
 
@@ -161,74 +146,10 @@ def flops_per_token(cfg) -> float:
     model's forward (when one scores), and for PPO the value model's forward and updates (a separate one) or the
     policy's forward again for its hidden states (a shared head)."""
     p, train, forward = cfg.ppo, pretrain.flops_per_token(cfg), pretrain.flops_per_token(cfg, forward=True)
-    total = 2 * forward + p.epochs * train + (forward if p.reward != "tasks" else 0)
+    total = 2 * forward + p.epochs * train + (forward if any(t.run for t in rewards.parse(p.reward)) else 0)
     if p.algorithm == "ppo":
         total += forward + (p.epochs * train if p.value == "separate" else 0)
     return total
-
-
-def prompts(cfg):
-    """step -> this step's synthetic task examples (GRPO: each prompt repeated group_size times in a row), from
-    ppo.tasks, or data.tasks when it is empty (the evaluation covers data.tasks either way)."""
-    names, k = (cfg.ppo.tasks or cfg.data.tasks).split(","), cfg.ppo.group_size if cfg.ppo.algorithm == "grpo" else 1
-
-    def get(step: int) -> list[tasks.Example]:
-        rng = np.random.default_rng([cfg.seed, step])
-        return [ex for ex in (tasks.sample(rng, names) for _ in range(cfg.batch_size // k)) for _ in range(k)]
-
-    return get
-
-
-class Rollout:
-    """Experience from the current policy, in stages a benchmark can time apart: `sample` (KV-cache generation),
-    `score` (the tasks' checkers or a reward model) and `experience` (reference log-probs, values, advantages).
-    Calling it runs all three on step's prompts: the loop's batch source, (state, step) -> (batch, metrics)."""
-
-    def __init__(self, cfg, mesh: Mesh, reference):
-        p = cfg.ppo
-        self.cfg, self.reference, self.prompts = cfg, reference, prompts(cfg)
-        self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
-        self.sharding = batch_sharding(mesh, cfg.rules)
-        constrain = make_constrain(mesh, cfg.rules)
-        self.reward_model = None if p.reward == "tasks" else checkpoint.load_params(
-            p.reward, mesh, "scorer", cfg.model, cfg.data.tokenizer, reader="ppo.reward")
-        reward_cfg = None if p.reward == "tasks" else checkpoint.run_config(p.reward)
-        read_eos = reward_cfg is not None and reward_cfg.reward.read == "eos"
-        self._generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_id,
-                                          pad_id=tok.pad_id, temperature=p.temperature, vocab_size=tok.vocab_size,
-                                          constrain=constrain)
-        self._rows = jax.jit(lambda ids, lengths, out: rows_of(ids, lengths, out, tok.eos_id, read_eos))
-        self._score = jax.jit(lambda rm, rows: reward.scores(rm, rows, reward_cfg, constrain))
-        # A LoRA policy's reference is its own base with the adapters off (reference=None): no second copy.
-        self._experience = jax.jit(lambda params, rows, scores, kl_coef: experience(
-            params, lora.strip(params["policy"]) if reference is None else reference, rows, scores, kl_coef, cfg,
-            constrain), out_shardings=(self.sharding, None))
-
-    def _put(self, x: np.ndarray) -> jax.Array:  # every process holds the whole (small) array
-        return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
-
-    def sample(self, params, examples: list[tasks.Example], step: int) -> tuple[dict, dict, np.ndarray]:
-        """(training rows, reward-model rows, whether each answer passes its task's checker)."""
-        tok = self.tokenizer
-        ids, lengths = sampling.left_pad([chat.prompt_ids(tok, ex.prompt) for ex in examples])
-        key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
-        out = self._generate(params["policy"], self._put(ids), self._put(lengths), key)
-        rows, scored = self._rows(self._put(ids), self._put(lengths), out)
-        tokens, n = multihost_utils.process_allgather((out["tokens"], out["lengths"]), tiled=True)
-        correct = np.array([tasks.TASKS[ex.task].check(ex.prompt, tok.decode(t[:m]))
-                            for ex, t, m in zip(examples, tokens, n, strict=True)], np.float32)
-        return rows, scored, correct
-
-    def score(self, scored: dict, correct: np.ndarray) -> jax.Array:
-        return self._put(correct) if self.reward_model is None else self._score(self.reward_model, scored)
-
-    def experience(self, params, rows: dict, scores: jax.Array, kl_coef: jax.Array) -> tuple[dict, dict]:
-        return self._experience(params, rows, scores, kl_coef)
-
-    def __call__(self, state: TrainState, step: int) -> tuple[dict, dict]:
-        rows, scored, correct = self.sample(state.params, self.prompts(step), step)
-        batch, metrics = self.experience(state.params, rows, self.score(scored, correct), state.extra["kl_coef"])
-        return batch, metrics | {"accuracy": float(correct.mean())}
 
 
 def specs(cfg) -> dict:
@@ -242,7 +163,8 @@ def specs(cfg) -> dict:
 
 
 RANGES = {
-    "ppo.clip_eps": ("(0, inf)", "how far a step may move the policy's probability ratio from 1"),
+    "ppo.clip_low": ("(0, 1]", "how far below 1 a step may move the policy's probability ratio"),
+    "ppo.clip_high": ("(0, inf)", "how far above 1 a step may move the policy's probability ratio"),
     "ppo.value_clip_eps": ("(0, inf)", "how far a step may move a value from the rollout's"),
     "ppo.vf_coef": ("[0, inf)", "the value loss's weight; below 0 it unlearns the values"),
     "ppo.entropy_coef": ("[0, inf)", "the entropy bonus's weight; below 0 it rewards collapse"),
@@ -255,6 +177,8 @@ RANGES = {
     "ppo.epochs": ("[1, inf)", "passes over each rollout"),
     "ppo.minibatches": ("[1, inf)", "minibatches per pass"),
     "ppo.max_new_tokens": ("[1, inf)", "tokens per response at most"),
+    "ppo.max_prompt_len": ("[1, inf)", "the prompts' padded width in tokens"),
+    "ppo.overlong_buffer": ("[0, inf)", "the last tokens of ppo.max_new_tokens over which the length penalty grows"),
 }
 
 
@@ -263,14 +187,30 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     if p is None:
         raise ConfigError("a ppo run needs the ppo section; start from configs/ppo.py")
     check_choices(cfg, {"ppo.algorithm": ("ppo", "grpo"), "ppo.value": ("separate", "shared"),
-                        "ppo.kl_estimator": losses.KL_ESTIMATORS})
+                        "ppo.kl_estimator": losses.KL_ESTIMATORS, "ppo.loss_agg": losses.AGGREGATIONS,
+                        "ppo.baseline": losses.BASELINES})
     check_ranges(cfg, RANGES)
     if not cfg.init_from:
         raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
-    if cfg.data.source != "synthetic":
-        raise ConfigError("PPO prompts come from the synthetic tasks for now: set --config.data.source=synthetic")
+    terms = rewards.parse(p.reward)
+    if cfg.data.source != "synthetic" and any(t.name == "tasks" for t in terms):
+        raise ConfigError(f"ppo.reward={p.reward!r}: the tasks' checkers score the synthetic tasks, and data.source="
+                          f"{cfg.data.source!r} holds other prompts; reward their answers with math, exact, "
+                          "format:REGEX or module.path:function")
+    if cfg.data.source != "synthetic" and p.tasks:
+        raise ConfigError(f"ppo.tasks={p.tasks!r} chooses synthetic prompts, but data.source={cfg.data.source!r} "
+                          "gives the prompts; set --config.ppo.tasks=''")
     if p.tasks:
         tasks.check_names("ppo.tasks", p.tasks)
+    if p.overlong_buffer > p.max_new_tokens:
+        raise ConfigError(f"ppo.overlong_buffer={p.overlong_buffer} is longer than ppo.max_new_tokens="
+                          f"{p.max_new_tokens}; the penalty grows over the budget's last tokens")
+    grouped = {"ppo.scale_rewards": p.scale_rewards is not True, "ppo.baseline": p.baseline != "mean",
+               "ppo.dynamic_sampling": p.dynamic_sampling}
+    changed = [key for key, differs in grouped.items() if differs]
+    if p.algorithm == "ppo" and changed:
+        raise ConfigError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
+                          "--config.ppo.algorithm=grpo or leave it at its default")
     dp, k = sizes["data"] * sizes["expert"] * sizes["fsdp"], cfg.optim.grad_accum
     group = p.group_size if p.algorithm == "grpo" else 1
     if p.algorithm == "grpo" and group < 2:
@@ -295,7 +235,8 @@ def task(cfg, workdir: str, mesh: Mesh) -> loop.Task:
     constrain = make_constrain(mesh, cfg.rules)
     given = pretrain.reads_lm(cfg, cfg.init_from, mesh, "PPO's policy")
     reference = None if mask else given()  # a LoRA policy's reference is its own base: read only to start
-    rollout = Rollout(cfg, mesh, reference)
+    rollout = Rollout(cfg, mesh, reference, lambda params, ref, rows, scores, kl_coef: experience(
+        params, ref, rows, scores, kl_coef, cfg, constrain))
     evaluate = None
     if cfg.eval_every:
         evaluate_policy = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts)

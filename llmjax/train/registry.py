@@ -47,6 +47,8 @@ RANGES = {
     "model.moe_z_coef": ("[0, inf)", "the router z-loss's weight; below 0 it rewards large router logits"),
     "eval_every": ("[0, inf)", "steps between evaluations; 0 never evaluates"),
     "eval_prompts": ("[1, inf)", "held-out prompts per task (reward: pairs) an evaluation reads"),
+    "eval_samples": ("[1, inf)", "answers per prompt for pass@k; 1 reports greedy accuracy alone"),
+    "eval_temperature": ("(0, inf)", "the pass@k answers' sampling temperature; it divides the logits"),
     "peak_flops": ("[0, inf)", "FLOP/s per device for MFU; 0 measures this device"),
 }
 
@@ -128,6 +130,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
         raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
     tasks.check_names("data.tasks", cfg.data.tasks)
+    answers = cfg.trainer == "ppo" or (cfg.trainer != "reward" and cfg.data.source == "synthetic")
+    if cfg.eval_samples > 1 and not answers:
+        raise ConfigError(f"eval_samples={cfg.eval_samples}: pass@k samples answers to the synthetic tasks or an RL "
+                          "run's prompts, and this run's evaluation answers none; set --config.eval_samples=1")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:

@@ -1,12 +1,15 @@
 """PPO / GRPO: the rollout's log-probs equal a teacher-forced recomputation (ratio 1 before any update), one
-update is the same sharded as on one device, and both learn: the task reward and a reward model's score rise."""
+update is the same sharded as on one device, and both learn: the task reward, a reward model's score, and GRPO on a
+files: prompts source rewarded by the answers in its records. A user's reward function reads the records and its
+scores become the advantages; one that raises or returns NaN stops the run, naming itself."""
 
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, one_device, ppo_config
+from helpers import metric_rows, one_device, ppo_config, prompts_file
 
-from llmjax import config, sharding
+from llmjax import config, losses, rewards, sharding
+from llmjax.data import prompts
 from llmjax.train import ppo, registry
 
 
@@ -52,15 +55,57 @@ def quarters(workdir, key: str) -> tuple[float, float]:
     return float(np.mean(values[:n])), float(np.mean(values[-n:]))
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_learns_the_task_reward(sft_dir, tmp_path, algorithm):
+def test_ppo_learns_the_task_reward(sft_dir, tmp_path):
     """Rewarded by the sort checker, the sampled answers get right more often while the KL stays bounded."""
-    cfg = ppo_config(sft_dir, algorithm, steps=60, batch_size=64)
-    cfg.ppo.update(epochs=1, minibatches=1, group_size=8)
+    cfg = ppo_config(sft_dir, "ppo", steps=60, batch_size=64)
+    cfg.ppo.update(epochs=1, minibatches=1)
     registry.train(cfg, str(tmp_path), one_device())
     first, last = quarters(tmp_path, "score")
     assert last > first + 0.04, (first, last)
     assert quarters(tmp_path, "kl_to_ref")[1] < 1.5
+
+
+def test_grpo_learns_from_a_files_prompts_source(sft_dir, tmp_path):
+    """GRPO on prompt records read from a .jsonl file, rewarded by `math` against each record's answer: the reward
+    (the accuracy) rises while the KL stays bounded."""
+    cfg = ppo_config(sft_dir, "grpo", steps=60, batch_size=64)
+    cfg.data.update(source=prompts_file(tmp_path / "prompts.jsonl", n=512), data_dir=str(tmp_path / "tfds"))
+    cfg.ppo.update(reward="math", epochs=1, minibatches=1, group_size=8)
+    registry.train(cfg, str(tmp_path / "run"), one_device())
+    first, last = quarters(tmp_path / "run", "score")
+    assert last > first + 0.04, (first, last)
+    assert quarters(tmp_path / "run", "accuracy") == (first, last)
+    assert quarters(tmp_path / "run", "kl_to_ref")[1] < 1.5
+
+
+def test_user_reward_reads_the_records_and_becomes_the_advantages(sft_dir, tmp_path):
+    """ppo.reward=module:function is called with the records' extra fields; its scores, combined with a built-in
+    by weight, are what the group advantages are taken of. A function that raises or returns NaN stops the rollout
+    in one line naming it and the answer."""
+    cfg = ppo_config(sft_dir, "grpo")
+    cfg.data.update(source=prompts_file(tmp_path / "prompts.jsonl"), data_dir=str(tmp_path / "tfds"))
+    cfg.ppo.reward = "helpers:weighted_length:0.5,exact:2"
+    task = registry.task(cfg, str(tmp_path), one_device())
+    rollout, state = task.source, task.start()
+    records = rollout.prompts(0)
+    sampled = rollout.sample(state.params, records, 0)
+    scores = [0.5 * r["weight"] * len(a) + 2.0 * (a.strip() == r["answer"])
+              for r, a in zip(records, sampled.responses, strict=True)]
+    assert len(set(scores)) > 2
+    got, made = rollout.score(records, sampled)
+    np.testing.assert_allclose(np.asarray(got), scores, rtol=1e-6)
+    batch, _ = rollout.experience(state.params, sampled.rows, got, state.extra["kl_coef"])
+    mask = np.asarray(batch["loss_mask"]) > 0
+    expected = np.asarray(losses.group_advantages(np.array(scores, np.float32), cfg.ppo.group_size))
+    np.testing.assert_allclose(np.asarray(batch["advantages"]), np.where(mask, expected[:, None], 0), atol=1e-5)
+    assert made["reward/helpers:weighted_length"] == pytest.approx(np.mean([r["weight"] * len(a) for r, a in zip(
+        records, sampled.responses, strict=True)]))
+    for spec, problem in (("helpers:raising", r"raised ValueError\('too long'\) on response \d+ '"),
+                          ("helpers:nan_for_long", r"returned nan for response \d+ '")):
+        rollout.terms = rewards.parse(spec)
+        with pytest.raises(rewards.RewardError, match=rf"^reward '{spec}' {problem}") as e:
+            rollout.score(records, sampled)
+        assert "\n" not in str(e.value)
 
 
 def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
@@ -81,12 +126,24 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
 def test_prompts_come_from_ppo_tasks_in_groups():
     cfg = ppo_config("unused", "grpo")
     cfg.ppo.tasks = "lookup,add"
-    examples = ppo.prompts(cfg)(0)
-    assert len(examples) == cfg.batch_size and {ex.task for ex in examples} == {"lookup", "add"}
-    groups = [examples[i:i + cfg.ppo.group_size] for i in range(0, len(examples), cfg.ppo.group_size)]
-    assert all(len({ex.prompt for ex in group}) == 1 for group in groups)
+    records = prompts.source(cfg)(0)
+    assert len(records) == cfg.batch_size and {r["task"] for r in records} == {"lookup", "add"}
+    groups = [records[i:i + cfg.ppo.group_size] for i in range(0, len(records), cfg.ppo.group_size)]
+    assert all(len({r["prompt"] for r in group}) == 1 for group in groups)
     cfg.ppo.tasks = ""
-    assert {ex.task for ex in ppo.prompts(cfg)(0)} == {"sort"}
+    assert {r["task"] for r in prompts.source(cfg)(0)} == {"sort"}
+
+
+def test_files_prompts_come_in_a_seeded_shuffle_of_every_record_per_epoch(tmp_path):
+    cfg = ppo_config("unused", "grpo", batch_size=16)
+    cfg.data.update(source=prompts_file(tmp_path / "p.jsonl", n=40), data_dir=str(tmp_path / "tfds"), validation=0.2)
+    get, train = prompts.source(cfg), prompts.records(cfg, "train")
+    steps = -(-len(train) // (cfg.batch_size // cfg.ppo.group_size))
+    seen = [r["id"] for step in range(steps) for r in get(step)[::cfg.ppo.group_size]][:len(train)]
+    assert sorted(seen) == sorted(r["id"] for r in train)  # each record once per epoch
+    assert get(3) == prompts.source(cfg)(3) and get(0) != get(steps)  # a pure function of the step
+    held = prompts.held_out(cfg, 100)["p"]
+    assert held and not {r["id"] for r in held} & set(seen)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -95,6 +152,15 @@ def test_prompts_come_from_ppo_tasks_in_groups():
     ({"ppo.minibatches": 3}, r"batch_size=16 must split into ppo.minibatches=3"),
     ({"ppo.value": "tied"}, r"ppo.value='tied' is not one of \('separate', 'shared'\)"),
     ({"init_from": ""}, r"PPO starts from an SFT run"),
+    ({"ppo.loss_agg": "mean"}, r"ppo.loss_agg='mean' is not one of"),
+    ({"ppo.baseline": "rloo"}, r"ppo.baseline='rloo' is not one of"),
+    ({"ppo.dynamic_sampling": True}, r"ppo.dynamic_sampling shapes GRPO's group advantages"),
+    ({"ppo.overlong_buffer": 13}, r"ppo.overlong_buffer=13 is longer than ppo.max_new_tokens=12"),
+    ({"ppo.clip_low": 1.5}, r"ppo.clip_low=1.5"),
+    ({"ppo.reward": "math:x"}, r"ppo.reward"),
+    ({"ppo.reward": "no_such_module_xyz:fn"}, r"no_such_module_xyz"),
+    ({"data.source": "files:/tmp/p.jsonl"}, r"the tasks' checkers score the synthetic tasks"),
+    ({"data.source": "files:/tmp/p.jsonl", "ppo.reward": "math", "ppo.tasks": "sort"}, r"ppo.tasks='sort' chooses"),
 ])
 def test_validate_rejects_bad_ppo_configs(overrides, message):
     cfg = ppo_config("runs/sft")

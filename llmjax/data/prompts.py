@@ -1,0 +1,87 @@
+"""Prompt records for reinforcement learning: what PPO and GRPO answer, and what their rewards and evaluations read.
+
+A record is a dict with a "prompt" and any other fields its source holds (an "answer", an id, test cases), kept
+with the rollout and handed to the reward functions (llmjax.rewards). Sources, by cfg.data.source:
+  synthetic       the built-in tasks of ppo.tasks (or data.tasks): {"prompt", "answer", "task"}
+  files:PATH      .jsonl lines with a "prompt" (llmjax.data.sources, kind "prompts"), their data.validation share
+  tfds:NAME       held out for evaluation; a prepared tfds dataset whose records have a "prompt" feature
+Records are read in a seeded shuffle, reshuffled each epoch, so step s's prompts are a pure function of (seed, s):
+a resumed run asks the same questions. GRPO answers each prompt group_size times in a row.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from llmjax.config import ConfigError
+from llmjax.data import chat, sources, tasks
+
+HELD_OUT = 1_000_003  # offsets the seed so evaluation never sees a training example's random stream
+
+
+def synthetic(example: tasks.Example) -> dict:
+    return {"prompt": example.prompt, "answer": example.answer, "task": example.task}
+
+
+def records(cfg, split: str) -> sources.Records:
+    """A files: or tfds: source's prompt records of `split`, refused in one line if they have no prompt."""
+    found = sources.for_run(cfg, split, kind="prompts")
+    if "prompt" not in found[0]:
+        raise ConfigError(f"data.source={cfg.data.source!r} holds no prompt records (fields {sorted(found[0])}); "
+                          'RL needs records with a "prompt"')
+    return found
+
+
+def group_size(cfg) -> int:
+    return cfg.ppo.group_size if cfg.ppo.algorithm == "grpo" else 1
+
+
+def source(cfg) -> Callable[[int], list[dict]]:
+    """step -> its batch_size records (each prompt group_size times in a row)."""
+    k = group_size(cfg)
+    n = cfg.batch_size // k
+    if cfg.data.source == "synthetic":
+        names = (cfg.ppo.tasks or cfg.data.tasks).split(",")
+
+        def draw(step: int) -> list[dict]:
+            rng = np.random.default_rng([cfg.seed, step])
+            return [synthetic(tasks.sample(rng, names)) for _ in range(n)]
+    else:
+        found = records(cfg, "train")
+
+        def draw(step: int) -> list[dict]:
+            out = []
+            for g in range(step * n, (step + 1) * n):
+                epoch, i = divmod(g, len(found))
+                out.append(found[int(np.random.default_rng([cfg.seed, epoch]).permutation(len(found))[i])])
+            return out
+
+    return lambda step: [record for record in draw(step) for _ in range(k)]
+
+
+def held_out(cfg, n: int) -> dict[str, list[dict]]:
+    """Evaluation prompts by name: n of each synthetic task of data.tasks (a seed no training stream uses); for a
+    files: or tfds: source, also up to n of its held-out records under the source's name."""
+    rng = np.random.default_rng([cfg.seed, HELD_OUT])
+    out = {name: [synthetic(tasks.sample(rng, [name])) for _ in range(n)] for name in cfg.data.tasks.split(",")}
+    if cfg.data.source != "synthetic":
+        found = records(cfg, "validation")
+        out[name(cfg.data.source)] = [found[i] for i in range(min(n, len(found)))]
+    return out
+
+
+def name(source: str) -> str:
+    """A source's short name for metrics: the file or folder name without its suffix, or the tfds name."""
+    return os.path.splitext(os.path.basename(source.partition(":")[2].rstrip("/")))[0]
+
+
+def ids(tokenizer, prompts: Sequence[str], width: int, key: str = "ppo.max_prompt_len") -> list[list[int]]:
+    """The prompts through the chat template, refused in one line if one does not fit `width` tokens: a fixed
+    prompt width is what keeps the sampler from compiling again for longer prompts."""
+    out = [chat.prompt_ids(tokenizer, p) for p in prompts]
+    longest = max(range(len(out)), key=lambda i: len(out[i]))
+    if len(out[longest]) > width:
+        raise ConfigError(f"a prompt of {len(out[longest])} tokens does not fit {key}={width} "
+                          f"({prompts[longest][:60]!r}); raise --config.{key}")
+    return out
