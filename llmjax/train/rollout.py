@@ -7,6 +7,7 @@ answers, on the host; a reward model's term on the devices) and `experience`. Ca
 step's prompts: the loop's batch source, (state, step) -> (batch, metrics).
 """
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import checkpoint, losses, rewards, sampling
+from llmjax.config import ConfigError
 from llmjax.data import prompts
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.evaluate import check
@@ -76,6 +78,9 @@ class Rollout:
         self.sharding = batch_sharding(mesh, cfg.rules)
         constrain = make_constrain(mesh, cfg.rules)
         run = next((t.run for t in self.terms if t.run), None)
+        if run and not os.path.exists(os.path.join(run, "config.json")):
+            raise ConfigError(f"ppo.reward={p.reward!r}: {run!r} is neither a reward (tasks, math, exact, "
+                              "format:REGEX, module.path:function) nor a reward model run's workdir")
         self.reward_model = run and checkpoint.load_params(run, mesh, "scorer", cfg.model, cfg.data.tokenizer,
                                                            reader="ppo.reward")
         reward_cfg = run and checkpoint.run_config(run)

@@ -123,6 +123,13 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
     assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]
 
 
+def test_a_misspelt_reward_is_refused_naming_the_kinds(sft_dir, tmp_path):
+    cfg = ppo_config(sft_dir)
+    cfg.ppo.reward = "maths:1.0,exact:0.5"
+    with pytest.raises(config.ConfigError, match=r"'maths' is neither a reward \(tasks, math, exact"):
+        registry.task(cfg, str(tmp_path), one_device())
+
+
 def test_prompts_come_from_ppo_tasks_in_groups():
     cfg = ppo_config("unused", "grpo")
     cfg.ppo.tasks = "lookup,add"
