@@ -26,6 +26,7 @@ def test_bench_train_writes_its_json(tmp_path):
     assert 0 < result["mfu_vs_jax_matmul"] < 1.5, result
 
 
+@pytest.mark.slow
 def test_bench_ppo_splits_an_iteration_and_never_recompiles(tmp_path):
     """Prompts of sort and lookup differ in length from iteration to iteration; the sampler and the update compile
     once all the same (prompts are padded to ppo.max_prompt_len)."""
