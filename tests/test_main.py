@@ -50,7 +50,11 @@ def test_diverging_cli_run_exits_nonzero_and_keeps_checkpoints(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
 
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# The runs below see one CPU device and share this worker's compilation cache (tests/conftest.py): a run that
+# repeats an earlier one's config loads its executables instead of compiling them again.
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+       "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def main_args(workdir, steps: int, *extra: str) -> list[str]:
@@ -90,12 +94,23 @@ def test_a_live_runs_workdir_is_refused_until_it_dies(tmp_path):
     assert '"lr": 0.0001' in (tmp_path / "config.json").read_text()
 
 
-@pytest.mark.slow
-def test_sigkill_while_a_checkpoint_is_written_resumes_bitwise(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(main_args(straight, 24, "--config.checkpoint.every=2"), cwd=REPO, env=ENV, check=True,
+STEPS = 24  # of the runs that a kill or a full disk interrupts, and of the run they must end equal to
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run of STEPS steps, saving every 2: what an interrupted run must end equal to."""
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(main_args(workdir, STEPS, "--config.checkpoint.every=2"), cwd=REPO, env=ENV, check=True,
                    capture_output=True, timeout=600)
-    run = subprocess.Popen(main_args(killed, 24, "--config.checkpoint.every=2"), cwd=REPO, env=ENV,
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("main_straight")  # one worker runs `straight` for both of its users
+def test_sigkill_while_a_checkpoint_is_written_resumes_bitwise(straight, tmp_path):
+    killed = tmp_path / "killed"
+    run = subprocess.Popen(main_args(killed, STEPS, "--config.checkpoint.every=2"), cwd=REPO, env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts, deadline = killed / "checkpoints", time.time() + 300
     def saving() -> bool:  # a save in flight after a complete one
@@ -108,10 +123,10 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_bitwise(tmp_path):
     run.kill()
     run.wait()
     assert any(p.endswith(".orbax-checkpoint-tmp") for p in os.listdir(ckpts))  # killed mid-write
-    subprocess.run(main_args(killed, 24, "--config.checkpoint.every=2"), cwd=REPO, env=ENV, check=True,
+    subprocess.run(main_args(killed, STEPS, "--config.checkpoint.every=2"), cwd=REPO, env=ENV, check=True,
                    capture_output=True, timeout=600)
     assert losses(str(killed)) == losses(str(straight))
-    assert [r["step"] for r in metric_rows(killed) if "loss" in r] == list(range(1, 25))  # one row per step
+    assert [r["step"] for r in metric_rows(killed) if "loss" in r] == list(range(1, STEPS + 1))  # one row per step
 
 
 def mount_tmpfs(path, size: str) -> bool:
@@ -121,21 +136,21 @@ def mount_tmpfs(path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path):
+@pytest.mark.xdist_group("main_straight")
+def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path, request):
     """On a real 4 MB filesystem: the run stops before the save that cannot fit, naming the intact checkpoint;
     with space freed, rerunning resumes and ends exactly where a run with room would."""
     disk = tmp_path / "disk"
     if not mount_tmpfs(disk, "4m"):
         pytest.skip("mounting a tmpfs needs privileges this machine does not give; test_checkpoint covers the logic")
     try:
-        args = main_args(disk / "run", 12, "--config.checkpoint.every=2", "--config.checkpoint.keep=5")
+        args = main_args(disk / "run", STEPS, "--config.checkpoint.every=2", "--config.checkpoint.keep=5")
         out = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         one_line_error(out, "disk full at step", "is intact: free space and rerun to resume")
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         subprocess.run(args, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
-        subprocess.run(main_args(tmp_path / "room", 12, "--config.checkpoint.every=2"), cwd=REPO, env=ENV,
-                       check=True, capture_output=True, timeout=600)
-        assert losses(str(disk / "run"))[12] == losses(str(tmp_path / "room"))[12]
+        room = request.getfixturevalue("straight")  # a run with room (after the mount: a skip trains nothing)
+        assert losses(str(disk / "run"))[STEPS] == losses(str(room))[STEPS]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 

@@ -31,7 +31,7 @@ def base_dir(tmp_path_factory) -> str:
 def lora_run(base_dir, tmp_path_factory):
     """A LoRA run of 8 steps on the base, and its final state."""
     workdir = str(tmp_path_factory.mktemp("lora"))
-    return workdir, registry.train(lora_config(base_dir, steps=8), workdir)
+    return workdir, registry.train(lora_config(base_dir, steps=8), workdir, one_device())
 
 
 def lora_config(base_dir, **overrides):
@@ -49,8 +49,8 @@ TOKENS = np.random.default_rng(0).integers(7, 300, (2, 16))
 
 def test_step_0_is_the_base_model_and_only_adapters_train(base_dir, lora_run):
     cfg = lora_config(base_dir, steps=8)
-    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
-    start = registry.task(cfg, "").start()
+    base = checkpoint.load_params(base_dir, one_device())
+    start = registry.task(cfg, "", one_device()).start()
     np.testing.assert_array_equal(forward(start.params, cfg, TOKENS), forward(base, cfg, TOKENS))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(start.params), base)
     adapters = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(start.params)
@@ -84,9 +84,9 @@ def test_merged_equals_unmerged_and_a_lora_run_reads_back_merged(base_dir, lora_
 def test_resume_restores_the_adapters_onto_the_base(base_dir, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     flat = {"log_every": 1, "optim.schedule": "constant"}  # the same learning rates, whatever `steps` says
-    registry.train(lora_config(base_dir, steps=10, **flat), straight)
-    registry.train(lora_config(base_dir, steps=5, **flat), split)
-    resumed = registry.train(lora_config(base_dir, steps=10, **flat), split)
+    registry.train(lora_config(base_dir, steps=10, **flat), straight, one_device())
+    registry.train(lora_config(base_dir, steps=5, **flat), split, one_device())
+    resumed = registry.train(lora_config(base_dir, steps=10, **flat), split, one_device())
     np.testing.assert_allclose(list(losses(split).values()), list(losses(straight).values()), rtol=1e-6)
     assert sorted(losses(split)) == list(range(1, 11))
     mesh = make_mesh(lora_config(base_dir).mesh)
@@ -113,11 +113,11 @@ def test_sharded_equals_single_device(base_dir, tmp_path):
 def test_dpo_reference_is_the_base_with_adapters_off(base_dir, tmp_path):
     """The LoRA DPO step (reference: its own base, adapters off) equals the step given an explicit frozen copy
     of the base as the reference, at step 0 and after a few steps."""
-    cfg = dpo_config(base_dir, **LORA)
-    task = registry.task(cfg, str(tmp_path / "dpo"))
+    cfg, mesh = dpo_config(base_dir, **LORA), one_device()
+    task = registry.task(cfg, str(tmp_path / "dpo"), mesh)
     assert task.frozen == ()  # no second copy of the model
-    copy = jax.tree.map(jnp.copy, checkpoint.load_params(base_dir, make_mesh(cfg.mesh)))
-    explicit = jax.jit(state_step(cfg, task, copy))
+    copy = jax.tree.map(jnp.copy, checkpoint.load_params(base_dir, mesh))
+    explicit = jax.jit(state_step(cfg, mesh, copy))
     ours = task.jit_step(jax.tree.map(lambda x: x.sharding, task.start()))
     a, b = task.start(), task.start()
     for i in range(3):
@@ -129,13 +129,13 @@ def test_dpo_reference_is_the_base_with_adapters_off(base_dir, tmp_path):
             assert float(ma["loss"]) == pytest.approx(np.log(2), rel=1e-6)  # policy == reference at step 0
 
 
-def state_step(cfg, task, reference):
+def state_step(cfg, mesh, reference):
     from llmjax import optim
     from llmjax.sharding import make_constrain
     from llmjax.train.step import make_step
 
     specs = lora.apply(transformer.specs(cfg.model), cfg)
-    constrain = make_constrain(make_mesh(cfg.mesh), cfg.rules)
+    constrain = make_constrain(mesh, cfg.rules)
     step = make_step(lambda p, b: dpo.loss_fn(p, b, cfg, constrain, reference), optim.make(cfg, specs),
                      optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs))
     return step
@@ -144,7 +144,7 @@ def state_step(cfg, task, reference):
 def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
     """PPO with a separate value model (GRPO shares the policy's path and has no value model)."""
     cfg = ppo_config(base_dir, "ppo", steps=2, **LORA)
-    task = registry.task(cfg, str(tmp_path / "rl"))
+    task = registry.task(cfg, str(tmp_path / "rl"), one_device())
     assert task.source.reference is None  # the reference is the policy's base, adapters off
     trained = registry.train(cfg, str(tmp_path / "rl"), one_device())
     base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
@@ -184,7 +184,7 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     base = str(tmp_path / "base")
     shutil.copytree(base_dir, base)
     run = str(tmp_path / "run")
-    registry.train(lora_config(base, steps=2), run)
+    registry.train(lora_config(base, steps=2), run, one_device())
     shutil.rmtree(base)
     with pytest.raises(ConfigError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
         checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
@@ -196,7 +196,8 @@ def test_dropout_applies_to_training_steps_only(base_dir):
     step 0), while what evaluation and sampling see carries no keys and never drops."""
     after = {}
     for rate in (0.5, 0.0):
-        task = registry.task(lora_config(base_dir, **{"lora.dropout": rate, "optim.warmup_steps": 0}), "")
+        cfg = lora_config(base_dir, **{"lora.dropout": rate, "optim.warmup_steps": 0})
+        task = registry.task(cfg, "", one_device())
         s = task.start()
         after[rate] = task.jit_step(jax.tree.map(lambda x: x.sharding, s))(s, task.source(s, 0)[0])[0].params
     b = [lora.merge(after[rate])["layers"]["wq"] for rate in (0.5, 0.0)]
@@ -228,7 +229,7 @@ def test_lora_sft_learns_over_its_base(tmp_path):
     cfg = tiny_config(steps=60, eval_every=60, eval_prompts=32, **{
         "data.format": "chat", "data.tasks": "sort", "init_from": base, "lora.targets": "all", "lora.rank": 8,
         "optim.lr": 1e-2})
-    mesh = make_mesh(cfg.mesh)
+    mesh = one_device()
     from llmjax.evaluate import make_evaluator
 
     before = make_evaluator(cfg, mesh, n=32)(checkpoint.load_params(base, mesh))["accuracy"]
