@@ -1,7 +1,10 @@
 """Two JAX processes of 4 CPU devices each (JAX's multi-process runtime, gloo collectives) train exactly
 like one process of 8 devices: each process loads only its rows of the batch, the losses agree; and import and
-export Hugging Face checkpoints to the same files."""
+export Hugging Face checkpoints to the same files. The one process of 8 devices is also test_cli.py's good run:
+the CLI with overrides runs end to end and writes what a run writes."""
 
+import glob
+import json
 import os
 import socket
 import subprocess
@@ -9,12 +12,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import losses
+from helpers import losses, metric_rows
 from safetensors.numpy import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/pretrain.py:model=tiny,steps=3", "--config.batch_size=8", "--config.seq_len=32",
-        "--config.log_every=1", "--config.peak_flops=1e12", "--config.eval_every=0"]
+        "--config.log_every=1", "--config.peak_flops=1e12", "--config.eval_every=0", "--config.optim.warmup_steps=1",
+        "--config.checkpoint.every=2"]
 
 
 def launch(devices, *args, **env):
@@ -48,7 +52,15 @@ def test_two_processes_equal_one(tmp_path):
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == sorted(single) == [1, 2, 3]
     np.testing.assert_allclose(list(multi.values()), list(single.values()), rtol=1e-5)
-    assert os.listdir(tmp_path / "multi" / "checkpoints") == ["3"]
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2", "3"]  # one copy, written once
+    # The CLI's good run (test_cli.py): the overrides reach config.json, and every output of a run is written.
+    with open(tmp_path / "single" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["model"]["name"] == "tiny" and saved["steps"] == 3 and saved["optim"]["warmup_steps"] == 1
+    rows = metric_rows(tmp_path / "single")
+    assert rows[-1]["step"] == 3 and all(row["loss"] > 0 for row in rows)
+    assert glob.glob(str(tmp_path / "single" / "tb" / "events.out.tfevents.*"))
+    assert {"2", "3"} <= set(os.listdir(tmp_path / "single" / "checkpoints"))
 
 
 @pytest.mark.slow
