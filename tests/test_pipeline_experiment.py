@@ -21,15 +21,20 @@ def test_runs_end_to_end_on_tiny(pipeline_dir):
     assert results["focus"] == ["sort", "lookup"]
     for name, _, parent, _ in run.STAGES:
         cfg = checkpoint.run_config(os.path.join(pipeline_dir, name))
-        assert cfg.model.name == "tiny" and stages[name]["steps"] == cfg.steps == 2, name
+        assert cfg.model.name == "tiny" and stages[name]["steps"] == cfg.steps <= 4, name
         assert cfg.init_from == (os.path.join(pipeline_dir, parent) if parent else ""), name
-    assert cfg.ppo.algorithm == "grpo" and cfg.ppo.reward == "tasks"
-    assert checkpoint.run_config(os.path.join(pipeline_dir, "ppo")).ppo.reward == os.path.join(pipeline_dir, "reward")
+    rewards = {name: checkpoint.run_config(os.path.join(pipeline_dir, name)).ppo.reward
+               for name in ("ppo", "ppo_tasks", "grpo", "grpo_math")}
+    assert rewards == {"ppo": os.path.join(pipeline_dir, "reward"), "ppo_tasks": "tasks", "grpo": "tasks",
+                       "grpo_math": "math"}
+    assert cfg.data.source == "files:" + os.path.join(pipeline_dir, "problems.jsonl")
     assert 0 <= stages["reward"]["rm_accuracy"] <= 1
-    for name in ("pretrain", "sft", "dpo", "ppo", "grpo"):
+    for name in ("pretrain", "sft", "dpo", "ppo", "ppo_tasks", "grpo"):
         assert math.isfinite(stages[name]["perplexity"]) and 0 <= stages[name]["accuracy"] <= 1, name
-    for name in ("ppo", "grpo"):
+    for name in ("ppo", "ppo_tasks", "grpo", "grpo_math"):
         assert all(math.isfinite(stages[name][k]) for k in ("reward_start", "reward_end", "kl_to_ref")), name
+        assert 0 <= stages[name]["own_start"] <= 1 and 0 <= stages[name]["own_end"] <= 1, name
+    assert stages["grpo_math"]["own_prompts"] == "problems" and stages["grpo"]["own_prompts"] == "sort, lookup"
     with open(os.path.join(pipeline_dir, "results.md")) as f:
         assert f.read() == run.table(results["stages"], results["focus"])
     assert os.path.getsize(os.path.join(pipeline_dir, "pipeline.png")) > 10_000
@@ -37,7 +42,9 @@ def test_runs_end_to_end_on_tiny(pipeline_dir):
 
 def test_every_stage_config_scales_and_validates():
     for name, spec, _, overrides in run.STAGES:
-        cfg = run.stage_config(spec, "tiny", 0.1, {k: "/tmp/rm" if "{" in str(v) else v for k, v in overrides.items()})
+        cfg = run.stage_config(spec, "tiny", 0.1, {k: v.format(reward="/tmp/rm", problems="/tmp/p.jsonl",
+                                                                problems_sft="/tmp/s.jsonl", data_dir="/tmp/tfds")
+                                                   if isinstance(v, str) else v for k, v in overrides.items()})
         assert cfg.model.name == "tiny" and cfg.steps >= 2 and cfg.checkpoint.every <= cfg.steps, name
         assert not cfg.eval_every or cfg.eval_every <= cfg.steps, name
         validate(cfg, jax.device_count())
@@ -53,6 +60,11 @@ def test_summaries_and_table():
     assert (ppo["reward_start"], ppo["reward_end"]) == pytest.approx((0.15, 0.75)) and ppo["accuracy/sort"] == 0.5
     rm = run.summarise("reward", [{"step": 5, "eval/accuracy": 0.8, "eval/margin": 1.0}], 30.0)
     assert rm["rm_accuracy"] == 0.8 and "accuracy" not in rm
+    cfg = run.stage_config("configs/ppo.py", "tiny", 0.1, {"ppo.reward": "tasks"})
+    start = {"accuracy/sort": 0.4, "accuracy/lookup": 0.1, "accuracy/add": 0.9}
+    ppo |= run.own_accuracy(cfg, start, "start") | run.own_accuracy(cfg, rows, "end")
+    assert (ppo["own_start"], ppo["own_end"]) == pytest.approx((0.25, 0.35))
     table = run.table([ppo, rm], ["sort", "lookup"])
     assert "| accuracy on sort, lookup |" in table
-    assert "| ppo | 8 | 3 | 25.0% | 35.0% |  | 0.150 → 0.750 |" in table and "| reward | 5 |  |  |  | 80.0% |" in table
+    assert "| ppo | 8 | 3 | 25.0% | 35.0% | sort, lookup: 25.0% → 35.0% |  | 0.150 → 0.750 |" in table
+    assert "| reward | 5 |  |  |  |  | 80.0% |" in table

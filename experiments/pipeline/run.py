@@ -1,6 +1,9 @@
-"""The whole pipeline on the synthetic tasks, each stage starting from the previous stage's checkpoint:
-pretrain -> SFT -> reward model -> DPO, and PPO (rewarded by that reward model) and GRPO (by the tasks' checkers).
-Writes results.md and results.json (each stage's held-out metrics) and pipeline.png into --workdir.
+"""The whole pipeline, each stage starting from the previous stage's checkpoint: on the synthetic tasks,
+pretrain -> SFT -> reward model -> DPO, PPO rewarded by that reward model, PPO and GRPO rewarded by the tasks'
+checkers; and on a prompts file of arithmetic word problems (experiments/rl/word_problems.py, written into
+--workdir), SFT on some of them, then GRPO rewarded by `math` against the others' answers. Each RL stage's start
+(its parent) is evaluated on the stage's own held-out prompts too, so the table shows what RL changed. Writes
+results.md and results.json (each stage's held-out metrics) and pipeline.png into --workdir.
 
   python -m experiments.pipeline.run --workdir=runs/pipeline                       # small preset, CPU
   python -m experiments.pipeline.run --workdir=/tmp/pipe --model=tiny --scale=0.1   # a quick look
@@ -18,20 +21,32 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from experiments.rl import word_problems
+from llmjax import checkpoint
 from llmjax.cli import run_main
 from llmjax.config import load
+from llmjax.data import prompts
+from llmjax.evaluate import make_evaluator
 from llmjax.sharding import make_mesh
 from llmjax.train import registry
 
-# name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir)
+# name, config file[:args], the stage it starts from, overrides ({stage} names another stage's workdir, {problems}
+# and {problems_sft} the word problems' files, {data_dir} where their prepared copies go)
+MATH = {"data.data_dir": "{data_dir}"}
 STAGES = (
     ("pretrain", "configs/pretrain.py", None, {}),
     ("sft", "configs/sft.py", "pretrain", {}),
     ("reward", "configs/reward.py", "sft", {}),
     ("dpo", "configs/dpo.py", "sft", {"dpo.nll_weight": 1.0}),
     ("ppo", "configs/ppo.py", "sft", {"ppo.reward": "{reward}"}),
+    ("ppo_tasks", "configs/ppo.py", "sft", {"ppo.reward": "tasks"}),
     ("grpo", "configs/ppo.py:algorithm=grpo", "sft", {"ppo.reward": "tasks"}),
+    ("sft_math", "configs/sft.py:steps=400", "sft", {**MATH, "data.source": "files:{problems_sft}", "seq_len": 160}),
+    ("grpo_math", "configs/ppo.py:algorithm=grpo", "sft_math", {
+        **MATH, "data.source": "files:{problems}", "data.validation": 0.05, "data.tasks": "add", "eval_prompts": 256,
+        "ppo.reward": "math", "ppo.tasks": "", "ppo.max_prompt_len": 144}),
 )
+PROBLEMS = 5000  # word problems in each file (RL prompts, 5% held out; SFT records)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -63,7 +78,7 @@ def summarise(name: str, rows: list[dict], seconds: float) -> dict:
     else:
         out |= {"perplexity": last.get("perplexity"), "accuracy": last.get("accuracy")}
         out |= {f"accuracy/{k.split('/')[1]}": v for k, v in last.items() if k.startswith("accuracy/")}
-    if name in ("ppo", "grpo"):
+    if any("score" in r for r in rows):
         scores = [r["score"] for r in rows if "score" in r]
         n = max(1, len(scores) // 4)
         out |= {"reward_start": float(np.mean(scores[:n])), "reward_end": float(np.mean(scores[-n:])),
@@ -71,6 +86,16 @@ def summarise(name: str, rows: list[dict], seconds: float) -> dict:
     if name == "dpo":
         out["kl_to_ref"] = [r["kl"] for r in rows if "kl" in r][-1]
     return out
+
+
+def own_accuracy(cfg, metrics: dict | list[dict], when: str) -> dict:
+    """{"own_<when>": mean held-out accuracy on the RL stage's own prompts}: its ppo.tasks (or data.tasks), or its
+    prompt source; from evaluator metrics, or the last evaluation of a run's metrics rows."""
+    if isinstance(metrics, list):
+        metrics = {k[5:]: v for k, v in [r for r in metrics if "eval/accuracy" in r][-1].items() if k[:5] == "eval/"}
+    sets = (cfg.ppo.tasks or cfg.data.tasks).split(",") if cfg.data.source == "synthetic" else [
+        prompts.name(cfg.data.source)]
+    return {f"own_{when}": float(np.mean([metrics[f"accuracy/{s}"] for s in sets])), "own_prompts": ", ".join(sets)}
 
 
 def fmt(value, pct: bool = False) -> str:
@@ -83,14 +108,17 @@ def table(results: list[dict], focus: list[str]) -> str:
     """The markdown table; `focus` names the tasks the RL stages are prompted with, whose mean accuracy gets its
     own column (each stage evaluates the same number of prompts per task)."""
     lines = ["| stage | steps | held-out perplexity | task accuracy | accuracy on " + ", ".join(focus) +
-             " | RM pair accuracy | mean reward (start → end) | KL to reference | minutes |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+             " | RL: accuracy on its prompts (start → end) | RM pair accuracy | mean reward (start → end) | "
+             "KL to reference | minutes |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in results:
         reward = f"{r['reward_start']:.3f} → {r['reward_end']:.3f}" if "reward_start" in r else ""
+        own = (f"{r['own_prompts']}: {fmt(r['own_start'], True)} → {fmt(r['own_end'], True)}" if "own_start" in r
+               else "")
         per_task = [r.get(f"accuracy/{t}") for t in focus]
         focused = None if None in per_task else sum(per_task) / len(per_task)
         lines.append(f"| {r['stage']} | {r['steps']} | {fmt(r.get('perplexity'))} | {fmt(r.get('accuracy'), True)} | "
-                     f"{fmt(focused, True)} | {fmt(r.get('rm_accuracy'), True)} | {reward} | "
+                     f"{fmt(focused, True)} | {own} | {fmt(r.get('rm_accuracy'), True)} | {reward} | "
                      f"{fmt(r.get('kl_to_ref'))} | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -103,15 +131,15 @@ def plot(results: list[dict], runs: dict[str, list[dict]], focus: list[str], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rl = [name for name in ("ppo", "grpo") if any("score" in r for r in runs.get(name, []))]
-    fig, axes = plt.subplots(1, 1 + len(rl), figsize=(5.5 * (1 + len(rl)), 4))
+    rl = [name for name, rows in runs.items() if any("score" in r for r in rows)]
+    fig, axes = plt.subplots(1, 1 + len(rl), figsize=(4.8 * (1 + len(rl)), 4))
     left, *right = np.atleast_1d(axes)
     scored = [r for r in results if r.get("accuracy") is not None]
     x = np.arange(len(scored))
     left.bar(x - 0.2, [100 * r["accuracy"] for r in scored], 0.4, label="all tasks")
     left.bar(x + 0.2, [100 * np.mean([r.get(f"accuracy/{t}", np.nan) for t in focus]) for r in scored], 0.4,
              label=", ".join(focus))
-    left.set_xticks(x, [r["stage"] for r in scored])
+    left.set_xticks(x, [r["stage"] for r in scored], rotation=30)
     left.set(ylabel="held-out accuracy (%)", title="exact-match accuracy by stage (greedy)")
     left.legend(loc="upper left")
     for ax, name in zip(right, rl, strict=True):
@@ -121,7 +149,7 @@ def plot(results: list[dict], runs: dict[str, list[dict]], focus: list[str], pat
         window = max(1, len(rows) // 10)
         ax.plot(steps[window - 1:], np.convolve([r["score"] for r in rows], np.ones(window) / window, "valid"),
                 color="tab:blue", label="mean reward")
-        ax.set(xlabel="iteration", ylabel="mean reward" + (" (reward model)" if name == "ppo" else " (checkers)"),
+        ax.set(xlabel="iteration", ylabel="mean reward" + (" (reward model)" if name == "ppo" else " (verifiers)"),
                title=f"{name}: reward and KL to the reference")
         kl = ax.twinx()
         kl.plot(steps, [r["kl_to_ref"] for r in rows], color="tab:red", label="KL to reference")
@@ -136,6 +164,11 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
     and plot; returns what results.json holds. Every stage's config is validated before the first one trains."""
     devices = devices or jax.devices()
     paths = {name: os.path.join(root, name) for name, *_ in STAGES}
+    paths |= {name: os.path.join(root, file) for name, file in (("problems", "problems.jsonl"), ("data_dir", "tfds"),
+                                                                 ("problems_sft", "problems_sft.jsonl"))}
+    if not os.path.exists(paths["problems_sft"]) and jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        word_problems.write(paths["problems"], PROBLEMS, seed=0, sft_path=paths["problems_sft"])
     configs = {}
     for name, spec, parent, overrides in STAGES:
         cfg = stage_config(spec, model, scale, {k: v.format(**paths) if isinstance(v, str) else v
@@ -150,9 +183,13 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
     for name, cfg in configs.items():
         print(f"== {name}: {cfg.trainer} from {cfg.init_from or 'scratch'} -> {paths[name]}", flush=True)
         t = time.perf_counter()
-        registry.train(cfg, paths[name], make_mesh(cfg.mesh, devices))
+        mesh = make_mesh(cfg.mesh, devices)
+        registry.train(cfg, paths[name], mesh)
         runs[name] = read_metrics(paths[name])
         results.append(summarise(name, runs[name], time.perf_counter() - t))
+        if cfg.trainer == "ppo":  # the start, on the same held-out prompts: what RL changed
+            start = make_evaluator(cfg, mesh, n=cfg.eval_prompts)(checkpoint.load_params(cfg.init_from, mesh))
+            results[-1] |= own_accuracy(cfg, start, "start") | own_accuracy(cfg, runs[name], "end")
         print(table(results[-1:], focus), flush=True)
     out = {"model": model, "scale": scale, "focus": focus, "stages": results}
     if jax.process_index() == 0:
