@@ -45,6 +45,22 @@ def render(cfg, tokenizer, prompt: str, response: str, where: str) -> tuple[list
     return ids, weights
 
 
+def agreement(scores: np.ndarray, correct: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
+    """How often a reward model agrees with the checkers, given one score, verdict and prompt id per answer: over
+    answers to the same prompt (same `groups` id), the fraction of (correct, wrong) pairs it scores correct above
+    wrong, a tie counting half (a constant score reads 0.5, chance), and how many such pairs there are (NaN and 0
+    when none). Answers to different prompts are never compared: a reward need only rank the answers to one."""
+    scores, correct, groups = np.ravel(scores), np.ravel(correct).astype(bool), np.ravel(groups)
+    wins, pairs = 0.0, 0
+    for group in np.unique(groups):
+        here = groups == group
+        right, wrong = scores[here & correct], scores[here & ~correct]
+        diff = right[:, None] - wrong[None, :]
+        wins += float(np.sum(diff > 0) + 0.5 * np.sum(diff == 0))
+        pairs += diff.size
+    return (wins / pairs if pairs else float("nan")), pairs
+
+
 class Scorer:
     """A reward run's model, compiled once per padded length: scorer(prompts, responses) -> scores."""
 

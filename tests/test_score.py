@@ -50,3 +50,15 @@ def test_a_text_longer_than_the_reward_models_context_is_refused():
     with pytest.raises(ConfigError, match=r"^in.jsonl:2: the prompt and response take 314 tokens, more than the reward "
                                           r"model's max_seq_len=256; shorten the response"):
         score.render(cfg, tokenizer, "sort 21 = ", "1" * 300, "in.jsonl:2")
+
+
+def test_agreement_counts_correct_over_wrong_pairs_within_a_prompt():
+    """Prompt a: 3 beats 1 and 2; b: a tie counts half; c: no wrong answer, no pair. Across prompts the correct 3
+    would lose to b's wrong 5, but answers to different prompts are never compared."""
+    scores = np.array([3.0, 1.0, 2.0, 5.0, 5.0, 0.0, 1.0])
+    correct = np.array([1, 0, 0, 1, 0, 1, 1])
+    groups = np.array(["a", "a", "a", "b", "b", "c", "c"])
+    assert score.agreement(scores, correct, groups) == (2.5 / 3, 3)
+    assert score.agreement(scores[:3].reshape(1, 3), correct[:3].reshape(1, 3), [[0, 0, 0]]) == (1.0, 2)  # any shape
+    fraction, pairs = score.agreement(scores[5:], correct[5:], groups[5:])
+    assert np.isnan(fraction) and pairs == 0

@@ -1,9 +1,10 @@
 """Preference data for reward models and DPO: a prompt with responses ranked best first.
 
-From the synthetic tasks a correct answer beats corrupted ones (each further corruption ranks lower); from a
-files:PATH / tfds:NAME source, the preference records of llmjax.data.sources ({"prompt", "responses"}). Row r
-of step s is a pure function of (seed, s, r) (a files source is read in a seeded shuffle of its records, epoch
-after epoch), so runs resume exactly and each process builds only its own rows.
+From the synthetic tasks a correct answer beats a wrong one of some kind (tasks.NEGATIVES; with more responses,
+each further corruption of it ranks lower); from a files:PATH / tfds:NAME source, the preference records of
+llmjax.data.sources ({"prompt", "responses"}). Two sources `mix` row by row. Row r of step s is a pure function of
+(seed, s, r) (a files source is read in a seeded shuffle of its records, epoch after epoch; each random choice has
+its own stream), so runs resume exactly and each process builds only its own rows.
 
 Layouts, every sequence through the chat template with its loss mask on the response (and eos) only:
   ranked   {"responses": rows [B, C, T]}: C responses per prompt; a record with fewer leaves empty rows
@@ -54,21 +55,39 @@ def empty(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def synthetic(seed: int, names: Sequence[str], k: int) -> Ranked:
-    """The correct answer, then answers with 1, 2, ... k-1 accumulated corruptions (each one a wrong answer
-    not seen before in the list)."""
+# Streams of a row's random choices besides its example's: the same rows draw the same prompts whatever is mixed.
+KIND_STREAM, MIX_STREAM = 1, 2
+
+
+def synthetic(seed: int, names: Sequence[str], k: int, negatives: Sequence[str] = ("corrupt",)) -> Ranked:
+    """The correct answer, then a wrong answer of a kind drawn uniformly from `negatives` (tasks.NEGATIVES), then
+    (k > 2) accumulated corruptions of that one, each a wrong answer not seen before in the list: the list ranks
+    answers by how far they are from the right one, as no order among wrong answers of different prompts or
+    arrangements would mean anything."""
     def ranked(step: int, r: int) -> tuple[str, list[str]]:
         rng = np.random.default_rng([seed, step, r])
         example = tasks.sample(rng, names)
+        kind = negatives[np.random.default_rng([seed, step, r, KIND_STREAM]).integers(len(negatives))]
         check = tasks.TASKS[example.task].check
         responses = [example.answer]
         while len(responses) < k:
-            worse = tasks.corrupt(tasks.Example(example.task, example.prompt, responses[-1]), rng)
+            wrong = tasks.NEGATIVES[kind] if len(responses) == 1 else tasks.corrupt
+            worse = wrong(tasks.Example(example.task, example.prompt, responses[-1]), rng)
             if not check(example.prompt, worse) and worse not in responses:
                 responses.append(worse)
         return example.prompt, responses
 
     return ranked
+
+
+def mix(ranked: Ranked, other: Ranked, fraction: float, seed: int) -> Ranked:
+    """Each row from `other` with probability `fraction` (else from `ranked`), drawn from the row's own stream:
+    about that share of every batch, the same rows on every resume."""
+    def mixed(step: int, r: int) -> tuple[str, list[str]]:
+        take = np.random.default_rng([seed, step, r, MIX_STREAM]).random() < fraction
+        return (other if take else ranked)(step, r)
+
+    return mixed
 
 
 def from_records(records: Sequence[dict], seed: int, batch_size: int) -> Ranked:
@@ -107,12 +126,13 @@ def make(ranked: Ranked, *, step: int, rows: range, seq_len: int, tokenizer, lay
     return parts
 
 
-def source(cfg, split: str = "train", seed_offset: int = 0, k: int = 2) -> Ranked:
-    """cfg.data.source's ranked responses: the synthetic tasks, or a files/tfds source's preference records
-    (its `split`: train, or validation for held-out metrics)."""
+def source(cfg, split: str = "train", seed_offset: int = 0, k: int = 2, negatives: Sequence[str] = ("corrupt",)
+           ) -> Ranked:
+    """cfg.data.source's ranked responses: the synthetic tasks (wrong answers of the kinds `negatives`), or a
+    files/tfds source's preference records (its `split`: train, or validation for held-out metrics)."""
     seed = cfg.seed + seed_offset
     if cfg.data.source == "synthetic":
-        return synthetic(seed, cfg.data.tasks.split(","), k)
+        return synthetic(seed, cfg.data.tasks.split(","), k, negatives)
     records = sources.for_run(cfg, split, kind="preference")
     if "responses" not in records[0]:
         raise ConfigError(f"data.source={cfg.data.source!r} holds no preference records (prompt, chosen, rejected "

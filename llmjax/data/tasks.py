@@ -1,10 +1,13 @@
 """Synthetic tasks whose answers can be checked exactly, so every training stage runs without external data.
 
 Each example is one line, `"<task> <operands> = " + answer`. The answer is recomputed by parsing the prompt,
-so a model's completion can be scored from the prompt alone (SFT evaluation, PPO rewards), and `corrupt`
-gives a near-miss answer for preference pairs.
+so a model's completion can be scored from the prompt alone (SFT evaluation, PPO rewards). The wrong answers of
+preference pairs come in kinds (NEGATIVES): a near miss (`corrupt`), the right answer's own characters rearranged
+(`permute`) and a neighbouring prompt's right answer (`neighbour`), so that no surface cue of the right answer (its
+length, alphabet, characters or order) tells it apart from every wrong one.
 """
 
+import itertools
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ class Task:
     name: str
     generate: Callable[[np.random.Generator], Example]
     check: Callable[[str, str], bool]
+    solve: Callable[[str], str]  # operands -> the right answer
+    mistakes: Callable[[str], list[str]]  # operands -> plausible wrong answers made of the prompt's own material
 
 
 def _randints(rng: np.random.Generator, high: int, n: int) -> list[int]:
@@ -75,7 +80,12 @@ def _add(body: str) -> str:
     return str(int(a) + int(b))
 
 
-def _task(name: str, operands: Callable[[np.random.Generator], str], solve: Callable[[str], str]) -> Task:
+def _values(body: str) -> list[str]:
+    return [pair.split("=")[1] for pair in body.split(" ? ")[0].split()]
+
+
+def _task(name: str, operands: Callable[[np.random.Generator], str], solve: Callable[[str], str],
+          mistakes: Callable[[str], list[str]] = lambda _: []) -> Task:
     """Builds a task whose generator and checker share one solver, so they can never disagree."""
     prefix = name + " "
 
@@ -92,17 +102,17 @@ def _task(name: str, operands: Callable[[np.random.Generator], str], solve: Call
         """Exact match after stripping whitespace: trailing junk fails, so cut completions at eos first."""
         return response.strip() == answer(prompt)
 
-    return Task(name, generate, check)
+    return Task(name, generate, check, solve, mistakes)
 
 
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        _task("reverse", _letters, lambda s: s[::-1]),
+        _task("reverse", _letters, lambda s: s[::-1], lambda s: [s]),  # copied, not reversed
         _task("add", _addends, _add),
-        _task("sort", _digits, lambda s: "".join(sorted(s))),
-        _task("copy", _letters, lambda s: s),
-        _task("lookup", _table, _lookup),
+        _task("sort", _digits, lambda s: "".join(sorted(s)), lambda s: [s]),  # left unsorted
+        _task("copy", _letters, lambda s: s, lambda s: [s[::-1]]),  # reversed
+        _task("lookup", _table, _lookup, _values),  # another key's value
     )
 }
 
@@ -137,3 +147,59 @@ def corrupt(example: Example, rng: np.random.Generator) -> str:
         choices = [c for c in alphabet if c != answer[i] and not (c == "0" and i == 0 and len(answer) > 1)]
         answer[i] = choices[rng.integers(len(choices))]
     return "".join(answer)
+
+
+def _operands(example: Example) -> str:
+    return example.prompt[len(example.task) + 1 : -len(_SEP)]
+
+
+def neighbour(example: Example, rng: np.random.Generator) -> str:
+    """The right answer to a neighbouring prompt, one operand character changed (a digit for a digit, a letter for
+    a letter): well-formed and as plausible as a wrong answer gets (sort: ascending, of the right length, one digit
+    off; add: one digit of an addend misread), so it catches a judge that checks only an answer's form."""
+    task, operands = TASKS[example.task], _operands(example)
+    spots = [i for i, c in enumerate(operands) if c.isalnum()]
+    while True:  # some change always moves the answer (lookup: the queried value), so this ends
+        i = spots[rng.integers(len(spots))]
+        alphabet = string.digits if operands[i].isdigit() else string.ascii_lowercase
+        try:
+            answer = task.solve(operands[:i] + alphabet[rng.integers(len(alphabet))] + operands[i + 1:])
+        except KeyError:  # lookup's query changed to a key its table lacks
+            continue
+        if answer != example.answer:
+            return answer
+
+
+def permute(example: Example, rng: np.random.Generator) -> str:
+    """A wrong answer made of the right one's material, so that no check of its length or characters catches it:
+    half the time the task's typical mistake with the prompt's own material (reverse: the letters copied; copy:
+    reversed; sort: left unsorted; lookup: another key's value), else two unequal characters of the right answer
+    swapped, anywhere (never a zero to the front of a longer answer). Where neither differs from the right answer
+    (a one-digit sum, "777"), a neighbouring prompt's answer (`neighbour`)."""
+    answer = example.answer
+    mistakes = [m for m in TASKS[example.task].mistakes(_operands(example)) if m != answer]
+    swaps = [(i, j) for i, j in itertools.combinations(range(len(answer)), 2)
+             if answer[i] != answer[j] and (i, answer[j]) != (0, "0")]
+    if mistakes and (not swaps or rng.random() < 0.5):
+        return mistakes[rng.integers(len(mistakes))]
+    if not swaps:
+        return neighbour(example, rng)
+    i, j = swaps[rng.integers(len(swaps))]
+    chars = list(answer)
+    chars[i], chars[j] = chars[j], chars[i]
+    return "".join(chars)
+
+
+# The kinds of wrong answer a preference pair's rejected response can be: (example, rng) -> a wrong answer.
+NEGATIVES: dict[str, Callable[[Example, np.random.Generator], str]] = {
+    "corrupt": corrupt, "permute": permute, "neighbour": neighbour}
+
+
+def check_negatives(key: str, kinds: str) -> None:
+    """Refuses a config key (reward.negatives) naming no kind, an unknown one, or one twice (kinds are drawn
+    uniformly: a weight would be silent)."""
+    names = kinds.split(",")
+    unknown = [n for n in names if n not in NEGATIVES]
+    if unknown or len(set(names)) < len(names):
+        problem = f"names unknown kinds {unknown}" if unknown else "names a kind twice"
+        raise ConfigError(f"{key}={kinds!r} {problem}; give some of {','.join(NEGATIVES)}, comma-separated")

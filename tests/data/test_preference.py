@@ -5,6 +5,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 
 from llmjax import config
@@ -63,3 +64,49 @@ def test_a_source_of_only_degenerate_pairs_is_refused(tmp_path):
     with pytest.raises(config.ConfigError, match=r"all 6 records have the same best and worst response .* learns "
                                                  r"nothing; give pairs whose chosen and rejected responses differ$"):
         preference.source(pairs_config(tmp_path, [("12", "12")] * 6))
+
+
+KINDS = tuple(tasks.NEGATIVES)
+NAMES = list(tasks.TASKS)
+
+
+def test_each_pair_draws_one_kind_uniformly_and_deterministically():
+    """Row (step, r) of a mixture of kinds is that row of its kind's source alone (the same prompt whatever the
+    kinds), so a corrupt-only run makes the rows it made before there were kinds."""
+    mixed = preference.synthetic(5, NAMES, 2, KINDS)
+    alone = {kind: preference.synthetic(5, NAMES, 2, (kind,)) for kind in KINDS}
+    assert all(preference.synthetic(5, NAMES, 2)(s, r) == alone["corrupt"](s, r) for s in range(2) for r in range(20))
+    counts = dict.fromkeys(KINDS, 0.0)
+    for step in range(3):
+        for r in range(100):
+            row = mixed(step, r)
+            assert row == mixed(step, r)
+            kinds = [kind for kind in KINDS if alone[kind](step, r) == row]  # a swap may be corrupt's and permute's
+            for kind in kinds:
+                counts[kind] += 1 / len(kinds)
+    assert all(75 <= n <= 125 for n in counts.values()), counts  # 100 each expected, sd 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kinds_rejected_answers_are_wrong_and_ranked_by_distance(kind):
+    """The kind's wrong answer second (permute: the right answer's characters, but for lookup's one digit; corrupt:
+    them too when it swaps two), then corruptions of it, which keep its length."""
+    ranked = preference.synthetic(1, NAMES, 3, (kind,))
+    same = 0
+    for r in range(200):
+        prompt, (right, wrong, worse) = ranked(0, r)
+        check = tasks.TASKS[prompt.split()[0]].check
+        assert check(prompt, right) and not check(prompt, wrong) and not check(prompt, worse)
+        assert len({right, wrong, worse}) == 3 and len(worse) == len(wrong)
+        same += sorted(wrong) == sorted(right)
+    low, high = {"corrupt": (0.2, 0.6), "permute": (0.6, 1.0), "neighbour": (0.0, 0.05)}[kind]  # swaps: half
+    assert low * 200 <= same <= high * 200, same
+
+
+def test_mix_takes_about_its_fraction_of_rows_deterministically():
+    mixed = preference.mix(lambda s, r: ("a", []), lambda s, r: ("b", []), 0.25, seed=3)
+    taken = [mixed(s, r)[0] == "b" for s in range(4) for r in range(200)]
+    assert abs(np.mean(taken) - 0.25) < 0.05
+    assert taken == [mixed(s, r)[0] == "b" for s in range(4) for r in range(200)]
+    assert taken != [preference.mix(lambda s, r: ("a", []), lambda s, r: ("b", []), 0.25, seed=4)(s, r)[0] == "b"
+                     for s in range(4) for r in range(200)]

@@ -1,6 +1,10 @@
+import contextlib
+import string
+
 import numpy as np
 import pytest
 
+from llmjax.config import ConfigError
 from llmjax.data import tasks
 
 N = 200
@@ -58,3 +62,54 @@ def test_bad_task_names_raise(names):
     with pytest.raises(ValueError, match="bogus" if names else "non-empty") as err:
         tasks.sample(np.random.default_rng(0), names)
     assert "reverse" in str(err.value) and "lookup" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_permute_rearranges_the_right_answers_own_material(name):
+    """Same characters (lookup: another value of the table), wrong, never a zero in front of a number; the task's
+    typical mistake about half the time; another prompt's answer only where no rearrangement differs."""
+    task, rng = tasks.TASKS[name], np.random.default_rng(2)
+    mistakes = 0
+    for _ in range(N):
+        ex = task.generate(rng)
+        wrong = tasks.permute(ex, rng)
+        assert wrong != ex.answer and not task.check(ex.prompt, wrong)
+        operands = ex.prompt[len(name) + 1 : -3]
+        mistakes += wrong in task.mistakes(operands)
+        if name == "lookup":
+            values = [pair.split("=")[1] for pair in operands.split(" ? ")[0].split()]
+            assert wrong in values or set(values) == {ex.answer}
+        elif len(set(ex.answer) - {"0"} if name == "add" else set(ex.answer)) > 1:  # a rearrangement exists
+            assert sorted(wrong) == sorted(ex.answer) and not (name == "add" and wrong.startswith("0"))
+    expected = {"add": 0, "lookup": N}.get(name, N / 2)
+    assert abs(mistakes - expected) <= 0.15 * N, mistakes
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_neighbour_is_the_right_answer_to_a_prompt_one_character_away(name):
+    task, rng = tasks.TASKS[name], np.random.default_rng(3)
+    for _ in range(50):
+        ex = task.generate(rng)
+        wrong = tasks.neighbour(ex, rng)
+        assert wrong != ex.answer and not task.check(ex.prompt, wrong)
+        operands = ex.prompt[len(name) + 1 : -3]
+        neighbours = set()
+        for i, c in enumerate(operands):
+            for new in (string.digits if c.isdigit() else string.ascii_lowercase) if c.isalnum() else ():
+                with contextlib.suppress(KeyError):  # lookup's query changed to a key its table lacks
+                    neighbours.add(task.solve(operands[:i] + new + operands[i + 1:]))
+        assert wrong in neighbours
+        if name == "sort":  # ascending and as long as the right answer: only its digits tell them apart
+            assert list(wrong) == sorted(wrong) and len(wrong) == len(ex.answer)
+
+
+@pytest.mark.parametrize("kinds, message", [
+    ("corrupt,bogus", r"^reward.negatives='corrupt,bogus' names unknown kinds \['bogus'\]; give some of "
+                      r"corrupt,permute,neighbour, comma-separated$"),
+    ("", r"names unknown kinds \[''\]"),
+    ("permute,permute", r"^reward.negatives='permute,permute' names a kind twice; give some of"),
+])
+def test_bad_negative_kinds_are_refused(kinds, message):
+    with pytest.raises(ConfigError, match=message):
+        tasks.check_negatives("reward.negatives", kinds)
+    tasks.check_negatives("reward.negatives", "neighbour,corrupt")
