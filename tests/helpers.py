@@ -35,7 +35,7 @@ def reward_config(init_from="", **overrides) -> ml_collections.ConfigDict:
     """A tiny reward model on `sort` preference pairs (the correct answer over a corrupted one)."""
     cfg = tiny_config(**{"data.format": "chat", "data.tasks": "sort", "init_from": init_from, "trainer": "reward",
                          "optim.lr": 1e-3, **overrides})
-    cfg.reward = dict(responses=2, margin=0.0, read="last")
+    cfg.reward = dict(responses=2, margin=0.0, read="last", negatives="corrupt", onpolicy="", onpolicy_fraction=0.25)
     return cfg
 
 

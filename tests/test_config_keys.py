@@ -82,6 +82,7 @@ CONTEXT = {
     "ppo.kl_horizon": {"ppo.target_kl": 0.1},  # how fast the adaptive KL coefficient moves
     **dict.fromkeys(("ppo.baseline", "ppo.scale_rewards", "ppo.dynamic_sampling"), {"ppo.algorithm": "grpo"}),
     "eval_temperature": {"eval_samples": 4},  # the pass@k answers' temperature
+    "reward.onpolicy_fraction": {"reward.onpolicy": "files"},  # the share of rows from the on-policy pairs
     # The mixture of experts' keys, on a model with experts (an expert rule: on a mesh with an expert axis).
     **dict.fromkeys((f"model.moe_{k}" for k in ("top_k", "every", "d_ff", "renormalize", "shared_d_ff", "dispatch",
                                                   "balance_coef", "z_coef")), {"model.moe_experts": 4}),
@@ -106,6 +107,9 @@ ALTERNATIVES = {
     "data.validation": (0.5, 0.25),  # halving a small share may hold out the very same files
     "init_from": ("", "lm"),
     "reward.read": ("last", "eos"),
+    "reward.negatives": ("corrupt", "corrupt,permute,neighbour"),
+    "reward.onpolicy": ("", "files"),
+    "reward.onpolicy_fraction": (1.0,),  # halved, the first batch may hold the same rows
     "dpo.loss": ("sigmoid", "ipo", "hinge", "cdpo", "simpo"),
     "dpo.reference": ("live", "precomputed"),
     "ppo.algorithm": ("ppo", "grpo"),
