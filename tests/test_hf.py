@@ -128,15 +128,15 @@ def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from
         cfg = config.load(f"configs/sft.py:model={model},steps=3", **overrides)
         assert cfg.init_from == model and cfg.model.bias == "qkv" and cfg.model.vocab_size == 512
         assert cfg.data.tokenizer == (model if model.startswith("hf:") else f"hf:{model}/tokenizer")
-        starts[model] = registry.task(cfg, "").start().params
+        starts[model] = registry.task(cfg, "", helpers.one_device()).start().params
     jax.tree.map(np.testing.assert_array_equal, *starts.values())
     run = str(tmp_path / "sft")
-    registry.train(cfg, run)  # from the imported run
+    registry.train(cfg, run, helpers.one_device())  # from the imported run
     losses = [row["loss"] for row in helpers.metric_rows(run) if "loss" in row]
     assert losses[-1] < losses[0]
     texts = generate.complete(run, ["sort 321 = "], max_new_tokens=8)
     assert len(texts) == 1 and isinstance(texts[0], str)
-    mesh = make_mesh(cfg.mesh)
+    mesh = helpers.one_device()
     scores = evaluate.make_evaluator(cfg, mesh, n=2, batches=1)(checkpoint.load_params(run, mesh))
     assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["perplexity"])
 

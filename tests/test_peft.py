@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import one_device
 from safetensors.numpy import load_file
 
 from llmjax import checkpoint, config
@@ -78,17 +79,19 @@ def test_peft_adapter_in_our_layout_computes_peft_logits(name):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, str]:
     """The qwen2 fixture imported ("base"), and a LoRA run trained 2 steps from it at the fixture's rank and alpha
-    ("lora"), with a learning rate that moves B well off zero."""
+    ("lora"), with a learning rate that moves B well off zero. Its users run in one worker (xdist_group
+    "peft_runs"), which makes it once."""
     root = tmp_path_factory.mktemp("peft")
     out = {"base": str(root / "base"), "lora": str(root / "lora")}
     convert.import_run(os.path.join(HF, "qwen2"), out["base"])
     cfg = config.load(f"configs/sft.py:model={out['base']},steps=2", **{
         "lora.targets": "all", "lora.rank": 4, "lora.alpha": 8.0, "optim.lr": 1e-2, "batch_size": 8, "seq_len": 64,
         "eval_every": 0, "peak_flops": 1e12, "optim.warmup_steps": 1})
-    registry.train(cfg, out["lora"])
+    registry.train(cfg, out["lora"], one_device())
     return out
 
 
+@pytest.mark.xdist_group("peft_runs")  # one worker makes `runs` for all its users
 def test_export_writes_what_peft_writes_and_round_trips(runs, tmp_path):
     """The export of a qwen2 LoRA run: the tensors (names, shapes, dtypes) and adapter_config.json values of peft's
     own qwen2 adapter, base_model_name_or_path the folder the base was imported from; read back, the run's adapters
@@ -109,6 +112,7 @@ def test_export_writes_what_peft_writes_and_round_trips(runs, tmp_path):
     assert all(np.abs(np.asarray(pair["lora_b"])).max() > 1e-3 for pair in found.values())
 
 
+@pytest.mark.xdist_group("peft_runs")  # one worker makes `runs` for all its users
 def test_peft_loads_the_export_onto_the_exported_base_live(runs, tmp_path):
     """peft.PeftModel on the base exported by llmjax.hf export computes the LoRA run's (merged) logits within 1e-4,
     away from the base's; AutoPeftModelForCausalLM finds the base by the adapter's base_model_name_or_path."""
@@ -132,6 +136,7 @@ def test_peft_loads_the_export_onto_the_exported_base_live(runs, tmp_path):
     assert np.abs(plain - ours).max() > 1e-2
 
 
+@pytest.mark.xdist_group("peft_runs")  # one worker makes `runs` for all its users
 def test_not_a_lora_run_is_refused(runs, tmp_path):
     with pytest.raises(ConfigError, match="is not a LoRA run"):
         lora_runs.export_peft(runs["base"], str(tmp_path / "out"))
@@ -145,6 +150,7 @@ def test_a_gpt2_lora_run_is_refused(tmp_path):
         lora_runs.export_peft(run, str(tmp_path / "out"))
 
 
+@pytest.mark.xdist_group("peft_runs")  # one worker makes `runs` for all its users
 def test_a_non_empty_out_is_refused(runs, tmp_path):
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "keep.txt").write_text("mine")

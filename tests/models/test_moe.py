@@ -77,8 +77,8 @@ def test_one_expert_top1_is_the_dense_mlp():
     w = weights(jax.random.key(0), experts=1)
     x, valid = inputs()
     for dispatch in ("dropless", "capacity"):
-        y, stats = moe.apply(x, w, valid, model(moe_experts=1, moe_top_k=1, moe_dispatch=dispatch),
-                             sharding.no_constrain)
+        cfg = model(moe_experts=1, moe_top_k=1, moe_dispatch=dispatch)
+        y, stats = jax.jit(lambda x, w, cfg=cfg: moe.apply(x, w, valid, cfg, sharding.no_constrain))(x, w)
         dense = layers.swiglu(x, w["moe_gate"][0], w["moe_up"][0], w["moe_down"][0])
         np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-6)
         assert float(stats["balance"]) == pytest.approx(1.0) and float(stats["dropped"]) == 0
@@ -100,7 +100,7 @@ def test_experts_equal_a_per_token_loop(renormalize, top_k, dispatch, shared):
 def test_dropless_equals_capacity_with_room_for_every_token():
     w = weights(jax.random.key(3))
     x, valid = inputs(B=3, T=10)
-    run = lambda cfg: moe.apply(x, w, valid, cfg, sharding.no_constrain)[0]  # noqa: E731
+    run = lambda cfg: jax.jit(lambda x, w: moe.apply(x, w, valid, cfg, sharding.no_constrain)[0])(x, w)  # noqa: E731
     np.testing.assert_allclose(run(model(moe_dispatch="capacity", moe_capacity_factor=2.0)),
                                run(model(moe_dispatch="dropless")), rtol=1e-5, atol=1e-6)
 
@@ -115,7 +115,7 @@ def test_capacity_drops_the_overflow_first_choices_first():
     w = weights(jax.random.key(4))
     x, _ = inputs(B=1, T=4)
     cfg = model(moe_dispatch="capacity", moe_capacity_factor=1.0)  # U = 1.0 * 4 tokens * 2 choices / 4 experts
-    y, dropped = moe.capacity(x, experts_BTX, gates_BTX, valid_BT, w, cfg)
+    y, dropped = jax.jit(partial(moe.capacity, cfg=cfg))(x, experts_BTX, gates_BTX, valid_BT, w)
     expert = lambda e, t: swiglu64(np.asarray(x[0, t], np.float64), *(np.asarray(w[k][e], np.float64)  # noqa: E731
                                                                       for k in moe.EXPERT_AXES))
     want = [0.75 * expert(1, 0), 0.75 * expert(0, 1) + 0.25 * expert(2, 1), 0.75 * expert(0, 2) + 0.25 * expert(1, 2),
@@ -129,7 +129,7 @@ def test_router_losses_equal_float64_formulas_and_reach_the_router():
     x, _ = inputs(B=2, T=8)
     valid = jnp.arange(16).reshape(2, 8) < 13  # three padding tokens, left out of the statistics
     cfg = model(moe_top_k=2)
-    _, _, stats = moe.route(x, w["moe_router"], valid, cfg)
+    _, _, stats = jax.jit(partial(moe.route, cfg=cfg))(x, w["moe_router"], valid)
     logits = np.asarray(x, np.float64).reshape(16, D)[:13] @ np.asarray(w["moe_router"], np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -141,13 +141,13 @@ def test_router_losses_equal_float64_formulas_and_reach_the_router():
     np.testing.assert_allclose(stats["load"], f, rtol=1e-6)
     aux = lambda router: moe.loss(jax.tree.map(lambda a: a[None], moe.route(x, router, valid, cfg)[2])  # noqa: E731
                                   | {"dropped": jnp.zeros(1)}, cfg)[0]
-    assert float(aux(w["moe_router"])) == pytest.approx(
+    assert float(jax.jit(aux)(w["moe_router"])) == pytest.approx(
         cfg.moe_balance_coef * E * np.sum(f * p.mean(0)) + cfg.moe_z_coef * np.mean(lse ** 2), rel=1e-5)
     for dispatch in ("dropless", "capacity"):  # the output's gradient reaches the router through the gates too
         out = lambda router, d=dispatch: jnp.sum(moe.apply(x, w | {"moe_router": router}, valid,  # noqa: E731
                                                            model(moe_dispatch=d), sharding.no_constrain)[0] ** 2)
-        assert float(jnp.abs(jax.grad(out)(w["moe_router"])).max()) > 1e-4
-    assert float(jnp.abs(jax.grad(aux)(w["moe_router"])).max()) > 1e-6
+        assert float(jnp.abs(jax.jit(jax.grad(out))(w["moe_router"])).max()) > 1e-4
+    assert float(jnp.abs(jax.jit(jax.grad(aux))(w["moe_router"])).max()) > 1e-6
 
 
 def loss_and_grads(cfg, devices):

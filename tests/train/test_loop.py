@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import losses, metric_rows, tiny_config
+from helpers import losses, metric_rows, one_device, tiny_config
 
 from llmjax import checkpoint, sharding
 from llmjax.train import loop, registry
@@ -17,7 +17,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     """From step 8 on every batch gives an infinite loss: steps 8-10 are skipped, the run stops before it
     saves step 10, and checkpoint 5 restores to exactly the parameters the run had at step 5."""
     cfg = tiny_config(steps=20, log_every=1, **{"optim.max_nonfinite": 3})
-    task = registry.task(cfg, str(tmp_path))
+    task = registry.task(cfg, str(tmp_path), one_device())
 
     def poisoned(state, step):
         batch, made = task.source(state, step)
@@ -42,7 +42,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
 def test_a_crashed_run_resumes_with_one_row_per_step(tmp_path):
     """A crash after step 7 (checkpoint 5): the rerun replays steps 6 and 7 and their rows are written once."""
     cfg = tiny_config(steps=10, log_every=1)
-    task = registry.task(cfg, str(tmp_path))
+    task = registry.task(cfg, str(tmp_path), one_device())
 
     def crashing(state, step):
         if step == 7:

@@ -7,7 +7,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from helpers import losses, tiny_config
+from helpers import losses, one_device, tiny_config
 
 from llmjax import optim, sharding
 from llmjax.data import synthetic
@@ -36,6 +36,8 @@ def loss_and_grads(cfg, devices):
 
 @pytest.fixture(scope="module")
 def reference():
+    """One device's loss and gradients. Its users run in one worker (xdist_group "pretrain_reference"), which
+    computes it once."""
     return loss_and_grads(tiny_config(**{"mesh.fsdp": 1}), jax.devices()[:1])
 
 
@@ -53,6 +55,7 @@ def test_foreign_padding_changes_nothing():
     jax.tree.map(np.testing.assert_array_equal, g_f, g)
 
 
+@pytest.mark.xdist_group("pretrain_reference")
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_step_equals_single_device(reference, mesh):
     cfg = tiny_config()
@@ -63,6 +66,7 @@ def test_sharded_step_equals_single_device(reference, mesh):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
 
 
+@pytest.mark.xdist_group("pretrain_reference")
 def test_grad_accumulation_equals_one_batch(reference):
     loss, aux, grads = loss_and_grads(tiny_config(**{"mesh.fsdp": 1, "optim.grad_accum": 4}), jax.devices()[:1])
     np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
@@ -74,7 +78,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     """20 steps straight == 10 steps, a SIGTERM (preemption: save and stop), then resume to 20."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     cfg = tiny_config(steps=20, log_every=1)
-    registry.train(cfg, straight)
+    registry.train(cfg, straight, one_device())
 
     def preempt_after_10(cfg, sharding):
         get = batches(cfg, sharding)
@@ -82,9 +86,9 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     batches = synthetic.batches
     monkeypatch.setattr(synthetic, "batches", preempt_after_10)
-    registry.train(cfg, split)
+    registry.train(cfg, split, one_device())
     assert sorted(os.listdir(os.path.join(split, "checkpoints")), key=int) == ["5", "10"]
     monkeypatch.undo()
-    registry.train(cfg, split)
+    registry.train(cfg, split, one_device())
     assert losses(split) == losses(straight)
     assert sorted(losses(split)) == list(range(1, 21))

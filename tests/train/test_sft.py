@@ -8,7 +8,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, tiny_config
+from helpers import metric_rows, one_device, tiny_config
 
 from llmjax import config, sharding
 from llmjax.evaluate import make_evaluator
@@ -68,7 +68,7 @@ def sft_run(sft_dir):
     """The session's short SFT run from scratch on one task (tests/conftest.py), with its evaluation at the end,
     and a fresh model's evaluation."""
     cfg = sft_config(seq_len=64, batch_size=8)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = one_device()  # sft_dir's mesh: its evaluator is compiled already
     before = make_evaluator(cfg, mesh, n=32)(registry.task(cfg, "", mesh).start().params)
     after = [row for row in metric_rows(sft_dir) if "eval/accuracy" in row][-1]
     return sft_dir, before, after
