@@ -44,7 +44,8 @@ def assert_sharding(x: jax.Array, sharding):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A workdir claimed by the tiny model, holding its state at step 5, written on an fsdp=8 mesh."""
+    """A workdir claimed by the tiny model, holding its state at step 5, written on an fsdp=8 mesh. Its users run
+    in one worker (xdist_group "checkpoint_run"), which writes it once."""
     workdir = str(tmp_path_factory.mktemp("run"))
     cfg = tiny_config(seed=7)
     tx = optim.make(cfg, transformer.specs(cfg.model))
@@ -58,6 +59,7 @@ def run(tmp_path_factory):
     return workdir, cfg, tx, state
 
 
+@pytest.mark.xdist_group("checkpoint_run")
 def test_restore_onto_another_mesh(run):
     workdir, cfg, tx, saved = run
     cfg = tiny_config(seed=7, mesh=TENSOR2)
@@ -77,6 +79,7 @@ def test_restore_onto_another_mesh(run):
     np.testing.assert_allclose(forward(restored.params), forward(saved.params), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.xdist_group("checkpoint_run")
 def test_claim_refuses_a_different_model(run):
     workdir, *_ = run
     before = files(workdir)
@@ -87,6 +90,7 @@ def test_claim_refuses_a_different_model(run):
     assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
 
 
+@pytest.mark.xdist_group("checkpoint_run")
 def test_load_params_checks_model_and_tokenizer(run):
     workdir, cfg, _, saved = run
     mesh = make_mesh(cfg.mesh)
@@ -104,6 +108,7 @@ def test_claim_accepts_the_same_model_with_other_settings(tmp_path):
         assert '"steps": 40' in f.read()
 
 
+@pytest.mark.xdist_group("checkpoint_run")
 def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
     workdir, cfg, tx, saved = run
     workdir = shutil.copytree(workdir, tmp_path / "run")
@@ -146,6 +151,7 @@ def test_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
 
 
+@pytest.mark.xdist_group("checkpoint_run")
 @pytest.mark.parametrize("overrides, differ", [
     ({"trainer": "reward"}, r"holds a run of a different kind \(trainer differ\)"),
     ({"data.tokenizer": "byte"}, r"holds a run of a different kind \(data.tokenizer differ\)"),

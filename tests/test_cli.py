@@ -90,7 +90,9 @@ def bad_runs(tmp_path_factory):
     return out
 
 
+# Each fixture's cases run in one worker (pytest-xdist --dist loadgroup), which starts its processes once.
 @pytest.mark.slow
+@pytest.mark.xdist_group("cli_bad_runs")
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_rejects_bad_config(bad_runs, case):
     code, stderr, started = bad_runs[case]
@@ -128,6 +130,7 @@ def bad_inputs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cli_bad_inputs")
 @pytest.mark.parametrize("case", list(INPUT_CASES))
 def test_cli_rejects_bad_input(bad_inputs, case):
     """Each bad input: exit status 2 and one line, naming the input and the fix, before anything is written."""

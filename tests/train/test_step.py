@@ -45,7 +45,21 @@ def lm_dir(tmp_path_factory) -> str:
     return workdir
 
 
+MOE = {"model.moe_experts": 4, "model.moe_d_ff": 64, "model.moe_top_k": 2}
+
+
+@pytest.fixture(scope="module")
+def moe_lm_dir(tmp_path_factory) -> str:
+    """lm_dir's model with experts."""
+    workdir = str(tmp_path_factory.mktemp("moe_lm"))
+    saved_run(tiny_config(**{"data.format": "chat", "data.tasks": "sort", **MOE}), workdir)
+    return workdir
+
+
+# Each group runs in one worker (pytest-xdist --dist loadgroup): its module fixture is made once, and its objectives
+# share compiled steps through the worker's compilation cache (sft's are pretraining's).
 @pytest.mark.slow  # ten compiles of whole objectives; the fast subset keeps test_microbatches_weigh_by_their_units
+@pytest.mark.xdist_group("step_lm")
 @pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "ppo"])
 def test_grad_accumulation_equals_one_batch(name, lm_dir, tmp_path):
     """optim.grad_accum=4 takes the same step as 1: the same loss and metrics, the same updated parameters."""
@@ -108,15 +122,13 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 @pytest.mark.slow  # three compiles of whole objectives
+@pytest.mark.xdist_group("step_moe_lm")
 @pytest.mark.parametrize("name", ["reward", "dpo", "ppo"])
-def test_router_losses_join_every_objective(name, tmp_path):
+def test_router_losses_join_every_objective(name, moe_lm_dir, tmp_path):
     """On an MoE model each objective's step logs the router's losses and trains the router (pretraining and SFT:
     tests/models/test_moe.py, tests/test_moe_experiment.py)."""
-    moe = {"model.moe_experts": 4, "model.moe_d_ff": 64, "model.moe_top_k": 2}
-    lm = str(tmp_path / "lm")
-    saved_run(tiny_config(**{"data.format": "chat", "data.tasks": "sort", **moe}), lm)
-    cfg = objective_config(name, lm)
-    for key, value in (moe | {"optim.warmup_steps": 0}).items():  # a first step with a learning rate
+    cfg = objective_config(name, moe_lm_dir)
+    for key, value in (MOE | {"optim.warmup_steps": 0}).items():  # a first step with a learning rate
         config.override(cfg, key, value)
     task = registry.task(cfg, str(tmp_path / "run"), sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
     state = task.start()
