@@ -390,10 +390,10 @@ def test_token_rewards_match_numpy():
 
 @pytest.mark.parametrize("mode", losses.AGGREGATIONS)
 def test_aggregation_matches_numpy_loops(mode):
-    x = RNG.standard_normal((B, T)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((B, T)).astype(np.float32)  # its own stream: not test order's
     x[ZMASK == 0] = np.nan
     value, grad = jax.jit(jax.value_and_grad(AGGS[mode]))(jnp.asarray(x), jnp.asarray(ZMASK))
-    np.testing.assert_allclose(value, numpy_aggregate(x, ZMASK, mode), rtol=1e-6)
+    np.testing.assert_allclose(value, numpy_aggregate(x, ZMASK, mode), rtol=1e-6, atol=1e-6)  # a mean near 0
     assert np.all(np.asarray(grad)[ZMASK == 0] == 0.0)  # NaN padding: exactly 0, not NaN
     np.testing.assert_allclose(grad, numpy_token_weights(ZMASK, mode), rtol=1e-6)
     assert int(losses.aggregation_weight(jnp.asarray(ZMASK), mode)) == (ZLENGTHS.sum() if mode == "token_mean" else 5)
