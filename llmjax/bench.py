@@ -32,6 +32,7 @@ from llmjax import checkpoint, metrics, sampling
 from llmjax.cli import run_main
 from llmjax.config import ConfigError
 from llmjax.data import pipeline, tasks
+from llmjax.data.prompts import group_size
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.models import moe, transformer
 from llmjax.train import registry
@@ -219,7 +220,8 @@ def bench_ppo(cfg) -> dict:
     total = sum(out.values())
     rows, width = batch["inputs"].shape
     return {"model": cfg.model.name, "algorithm": cfg.ppo.algorithm, "reward": cfg.ppo.reward,
-            "prompts": cfg.batch_size, "max_new_tokens": cfg.ppo.max_new_tokens, "iteration_s": total, **out,
+            "answers": cfg.batch_size, "prompts": cfg.batch_size // group_size(cfg),
+            "max_new_tokens": cfg.ppo.max_new_tokens, "iteration_s": total, **out,
             **{name.replace("_s", "_share"): v / total for name, v in out.items()},
             "generate_tokens_per_s": statistics.median(g / t for g, t in zip(generated[1:], times["generate_s"][1:],
                                                                               strict=True)),

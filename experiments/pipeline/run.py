@@ -39,8 +39,8 @@ STAGES = (
     ("reward", "configs/reward.py", "sft", {}),
     ("dpo", "configs/dpo.py", "sft", {"dpo.nll_weight": 1.0}),
     ("ppo", "configs/ppo.py", "sft", {"ppo.reward": "{reward}"}),
-    ("ppo_tasks", "configs/ppo.py", "sft", {"ppo.reward": "tasks"}),
-    ("grpo", "configs/ppo.py:algorithm=grpo", "sft", {"ppo.reward": "tasks"}),
+    ("ppo_tasks", "configs/ppo.py:reward=tasks", "sft", {}),
+    ("grpo", "configs/ppo.py:algorithm=grpo,reward=tasks", "sft", {}),
     ("sft_math", "configs/sft.py:steps=400", "sft", {**MATH, "data.source": "files:{problems_sft}", "seq_len": 160}),
     ("grpo_math", "configs/ppo.py:algorithm=grpo", "sft_math", {
         **MATH, "data.source": "files:{problems}", "data.validation": 0.05, "data.tasks": "add", "eval_prompts": 256,
