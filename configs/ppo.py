@@ -10,8 +10,9 @@ Your prompts ({"prompt", "answer", ...} lines) and rewards (math: the final answ
       --config.ppo.tasks= --config.ppo.max_prompt_len=144 --workdir=runs/grpo_math
 
 A reward model is optimised gently (60 iterations at a constant 3e-5: faster, the policy finds what it misjudges);
-a verifier (no reward-model run among the terms) cannot be fooled, so the policy is pushed harder: 450 iterations
-at 2e-4 annealed to 0 (held constant it oscillates), tuned on `small` (README, "Reinforcement learning").
+a verifier (no reward-model run among the terms) cannot be fooled, so the policy is pushed harder: 2e-4 annealed
+to 0 (held constant it oscillates) over 450 PPO iterations of 128 answers or 900 GRPO iterations of 32 prompts x 8
+answers, tuned on `small` (README, "RL that pays off").
 """
 
 from llmjax import config, rewards
@@ -24,7 +25,7 @@ def get_config(arg: str = ""):
     cfg = config.base(args.model)
     cfg.trainer = "ppo"
     # iterations: one rollout of batch_size answers (GRPO: batch_size / group_size prompts), then the update
-    cfg.steps = args.steps or (450 if verifier else 60)
+    cfg.steps = args.steps or ((900 if grpo else 450) if verifier else 60)
     cfg.batch_size = (256 if grpo else 128) if verifier else 64
     cfg.seq_len = 64            # the evaluator's held-out perplexity rows
     cfg.data.format = "chat"

@@ -53,5 +53,5 @@ def rm_dir(sft_dir, tmp_path_factory) -> str:
 def pipeline_dir(tmp_path_factory) -> str:
     """The pipeline experiment on `tiny`, two steps a stage: every stage's checkpoint, results and plot."""
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    run.run(workdir, "tiny", 0.005, jax.devices()[:1])
+    run.run(workdir, "tiny", 0.002, jax.devices()[:1])
     return workdir

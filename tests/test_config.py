@@ -33,7 +33,7 @@ def test_parse_arg_rejects(arg, message):
     ("", 60, 3e-5, "constant", 0.2),                                 # a reward model: gently
     ("reward=/runs/rm", 60, 3e-5, "constant", 0.2),
     ("reward=tasks", 450, 2e-4, "cosine", 0.05),                     # a verifier: harder, annealed
-    ("reward=math,algorithm=grpo", 450, 2e-4, "cosine", 0.05),
+    ("reward=math,algorithm=grpo", 900, 2e-4, "cosine", 0.05),
     ("reward=tasks,steps=7", 7, 2e-4, "cosine", 0.05),
 ])
 def test_ppo_config_tunes_to_what_judges_the_answers(arg, steps, lr, schedule, kl_coef):
