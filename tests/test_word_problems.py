@@ -2,6 +2,8 @@ import json
 import random
 import re
 
+import pytest
+
 from experiments.rl import word_problems
 from llmjax import rewards
 from llmjax.data import sources
@@ -17,10 +19,12 @@ def test_same_seed_same_problems_and_a_longer_run_extends_a_shorter():
     assert len({r["prompt"] for r in first}) > 290  # varied, hardly a repeat
 
 
-def test_answers_are_the_sums_of_the_numbers_the_text_states():
+@pytest.mark.parametrize("top", [30, 5])
+def test_answers_are_the_sums_of_the_numbers_the_text_states(top):
     rng, kinds = random.Random(0), set()
     for _ in range(2000):
-        text, terms = word_problems.problem(rng)
+        text, terms = word_problems.problem(rng, top)
+        assert max(terms) <= top, (text, terms)  # counts and gains; a loss is bounded by the count it takes from
         assert 2 <= len(terms) <= 3
         assert all(sum(terms[: i + 1]) >= 0 for i in range(len(terms))), (text, terms)  # no count below zero
         stated = []
@@ -31,6 +35,11 @@ def test_answers_are_the_sums_of_the_numbers_the_text_states():
         assert stated == terms, text
         kinds.add((text.rstrip("?").split()[-1], len(terms)))  # the question's last word: together, now or have
     assert len(kinds) == 5  # each template with one step and with two (a comparison's two-step question is "now")
+
+
+def test_top_below_four_is_refused():
+    with pytest.raises(ValueError, match="top=3: problems need numbers up to at least 4"):
+        word_problems.generate(10, seed=0, top=3)
 
 
 def test_math_reward_scores_the_true_answer_and_not_a_wrong_one():

@@ -42,11 +42,11 @@ STAGES = (
     ("ppo_tasks", "configs/ppo.py:reward=tasks", "sft", {}),
     ("grpo", "configs/ppo.py:algorithm=grpo,reward=tasks", "sft", {}),
     ("sft_math", "configs/sft.py:steps=400", "sft", {**MATH, "data.source": "files:{problems_sft}", "seq_len": 160}),
-    ("grpo_math", "configs/ppo.py:algorithm=grpo", "sft_math", {
-        **MATH, "data.source": "files:{problems}", "data.validation": 0.05, "data.tasks": "add", "eval_prompts": 256,
-        "ppo.reward": "math", "ppo.tasks": "", "ppo.max_prompt_len": 144}),
+    ("grpo_math", "configs/ppo.py:algorithm=grpo,reward=math,steps=200", "sft_math", {
+        **MATH, "data.source": "files:{problems}", "data.validation": 0.05, "data.tasks": "add", "batch_size": 128,
+        "eval_every": 100, "ppo.tasks": "", "ppo.max_prompt_len": 144, "ppo.max_new_tokens": 8}),
 )
-PROBLEMS = 5000  # word problems in each file (RL prompts, 5% held out; SFT records)
+PROBLEMS, TOP = 5000, 9  # word problems in each file (RL prompts, 5% held out; SFT records), their largest number
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -168,7 +168,7 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
                                                                  ("problems_sft", "problems_sft.jsonl"))}
     if not os.path.exists(paths["problems_sft"]) and jax.process_index() == 0:
         os.makedirs(root, exist_ok=True)
-        word_problems.write(paths["problems"], PROBLEMS, seed=0, sft_path=paths["problems_sft"])
+        word_problems.write(paths["problems"], PROBLEMS, seed=0, sft_path=paths["problems_sft"], top=TOP)
     configs = {}
     for name, spec, parent, overrides in STAGES:
         cfg = stage_config(spec, model, scale, {k: v.format(**paths) if isinstance(v, str) else v
