@@ -46,7 +46,7 @@ STAGES = (
         **MATH, "data.source": "files:{problems}", "data.validation": 0.05, "data.tasks": "add", "batch_size": 128,
         "eval_every": 100, "ppo.tasks": "", "ppo.max_prompt_len": 144, "ppo.max_new_tokens": 8}),
 )
-PROBLEMS, TOP = 5000, 9  # word problems in each file (RL prompts, 5% held out; SFT records), their largest number
+PROBLEMS, TOP = 5000, 9  # word problems in each file (RL prompts, 5% held out; SFT records), their largest count
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

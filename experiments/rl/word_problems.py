@@ -98,5 +98,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("n", 5000, "Problems in each file.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of the problem stream.")
     flags.DEFINE_string("sft_out", "", "Also write this .jsonl of {prompt, response} for an SFT warm start.")
-    flags.DEFINE_integer("top", 30, "The largest number a problem states (smaller: easier sums).", lower_bound=4)
+    flags.DEFINE_integer("top", 30, "The largest count a problem starts from or gain it adds (smaller: easier sums).",
+                         lower_bound=4)
     app.run(main)
