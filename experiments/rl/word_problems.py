@@ -22,6 +22,7 @@ OBJECTS = ("apples", "marbles", "stickers", "pencils", "books", "cookies", "shel
 # Changes to a count, with their sign; {n} is the amount, {other} another person.
 GAINS = ("buys {n} more", "finds {n} more", "gets {n} more from {other}", "is given {n} more")
 LOSSES = ("gives {n} to {other}", "loses {n}", "sells {n}", "gives away {n}")
+TOP = 30  # the default largest count or gain
 
 
 def _change(rng: random.Random, count: int, other: str, top: int) -> tuple[str, int]:
@@ -33,7 +34,7 @@ def _change(rng: random.Random, count: int, other: str, top: int) -> tuple[str, 
     return rng.choice(GAINS).format(n=n, other=other), n
 
 
-def problem(rng: random.Random, top: int = 30) -> tuple[str, list[int]]:
+def problem(rng: random.Random, top: int = TOP) -> tuple[str, list[int]]:
     """One problem's text, and the signed amounts its answer sums (so a test can recompute the answer without
     reading the text). Counts and gains are at most `top` (at least 4): smaller makes easier sums."""
     (name, pronoun), (other, _), (third, _) = rng.sample(NAMES, 3)
@@ -63,7 +64,7 @@ def problem(rng: random.Random, top: int = 30) -> tuple[str, list[int]]:
     return f"{text} How many {things} does {other} have{' now' * two_steps}?", terms
 
 
-def generate(n: int, seed: int, top: int = 30) -> list[dict]:
+def generate(n: int, seed: int, top: int = TOP) -> list[dict]:
     """n problems as prompt records {"prompt", "answer"}; the first n of a seed's stream are the same for any n."""
     if top < 4:
         raise ValueError(f"top={top}: problems need numbers up to at least 4 (a fewer-than comparison needs 3 > 2)")
@@ -77,7 +78,7 @@ def _write_lines(path: str, records: list[dict]) -> None:
         f.writelines(json.dumps(record) + "\n" for record in records)
 
 
-def write(path: str, n: int, seed: int, sft_path: str | None = None, top: int = 30) -> None:
+def write(path: str, n: int, seed: int, sft_path: str | None = None, top: int = TOP) -> None:
     """Writes n problems as {"prompt", "answer"} lines to `path`; with `sft_path`, the next n problems of the same
     stream as {"prompt", "response"} lines there, the response being the answer alone (no problem is in both)."""
     records = generate(2 * n if sft_path else n, seed, top)
@@ -98,6 +99,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("n", 5000, "Problems in each file.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of the problem stream.")
     flags.DEFINE_string("sft_out", "", "Also write this .jsonl of {prompt, response} for an SFT warm start.")
-    flags.DEFINE_integer("top", 30, "The largest count a problem starts from or gain it adds (smaller: easier sums).",
+    flags.DEFINE_integer("top", TOP, "The largest count a problem starts from or gain it adds (smaller: easier sums).",
                          lower_bound=4)
     app.run(main)
