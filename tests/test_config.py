@@ -29,17 +29,17 @@ def test_parse_arg_rejects(arg, message):
         config.parse_arg(arg, model="small", steps=300, flag=False)
 
 
-@pytest.mark.parametrize("arg, reward, steps, lr, schedule, kl_coef", [
-    ("", "runs/rm", 60, 3e-5, "constant", 0.2),                       # a reward model: gently
-    ("reward=/runs/rm", "/runs/rm", 60, 3e-5, "constant", 0.2),
-    ("reward=tasks", "tasks", 450, 2e-4, "cosine", 0.05),             # a verifier: harder, annealed
-    ("reward=math,algorithm=grpo", "math", 900, 2e-4, "cosine", 0.05),
-    ("reward=tasks,steps=7", "tasks", 7, 2e-4, "cosine", 0.05),
+@pytest.mark.parametrize("arg, reward, steps, lr, schedule, kl_coef, value", [
+    ("", "runs/rm", 60, 3e-5, "constant", 0.2, "separate"),            # a reward model: gently
+    ("reward=/runs/rm", "/runs/rm", 60, 3e-5, "constant", 0.2, "separate"),
+    ("reward=tasks", "tasks", 700, 2e-4, "cosine", 0.05, "shared"),    # a verifier: harder, annealed
+    ("reward=math,algorithm=grpo", "math", 900, 2e-4, "cosine", 0.05, "shared"),
+    ("reward=tasks,steps=7", "tasks", 7, 2e-4, "cosine", 0.05, "shared"),
 ])
-def test_ppo_config_tunes_to_what_judges_the_answers(arg, reward, steps, lr, schedule, kl_coef):
+def test_ppo_config_tunes_to_what_judges_the_answers(arg, reward, steps, lr, schedule, kl_coef, value):
     cfg = ppo_config.get_config(arg)
-    assert (cfg.ppo.reward, cfg.steps, cfg.optim.lr, cfg.optim.schedule, cfg.ppo.kl_coef) == (
-        reward, steps, lr, schedule, kl_coef)
+    assert (cfg.ppo.reward, cfg.steps, cfg.optim.lr, cfg.optim.schedule, cfg.ppo.kl_coef, cfg.ppo.value) == (
+        reward, steps, lr, schedule, kl_coef, value)
 
 
 def test_config_file_rejects_unknown_preset():
