@@ -171,9 +171,9 @@ def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
                 checkpoint.save(mngr, done, saved(state), task.data_iterator)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1:
+                fetched = jax.device_get(pending)  # first: timed to when the steps finished, not were dispatched
                 now = time.perf_counter()
-                row = _row(jax.device_get(pending), now - t_last, done == start + 1, tokens_in(batch),
-                           task.flops_per_token, peak)
+                row = _row(fetched, now - t_last, done == start + 1, tokens_in(batch), task.flops_per_token, peak)
                 writer.write(done, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in row})
                 log.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
