@@ -25,12 +25,12 @@ LOSSES = ("gives {n} to {other}", "loses {n}", "sells {n}", "gives away {n}")
 TOP = 30  # the default largest count or gain
 
 
-def _change(rng: random.Random, count: int, other: str, top: int) -> tuple[str, int]:
-    """A gain (at most `top`, and 20) or a loss (at most `count`) as a verb phrase, and its signed amount."""
+def _change(rng: random.Random, count: int, other: str, most: int) -> tuple[str, int]:
+    """A gain (at most `most`) or a loss (at most `count`) as a verb phrase, and its signed amount."""
     if count > 0 and rng.random() < 0.5:
         n = rng.randint(1, count)
         return rng.choice(LOSSES).format(n=n, other=other), -n
-    n = rng.randint(1, min(20, top))
+    n = rng.randint(1, most)
     return rng.choice(GAINS).format(n=n, other=other), n
 
 
@@ -39,12 +39,13 @@ def problem(rng: random.Random, top: int = TOP) -> tuple[str, list[int]]:
     reading the text). Counts and gains are at most `top` (at least 4): smaller makes easier sums."""
     (name, pronoun), (other, _), (third, _) = rng.sample(NAMES, 3)
     things, a, two_steps = rng.choice(OBJECTS), rng.randint(3, top), rng.random() < 0.5
+    most = min(20, top)  # the largest gain, or difference in a comparison
     template = rng.choice(("story", "together", "compare"))
     if template == "story":  # one person's count changes once or twice
-        phrase, b = _change(rng, a, other, top)
+        phrase, b = _change(rng, a, other, most)
         text, terms = f"{name} has {a} {things}. {pronoun} {phrase}.", [a, b]
         if two_steps:
-            phrase, c = _change(rng, a + b, other, top)
+            phrase, c = _change(rng, a + b, other, most)
             text, terms = f"{text} Then {name} {phrase}.", [*terms, c]  # by name: a pronoun could mean {other}
         return f"{text} How many {things} does {name} have now?", terms
     if template == "together":  # two or three people's counts added
@@ -55,11 +56,11 @@ def problem(rng: random.Random, top: int = TOP) -> tuple[str, list[int]]:
             text, terms = f"{text} {third} has {c} {things}.", [*terms, c]
         return f"{text} How many {things} do they have together?", terms
     more = rng.random() < 0.5  # compare: a second count given relative to the first, then perhaps changed
-    b = rng.randint(2, min(20, top)) if more else rng.randint(2, a - 1)  # 2 or more: "1 more apples" reads badly
+    b = rng.randint(2, most) if more else rng.randint(2, a - 1)  # 2 or more: "1 more apples" reads badly
     text = f"{name} has {a} {things}. {other} has {b} {'more' if more else 'fewer'} {things} than {name}."
     terms = [a, b if more else -b]
     if two_steps:
-        phrase, c = _change(rng, sum(terms), third, top)
+        phrase, c = _change(rng, sum(terms), third, most)
         text, terms = f"{text} Then {other} {phrase}.", [*terms, c]
     return f"{text} How many {things} does {other} have{' now' * two_steps}?", terms
 
