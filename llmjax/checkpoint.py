@@ -120,14 +120,18 @@ def locked(workdir: str):
 
 
 def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
-    """Writes the resolved config and the run's parts, after check_workdir."""
+    """Writes the resolved config and the run's parts, after check_workdir. Each file is replaced whole: a pod's
+    other processes check config.json while process 0 writes it, and a half-written one would stop them."""
     check_workdir(workdir, cfg)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "parts.json"), "w") as f:
-            json.dump({name: list(where) for name, where in parts.items()}, f)
+        files = {"config.json": cfg.to_json_best_effort(indent=2),
+                 "parts.json": json.dumps({name: list(where) for name, where in parts.items()})}
+        for name, text in files.items():
+            path = os.path.join(workdir, name)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
 
 
 def check_new(path: str, what: str) -> None:

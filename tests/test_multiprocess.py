@@ -6,9 +6,11 @@ the CLI with overrides runs end to end and writes what a run writes."""
 import glob
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,33 +23,45 @@ ARGS = ["--config=configs/pretrain.py:model=tiny,steps=3", "--config.batch_size=
         "--config.checkpoint.every=2"]
 
 
-def launch(devices, *args, **env):
+def launch(log: str, devices: int, *args, **env) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env}
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def two_and_one(*args: str, multi_args=(), single_args=(), single: bool = True) -> None:
-    """`python -m *args` as two processes of 4 devices and (unless not `single`) as one of 8, to completion."""
+def two_and_one(tmp_path, *args: str, multi_args=(), single_args=(), single: bool = True) -> None:
+    """`python -m *args` as two processes of 4 devices and (unless not `single`) as one of 8, to completion. A
+    process that fails stops the others at once (its peer would wait for it forever), and the failure shows each
+    failed process's output (a killed one ended with -9)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [launch(4, *args, *multi_args, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo") for i in range(2)]
-    procs += [launch(8, *args, *single_args)] if single else []
+    logs = [str(tmp_path / f"{args[0]}.{i}.log") for i in range(3)]
+    procs = [launch(logs[i], 4, *args, *multi_args, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+             for i in range(2)]
+    procs += [launch(logs[2], 8, *args, *single_args)] if single else []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(codes):
+            break
+        time.sleep(0.2)
     for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+        p.kill()
+    failed = [f"{os.path.basename(log)} ended with {p.wait()}:\n{pathlib.Path(log).read_text()[-2000:]}"
+              for p, log in zip(procs, logs, strict=False) if p.wait() != 0]
+    assert not failed, f"python -m {' '.join(args)}\n" + "\n".join(failed)
 
 
-def two(command: list[str]) -> None:
+def two(tmp_path, command: list[str]) -> None:
     """`python -m llmjax.hf *command` as two processes of 4 devices."""
-    two_and_one("llmjax.hf", *command, single=False)
+    two_and_one(tmp_path, "llmjax.hf", *command, single=False)
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    two_and_one("llmjax.main", *ARGS, multi_args=[f"--workdir={tmp_path / 'multi'}"],
+    two_and_one(tmp_path, "llmjax.main", *ARGS, multi_args=[f"--workdir={tmp_path / 'multi'}"],
                 single_args=[f"--workdir={tmp_path / 'single'}"])
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == sorted(single) == [1, 2, 3]
@@ -71,8 +85,8 @@ def test_hugging_face_import_and_export_on_two_processes_equal_one(tmp_path):
 
     folder = os.path.join(REPO, "tests", "fixtures", "hf", "qwen2")
     run, out, single = (str(tmp_path / d) for d in ("run", "out", "single"))
-    two(["import", f"--hf_dir={folder}", f"--workdir={run}"])
-    two(["export", f"--workdir={run}", f"--out={out}"])
+    two(tmp_path, ["import", f"--hf_dir={folder}", f"--workdir={run}"])
+    two(tmp_path, ["export", f"--workdir={run}", f"--out={out}"])
     convert.export_run(run, single)
     for name in os.listdir(single):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
