@@ -20,6 +20,7 @@ from llmjax.train import registry  # noqa: E402  (after the device count is set)
 TRAINED_RUNS = {"sft_dir", "rm_dir", "pipeline_dir"}  # fixtures that train: a test that needs one is slow
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "pipeline_dir" in item.fixturenames:

@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import jax
@@ -29,8 +29,14 @@ def peak_flops(cfg) -> float:
     the compute dtype (on the CPU, fake devices share the cores, so the rate counts once per process)."""
     if cfg.peak_flops:
         return cfg.peak_flops * jax.device_count()
-    rate = metrics.matmul_flops_per_s("jax", n=2048, seconds=0.5, dtype=cfg.model.compute_dtype)
+    rate = _matmul_rate(cfg.model.compute_dtype)
     return rate * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
+
+
+@cache
+def _matmul_rate(dtype: str) -> float:
+    """Measured once a process: a pipeline's or a notebook's runs share the machine, and half a second each."""
+    return metrics.matmul_flops_per_s("jax", n=2048, seconds=0.5, dtype=dtype)
 
 
 def tokens_in(batch: dict) -> int:
