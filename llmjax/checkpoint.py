@@ -69,6 +69,13 @@ PARTS = {
 MEANING = ("trainer", "model", "data.tokenizer", "ppo.algorithm", "ppo.value")
 
 
+def _meaning(run: dict) -> dict:
+    """The MEANING keys of a run's config (flattened); ppo.value only under PPO, as GRPO has no value."""
+    keep = lambda key: any(key == m or key.startswith(m + ".") for m in MEANING) and not (  # noqa: E731
+        key == "ppo.value" and run.get("ppo.algorithm") != "ppo")
+    return {k: v for k, v in run.items() if keep(k)}
+
+
 def check_workdir(workdir: str, cfg) -> None:
     """Refuses, writing nothing, a workdir holding a run whose parameters would mean something else to this one
     (MEANING: another objective, model, tokenizer or parameter layout)."""
@@ -76,10 +83,9 @@ def check_workdir(workdir: str, cfg) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = hf_weights.flat(json.load(f))
-    new = hf_weights.flat(json.loads(cfg.to_json_best_effort()))
-    means = lambda key: any(key == m or key.startswith(m + ".") for m in MEANING)  # noqa: E731
-    diff = sorted(k for k in set(old) | set(new) if means(k) and old.get(k) != new.get(k))
+        old = _meaning(hf_weights.flat(json.load(f)))
+    new = _meaning(hf_weights.flat(json.loads(cfg.to_json_best_effort())))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         what = "model" if all(k.startswith("model.") for k in diff) else "kind"
         raise ConfigError(f"workdir {workdir!r} holds a run of a different {what} ({', '.join(diff)} differ); pass a "

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import reward_config, tiny_config
+from helpers import ppo_config, reward_config, tiny_config
 from jax.sharding import PartitionSpec
 
 from llmjax import checkpoint, config, optim
@@ -164,6 +164,19 @@ def test_a_run_that_would_misread_the_workdir_writes_nothing(run, tmp_path, over
     with pytest.raises(config.ConfigError, match=differ):
         registry.train(cfg, str(workdir))
     assert files(workdir) == before
+
+
+def test_ppo_value_means_something_only_under_ppo(tmp_path):
+    """GRPO has no value: a GRPO run resumed with another ppo.value is the same run; a PPO run is not."""
+    for algorithm, refused in (("grpo", False), ("ppo", True)):
+        workdir, run, changed = str(tmp_path / algorithm), ppo_config("/sft", algorithm), ppo_config("/sft", algorithm)
+        run.ppo.value, changed.ppo.value = "separate", "shared"
+        checkpoint.claim_workdir(workdir, run, {})
+        if refused:
+            with pytest.raises(config.ConfigError, match=r"different kind \(ppo.value differ\)"):
+                checkpoint.check_workdir(workdir, changed)
+        else:
+            checkpoint.check_workdir(workdir, changed)
 
 
 def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
