@@ -114,6 +114,7 @@ def test_export_shards_with_an_index(tmp_path):
         assert json.load(f)["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.slow  # it trains a run
 def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from_it(tmp_path):
     """configs/sft.py:model=hf:DIR (or model=RUN, an imported run) takes its architecture, tokenizer and parameters:
     SFT on the synthetic tasks through the model's chat template trains, and generate and evaluate read the result."""
