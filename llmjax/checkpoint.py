@@ -71,9 +71,9 @@ MEANING = ("trainer", "model", "data.tokenizer", "ppo.algorithm", "ppo.value")
 
 def _meaning(run: dict) -> dict:
     """The MEANING keys of a run's config (flattened); ppo.value only under PPO, as GRPO has no value."""
-    keep = lambda key: any(key == m or key.startswith(m + ".") for m in MEANING) and not (  # noqa: E731
-        key == "ppo.value" and run.get("ppo.algorithm") != "ppo")
-    return {k: v for k, v in run.items() if keep(k)}
+    under_ppo = run.get("ppo.algorithm") == "ppo"
+    return {k: v for k, v in run.items()
+            if any(k == m or k.startswith(m + ".") for m in MEANING) and (k != "ppo.value" or under_ppo)}
 
 
 def check_workdir(workdir: str, cfg) -> None:
