@@ -49,8 +49,9 @@ def two_and_one(tmp_path, *args: str, multi_args=(), single_args=(), single: boo
         time.sleep(0.2)
     for p in procs:
         p.kill()
-    failed = [f"{os.path.basename(log)} ended with {p.wait()}:\n{pathlib.Path(log).read_text()[-2000:]}"
-              for p, log in zip(procs, logs, strict=False) if p.wait() != 0]
+    codes = [p.wait() for p in procs]
+    failed = [f"{os.path.basename(log)} ended with {code}:\n{pathlib.Path(log).read_text()[-2000:]}"
+              for code, log in zip(codes, logs, strict=False) if code != 0]
     assert not failed, f"python -m {' '.join(args)}\n" + "\n".join(failed)
 
 
