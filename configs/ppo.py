@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
         # update's compute: 700 iterations fit the 30 CPU-minutes that 450 did)
         value="shared" if verifier else "separate",
         max_new_tokens=12,         # the synthetic tasks' answers take at most 8 tokens and eos; raise it for yours
-        temperature=1.0,
+        temperature=1.0,           # the rollout samples from logits / T; the loss's log-probs, KL and entropy too
         kl_coef=0.05 if verifier or grpo else 0.2,  # PPO: per-token penalty on the reward; GRPO: the KL term's weight
         kl_estimator="k1",         # k1 | k2 | k3: the per-token KL (PPO: in the reward penalty; GRPO: the loss term)
         target_kl=0.0,             # > 0: adapt kl_coef toward this KL per sequence (Ziegler et al. 2019)

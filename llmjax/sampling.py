@@ -2,8 +2,9 @@
 (`jax.lax.while_loop`) over a preallocated KV cache, greedy or temperature / top-k / top-p sampling, each row
 stopping at its own EOS.
 
-Returned log-probs are the model's own (log-softmax of the raw logits, before temperature and filtering):
-the numbers a teacher-forced forward pass gives for the same tokens, as PPO and DPO need.
+Returned log-probs are those of the tempered model, log-softmax(logits / temperature) before top-k / top-p
+filtering (greedy: of the raw logits): the numbers a teacher-forced forward pass gives for the same tokens with its
+logits divided by the temperature, the policy that PPO samples from and optimises.
 """
 
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
         i, logits_BV, cache, done_B, out_BR, logp_BR, key = carry
         key, sub = jax.random.split(key)
         token_B = jnp.where(done_B, pad_id, _choose(logits_BV, sub, temperature, top_k, top_p))
-        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
+        tempered_BV = logits_BV / temperature if temperature else logits_BV
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(tempered_BV), token_B[:, None], axis=-1)[:, 0]
         out_BR = out_BR.at[:, i].set(token_B)
         logp_BR = logp_BR.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
         done_B = done_B | (token_B == eos_id)

@@ -60,15 +60,16 @@ def test_greedy_sharded_equals_single(single):
     np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=1e-5, atol=1e-6)
 
 
-def test_logprobs_equal_teacher_forcing(single):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forcing_at_the_temperature(single, temperature):
     cfg, params, _ = single
     prompts, lengths = sampling.left_pad(PROMPTS)
-    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=1.0)(
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=temperature)(
         params, prompts, lengths, jax.random.key(1))
     for row, prompt in enumerate(PROMPTS):
         seq = jnp.array([prompt + out["tokens"][row].tolist()])
         logits = transformer.forward(params, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), cfg.model)[0]
-        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
+        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1] / temperature)
         want = jnp.take_along_axis(logp, seq[0, len(prompt):, None], axis=-1)[:, 0]
         np.testing.assert_allclose(out["logprobs"][row], want, rtol=1e-4, atol=1e-5)
 

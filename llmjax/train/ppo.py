@@ -37,10 +37,12 @@ PARTS = {"lm": ("policy",)}  # the policy is a language model; the value functio
 
 
 def token_logprobs(params, rows: dict, cfg, constrain: Constrain) -> tuple[jax.Array, transformer.Output]:
-    """(logp_BT of the targets, masked; the forward's output) of a language model on rows, its logits over the
-    tokenizer's ids (what the sampler draws from)."""
+    """(logp_BT of the targets, masked; the forward's output) of a language model on rows, its logits those the
+    rollout samples from: over the tokenizer's ids, divided by ppo.temperature (as TRL and verl do), so that the
+    ratio, the KL to the reference and the entropy are all the sampling policy's at any temperature."""
     out = transformer.forward(params, rows["inputs"], rows["positions"], rows["segment_ids"], cfg.model, constrain)
-    out = out._replace(logits_BTV=sampling.limit_vocab(out.logits_BTV, get_tokenizer(cfg.data.tokenizer).vocab_size))
+    logits_BTV = sampling.limit_vocab(out.logits_BTV, get_tokenizer(cfg.data.tokenizer).vocab_size)
+    out = out._replace(logits_BTV=logits_BTV / cfg.ppo.temperature)
     return losses.sequence_logprobs(out.logits_BTV, rows["targets"], rows["loss_mask"]), out
 
 

@@ -1,4 +1,4 @@
-"""PPO / GRPO: the rollout's log-probs equal a teacher-forced recomputation (ratio 1 before any update), one
+"""PPO / GRPO: the rollout's log-probs equal a teacher-forced recomputation at the sampling temperature (ratio 1
 update is the same sharded as on one device, and both learn: the task reward, a reward model's score, and GRPO on a
 files: prompts source rewarded by the answers in its records. A user's reward function reads the records and its
 scores become the advantages; one that raises or returns NaN stops the run, naming itself."""
@@ -13,10 +13,11 @@ from llmjax.data import prompts
 from llmjax.train import ppo, registry
 
 
-@pytest.mark.parametrize("algorithm,value", [("ppo", "separate"), ("ppo", "shared"), ("grpo", "separate")])
-def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, value):
+@pytest.mark.parametrize("algorithm,value,temperature", [
+    ("ppo", "separate", 1.0), ("ppo", "shared", 1.0), ("grpo", "separate", 1.0), ("grpo", "separate", 0.5)])
+def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, value, temperature):
     cfg = ppo_config(sft_dir, algorithm)
-    cfg.ppo.value = value
+    cfg.ppo.value, cfg.ppo.temperature = value, temperature
     task = registry.task(cfg, str(tmp_path))
     state = task.start()
     batch, metrics = task.source(state, 0)
@@ -24,6 +25,11 @@ def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, va
     mask = np.asarray(batch["loss_mask"])
     assert mask.sum() > 16 and metrics["response_length"] > 1
     np.testing.assert_allclose(np.asarray(logp) * mask, np.asarray(batch["old_logp"]) * mask, atol=2e-4)
+    if temperature != 1.0:  # the tempered policy's log-probs, not the raw model's
+        untempered = cfg.copy_and_resolve_references()
+        untempered.ppo.temperature = 1.0
+        raw, _ = ppo.token_logprobs(state.params["policy"], batch, untempered, sharding.no_constrain)
+        assert np.abs(np.asarray(raw - logp) * mask).max() > 0.05
     _, aux = ppo.loss_fn(state.params, batch, cfg, sharding.no_constrain)
     np.testing.assert_allclose(aux["ratio_mean"], 1.0, atol=1e-4)
     assert float(aux["clip_frac"]) == 0.0
