@@ -1,7 +1,8 @@
 """PPO / GRPO: the rollout's log-probs equal a teacher-forced recomputation at the sampling temperature (ratio 1
-update is the same sharded as on one device, and both learn: the task reward, a reward model's score, and GRPO on a
-files: prompts source rewarded by the answers in its records. A user's reward function reads the records and its
-scores become the advantages; one that raises or returns NaN stops the run, naming itself."""
+before any update), one update is the same sharded as on one device, and both learn: the task reward, a reward
+model's score, and GRPO on a files: prompts source rewarded by the answers in its records. A user's reward function
+reads the records and its scores become the advantages; one that raises or returns NaN stops the run, naming
+itself."""
 
 import jax
 import numpy as np
