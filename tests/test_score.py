@@ -14,6 +14,7 @@ from llmjax.config import ConfigError
 from llmjax.data.tokenizer import get_tokenizer
 
 
+@pytest.mark.slow  # a subprocess CLI
 def test_score_cli(tmp_path):
     rm_dir = str(tmp_path / "rm")
     saved_run(reward_config(), rm_dir)  # untrained: the CLI's plumbing, not the model's judgement
