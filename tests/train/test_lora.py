@@ -25,6 +25,7 @@ LORA = {"lora.targets": "all", "lora.rank": 4, "optim.lr": 1e-2, "optim.schedule
 # The users of base_dir (and lora_run) run in one worker (pytest-xdist --dist loadgroup): the fixtures are made
 # once, and the runs share their compiled steps through the worker's compilation cache.
 ON_BASE = pytest.mark.xdist_group("lora_base")
+OBJECTIVE_STEP = pytest.mark.slow  # compiles an objective's train step: out of the inner loop
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_sharded_equals_single_device(base_dir, tmp_path):
 
 
 @ON_BASE
-@pytest.mark.slow  # compiles an objective's train step: out of the inner loop
+@OBJECTIVE_STEP
 def test_dpo_reference_is_the_base_with_adapters_off(base_dir, tmp_path):
     """The LoRA DPO step (reference: its own base, adapters off) equals the step given an explicit frozen copy
     of the base as the reference, at step 0 and after a few steps."""
@@ -158,7 +159,7 @@ def state_step(cfg, mesh, reference):
 
 
 @ON_BASE
-@pytest.mark.slow  # compiles an objective's train step: out of the inner loop
+@OBJECTIVE_STEP
 def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
     """PPO with a separate value model (GRPO shares the policy's path and has no value model)."""
     cfg = ppo_config(base_dir, "ppo", steps=2, **LORA)
@@ -173,7 +174,7 @@ def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
 
 
 @ON_BASE
-@pytest.mark.slow  # compiles an objective's train step: out of the inner loop
+@OBJECTIVE_STEP
 def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
     cfg = reward_config(base_dir, steps=6, **LORA)
     trained = registry.train(cfg, str(tmp_path / "rm"), one_device())
@@ -214,7 +215,7 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
 
 
 @ON_BASE
-@pytest.mark.slow  # compiles an objective's train step: out of the inner loop
+@OBJECTIVE_STEP
 def test_dropout_applies_to_training_steps_only(base_dir):
     """LoRA dropout on the adapters' input changes the training step (B's gradient sees the dropped inputs even at
     step 0), while what evaluation and sampling see carries no keys and never drops."""
