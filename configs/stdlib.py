@@ -26,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     root = Path(sysconfig.get_paths()["stdlib"])
     path = root / args.subdir
     if not path.is_dir():
-        raise config.ConfigError(f"config argument subdir={args.subdir!r}: {path} is not a folder; name a package "
+        raise config.LlmjaxError(f"config argument subdir={args.subdir!r}: {path} is not a folder; name a package "
                                  "of the standard library, e.g. subdir=json, or none for all of it")
     cfg = config.base(args.model)
     cfg.steps = args.steps

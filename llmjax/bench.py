@@ -30,10 +30,10 @@ from ml_collections import config_flags
 
 from llmjax import checkpoint, metrics, sampling
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data import pipeline, tasks
 from llmjax.data.prompts import group_size
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.models import moe, transformer
 from llmjax.train import registry
 
@@ -95,7 +95,7 @@ def bench_moe(cfg) -> dict:
     parameters and FLOPs per token."""
     m = cfg.model
     if not m.moe_experts:
-        raise ConfigError(f"model {m.name!r} has no experts; benchmark an MoE model, e.g. :model=moe-small")
+        raise LlmjaxError(f"model {m.name!r} has no experts; benchmark an MoE model, e.g. :model=moe-small")
     runs = {}
     for name, changes in (("dense", moe.dense_twin(m)), ("dropless", dict(moe_dispatch="dropless")),
                           ("capacity", dict(moe_dispatch="capacity"))):

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import config
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf import weights as hf_weights
 from llmjax.models import heads, lora, transformer
 from llmjax.sharding import tree_shardings
@@ -88,7 +88,7 @@ def check_workdir(workdir: str, cfg) -> None:
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         what = "model" if all(k.startswith("model.") for k in diff) else "kind"
-        raise ConfigError(f"workdir {workdir!r} holds a run of a different {what} ({', '.join(diff)} differ); pass a "
+        raise LlmjaxError(f"workdir {workdir!r} holds a run of a different {what} ({', '.join(diff)} differ); pass a "
                           f"new --workdir, or the same {what} to resume")
 
 
@@ -104,7 +104,7 @@ def locked(workdir: str):
         os.makedirs(workdir, exist_ok=True)
         f = open(os.path.join(workdir, "lock"), "a+")  # noqa: SIM115 (held for the run's whole life)
     except OSError as e:
-        raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a writable "
+        raise LlmjaxError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a writable "
                           "disk") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,7 +112,7 @@ def locked(workdir: str):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise ConfigError(f"workdir {workdir!r} is in use by a live run ({holder}); wait for it to end, or pass "
+        raise LlmjaxError(f"workdir {workdir!r} is in use by a live run ({holder}); wait for it to end, or pass "
                           "another --workdir") from None
     f.seek(0)
     f.truncate()
@@ -143,7 +143,7 @@ def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]]) -> None:
 def check_new(path: str, what: str) -> None:
     """Refuses a destination that holds anything: llmjax never writes over files it did not make."""
     if os.path.exists(path) and os.listdir(path):
-        raise ConfigError(f"{what} {path!r} is not empty; llmjax never writes over files it did not make: pass a new "
+        raise LlmjaxError(f"{what} {path!r} is not empty; llmjax never writes over files it did not make: pass a new "
                           "path")
 
 
@@ -192,11 +192,11 @@ def write_run(workdir: str, cfg, parts: dict[str, tuple[str, ...]], params: Call
         os.rename(staging, workdir)
 
 
-def _full(workdir: str, step, detail: str) -> ConfigError:
+def _full(workdir: str, step, detail: str) -> LlmjaxError:
     root = os.path.join(workdir, "checkpoints")
     complete = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
     intact = f"checkpoint {max(complete)} is intact" if complete else "no checkpoint was written yet"
-    return ConfigError(f"disk full at step {step} ({detail}) in {workdir!r}; {intact}: free space and rerun to resume")
+    return LlmjaxError(f"disk full at step {step} ({detail}) in {workdir!r}; {intact}: free space and rerun to resume")
 
 
 def check_space(mngr: ocp.CheckpointManager, workdir: str, state, step: int) -> None:
@@ -210,7 +210,7 @@ def check_space(mngr: ocp.CheckpointManager, workdir: str, state, step: int) -> 
         raise _full(workdir, step, f"{free / 2**20:.1f} MiB free, a checkpoint takes {need / 2**20:.1f} MiB")
 
 
-def disk_full(error: Exception, workdir: str) -> ConfigError | None:
+def disk_full(error: Exception, workdir: str) -> LlmjaxError | None:
     """What to tell a user whose disk filled during a save (orbax reports it at the next save or wait), else
     None: the step that failed, and the newest complete checkpoint, intact since orbax writes into a temporary
     directory."""
@@ -237,7 +237,7 @@ def run_parts(workdir: str) -> dict[str, tuple[str, ...]]:
         return {"lm": ()}
     path = os.path.join(workdir, "parts.json")
     if not os.path.exists(path):
-        raise ConfigError(f"{workdir!r} holds no parts.json (what its parameters are); it was not written by this "
+        raise LlmjaxError(f"{workdir!r} holds no parts.json (what its parameters are); it was not written by this "
                           "llmjax: retrain it, or import it")
     with open(path) as f:
         return {name: tuple(where) for name, where in json.load(f).items()}
@@ -256,17 +256,17 @@ def check_part(workdir: str, part: str = "lm", model=None, tokenizer: str | None
     cfg, parts = run_config(workdir), run_parts(workdir)
     if part not in parts:
         held = ", ".join(f"{PARTS[p][0]} ({p})" for p in parts)
-        raise ConfigError(f"{workdir!r} is a {cfg.trainer} run holding {held}; {reader} needs {PARTS[part][0]} "
+        raise LlmjaxError(f"{workdir!r} is a {cfg.trainer} run holding {held}; {reader} needs {PARTS[part][0]} "
                           f"({part}): start from a run that has one")
     if model is not None and _param_shapes(cfg.model) != _param_shapes(model):
-        raise ConfigError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
+        raise LlmjaxError(f"{workdir!r} holds a {cfg.model.name!r} model whose parameters differ from this "
                           f"config's {model.name!r}; start from a run of the same model")
     if tokenizer is not None and cfg.data.tokenizer != tokenizer:
-        raise ConfigError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
+        raise LlmjaxError(f"{workdir!r} was trained with data.tokenizer={cfg.data.tokenizer!r}, this run reads "
                           f"{tokenizer!r}: its parameters would see other tokens; set --config.data.tokenizer="
                           f"{cfg.data.tokenizer}")
     if not workdir.startswith("hf:") and _reader(workdir).latest_step() is None:
-        raise ConfigError(f"{workdir!r} has no checkpoint yet; train it first")
+        raise LlmjaxError(f"{workdir!r} has no checkpoint yet; train it first")
     return cfg, parts
 
 
@@ -314,6 +314,6 @@ def _base(workdir: str, cfg, mesh: Mesh) -> transformer.Params:
         if "lm" in run_parts(cfg.init_from):
             return load_params(cfg.init_from, mesh, "lm", cfg.model, cfg.data.tokenizer)
         return load_params(cfg.init_from, mesh, "scorer", cfg.model, cfg.data.tokenizer)["trunk"]
-    except ConfigError as e:
-        raise ConfigError(f"{workdir!r} is a LoRA run, whose checkpoints hold only adapters; its base "
+    except LlmjaxError as e:
+        raise LlmjaxError(f"{workdir!r} is a LoRA run, whose checkpoints hold only adapters; its base "
                           f"{cfg.init_from!r} cannot be read: {e}") from None

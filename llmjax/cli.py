@@ -11,25 +11,25 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 
 # ml_collections keeps a config file it could not load as this placeholder, and raises only when it is read.
 _UNLOADED = getattr(config_flags.config_flags, "_ErrorConfig", ())
 
 
-def _unloadable(error: BaseException) -> ConfigError:
+def _unloadable(error: BaseException) -> LlmjaxError:
     """A config file ml_collections could not load (its message lists each path it tried), as one line."""
     text = str(error)
     tried = re.search(r"Attempted \[.*?\]:\n\s*(.+)\n\s*(.+)", text)
     path, reason = (tried[1].strip(), tried[2].strip()) if tried else ("", text.strip().splitlines()[-1])
     if "No such file" in reason:
         reason = f"no such file (relative paths start at {os.getcwd()!r}); pass one of configs/*.py"
-    return ConfigError(f"--config={path}: {reason}" if path else f"config file: {reason}")
+    return LlmjaxError(f"--config={path}: {reason}" if path else f"config file: {reason}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with mistakes in the config file or its overrides raised as one ConfigError:
-    ml_collections wraps them (the config file's own ConfigError, or an AttributeError for a misspelt
+    """absl flag parsing, with mistakes in the config file or its overrides raised as one LlmjaxError:
+    ml_collections wraps them (the config file's own LlmjaxError, or an AttributeError for a misspelt
     --config.key) in errors whose messages carry whole tracebacks, and defers a config file it cannot load
     (missing, unreadable) to the first read of the config."""
     try:
@@ -44,15 +44,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise _unloadable(unloaded[-1]) from None
         if isinstance(e, OSError):
             raise
-        config_errors = [x for x in chain if isinstance(x, ConfigError)]
+        config_errors = [x for x in chain if isinstance(x, LlmjaxError)]
         if config_errors:  # the innermost one is ours; outer ones carry its traceback as text
-            raise ConfigError(str(config_errors[-1])) from None
+            raise LlmjaxError(str(config_errors[-1])) from None
         if isinstance(e, AttributeError | KeyError):  # ml_collections: a --config.key override that does not exist
             bad = re.findall(r"\w+", str(e))[:1]
             hint = re.search(r'Did you mean "(\w+)"', str(e))
-            raise ConfigError(f"--config override: no config key named {bad[0] if bad else str(e)!r}"
+            raise LlmjaxError(f"--config override: no config key named {bad[0] if bad else str(e)!r}"
                               + (f"; did you mean {hint[1]!r}?" if hint else "; check the key's spelling")) from None
-        raise ConfigError(f"bad flags: {e}") from None
+        raise LlmjaxError(f"bad flags: {e}") from None
     for name in flags.FLAGS:
         value = flags.FLAGS[name].value
         if _UNLOADED and isinstance(value, _UNLOADED):
@@ -71,7 +71,7 @@ def init_distributed(requested: bool = False) -> None:
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:
-    """absl's app.run for our entry points: a ConfigError prints as one line and exits with status 2 (no
+    """absl's app.run for our entry points: a LlmjaxError prints as one line and exits with status 2 (no
     traceback); library INFO chatter (orbax) is hidden, llmjax's own progress logs are kept."""
 
     def wrapped(argv):
@@ -81,6 +81,6 @@ def run_main(main: Callable[[list[str]], None]) -> None:
 
     try:
         app.run(wrapped, flags_parser=_parse_flags)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except LlmjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -14,12 +14,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from llmjax.errors import LlmjaxError
 from llmjax.models import presets
-
-
-class ConfigError(ValueError):
-    """A config mistake, reported as one line naming the key and the fix."""
-
 
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -30,14 +26,14 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ConfigError(f"config argument {item!r} is not k=v; write e.g. model=small,steps=200")
+            raise LlmjaxError(f"config argument {item!r} is not k=v; write e.g. model=small,steps=200")
         if key not in defaults:
-            raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
+            raise LlmjaxError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
         kind = type(defaults[key])
         try:
             out[key] = BOOLS[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError) as e:
-            raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
+            raise LlmjaxError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
     return ml_collections.ConfigDict(out)
 
 
@@ -59,7 +55,7 @@ def load(spec: str, **overrides) -> ml_collections.ConfigDict:
     overrides (`load(spec, **{"optim.lr": 3e-4})`): for notebooks and scripts that have no command line."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} does not exist (relative paths start at {os.getcwd()!r})")
+        raise LlmjaxError(f"config file {path!r} does not exist (relative paths start at {os.getcwd()!r})")
     module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -83,21 +79,21 @@ def check_ranges(cfg: ml_collections.ConfigDict, ranges: dict[str, tuple[str, st
     for key, (interval, meaning) in ranges.items():
         value = lookup(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not _interval(interval)(value):
-            raise ConfigError(f"{key}={value!r} is outside {interval} ({meaning}); set --config.{key} within it")
+            raise LlmjaxError(f"{key}={value!r} is outside {interval} ({meaning}); set --config.{key} within it")
 
 
 def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> None:
     """Refuses the first key whose value is not one of its choices (`choices`: dotted key -> allowed values)."""
     for key, allowed in choices.items():
         if lookup(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={lookup(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
+            raise LlmjaxError(f"{key}={lookup(cfg, key)!r} is not one of {allowed}; set --config.{key}=...")
 
 
 def saved(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise ConfigError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
+        raise LlmjaxError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
@@ -105,7 +101,7 @@ def saved(workdir: str) -> ml_collections.ConfigDict:
 def model_config(name: str) -> ml_collections.ConfigDict:
     """A preset's model, a Hugging Face folder's (`hf:DIR`), or that of the run in the workdir `name`."""
     if name.startswith("hf:"):
-        from llmjax.hf import families  # it reads this module's ConfigError
+        from llmjax.hf import families  # it reads this module's LlmjaxError
 
         return ml_collections.ConfigDict(families.model_config(families.read_config(name[3:]), name[3:]))
     if name not in presets.PRESETS and os.path.isdir(name):
@@ -113,7 +109,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     try:
         return ml_collections.ConfigDict(presets.preset(name))
     except ValueError as e:
-        raise ConfigError(f"{e}, a Hugging Face folder (hf:DIR) or a run's workdir") from None
+        raise LlmjaxError(f"{e}, a Hugging Face folder (hf:DIR) or a run's workdir") from None
 
 
 def base(model: str = "small") -> ml_collections.ConfigDict:

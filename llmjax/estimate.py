@@ -56,7 +56,7 @@ from ml_collections import config_flags
 
 from llmjax import optim
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.models import lora, moe, transformer
 from llmjax.sharding import AXES, batch_sharding, make_constrain, make_mesh, mesh_shape, spec, tree_shardings
 from llmjax.train import dpo, loop, ppo, pretrain, registry, state
@@ -216,7 +216,7 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, p
              tokens: float | None = None) -> dict:
     """Every number the CLI prints, as a dict (bytes are per device)."""
     if cfg.trainer not in TRAINERS:
-        raise ConfigError(f"trainer={cfg.trainer!r}: the estimate models the next-token step (pretraining, SFT) "
+        raise LlmjaxError(f"trainer={cfg.trainer!r}: the estimate models the next-token step (pretraining, SFT) "
                           "and DPO's; use configs/pretrain.py, configs/sft.py or configs/dpo.py")
     mesh = abstract_mesh(cfg, n_devices)
     tokens = float(cfg.steps * cfg.batch_size * cfg.seq_len * sequences(cfg)) if tokens is None else float(tokens)

@@ -18,10 +18,10 @@ from absl import flags
 
 from llmjax import checkpoint, losses, rewards, sampling
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data import chat, pipeline, prompts, synthetic, tasks
 from llmjax.data.prompts import HELD_OUT
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
 from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, no_constrain
 
@@ -64,10 +64,10 @@ def _held_out_rows(cfg, sharding, batches: int, fmt: str) -> list[dict] | None:
         return None
     try:
         return pipeline.validation_batches(cfg, sharding, batches)
-    except ConfigError:
+    except LlmjaxError:
         raise
     except ValueError as e:
-        raise ConfigError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
+        raise LlmjaxError(f"data.source={cfg.data.source!r} has no usable validation split ({e}); raise "
                           "--config.data.validation or set --config.eval_every=0") from None
 
 

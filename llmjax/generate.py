@@ -17,8 +17,8 @@ from absl import flags
 
 from llmjax import checkpoint, sampling
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.evaluate import prompt_ids
 from llmjax.sharding import make_constrain, make_mesh
 
@@ -28,20 +28,20 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
     """The completions of a run's latest checkpoint (a PPO run's policy), each prompt in the run's data.format
     unless `fmt` says otherwise."""
     if not prompts:
-        raise ConfigError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
+        raise LlmjaxError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
     if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}: "
+        raise LlmjaxError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}: "
                           "need max_new_tokens >= 1, temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1")
     cfg = checkpoint.run_config(workdir)
     if cfg.trainer == "reward":
-        raise ConfigError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
+        raise LlmjaxError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
                           "with python -m llmjax.score")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids = [prompt_ids(tokenizer, p, fmt or cfg.data.format) for p in prompts]
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
     if len(ids[longest]) + max_new_tokens > cfg.model.max_seq_len:
         shown = prompts[longest] if len(prompts[longest]) <= 40 else prompts[longest][:40] + "..."
-        raise ConfigError(f"prompt {longest + 1} ({shown!r}) takes {len(ids[longest])} tokens; with max_new_tokens="
+        raise LlmjaxError(f"prompt {longest + 1} ({shown!r}) takes {len(ids[longest])} tokens; with max_new_tokens="
                           f"{max_new_tokens} it exceeds the model's max_seq_len={cfg.model.max_seq_len}; shorten the "
                           "prompt or lower --max_new_tokens")
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
@@ -60,12 +60,12 @@ def main(argv: list[str]) -> None:
     prompts = list(f.prompt)
     if f.prompts_file:
         if not os.path.isfile(f.prompts_file):
-            raise ConfigError(f"--prompts_file={f.prompts_file!r} does not exist; pass a text file with one prompt "
+            raise LlmjaxError(f"--prompts_file={f.prompts_file!r} does not exist; pass a text file with one prompt "
                               "per line")
         with open(f.prompts_file) as file:
             prompts += [line.rstrip("\n") for line in file if line.strip()]
     if not prompts:
-        raise ConfigError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
+        raise LlmjaxError("no prompts; pass --prompt=... (repeatable) or --prompts_file=FILE")
     texts = complete(f.workdir, prompts, fmt=f.format, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                      top_k=f.top_k, top_p=f.top_p, seed=f.seed)
     for prompt, text in zip(prompts, texts, strict=True):

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from llmjax import checkpoint
 from llmjax.cli import init_distributed, run_main
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf import families, weights
 from llmjax.models import lora
 from llmjax.sharding import make_mesh
@@ -33,7 +33,7 @@ def lora_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of a LoRA run, or one line saying the run is none."""
     cfg = checkpoint.run_config(workdir)
     if "lora" not in cfg or not lora.targets(cfg):
-        raise ConfigError(f"{workdir!r} is not a LoRA run (its lora.targets is empty): its parameters are already a "
+        raise LlmjaxError(f"{workdir!r} is not a LoRA run (its lora.targets is empty): its parameters are already a "
                           "whole model; export it with python -m llmjax.hf export")
     return cfg
 
@@ -106,7 +106,7 @@ def export_peft(workdir: str, out: str) -> str:
     cfg = lora_config(workdir)
     kind = families.family(cfg.model)
     if kind not in families.LLAMA_LIKE:
-        raise ConfigError(f"{workdir!r} adapts a {cfg.model.name!r} model ({kind or 'no Hugging Face family'}); PEFT "
+        raise LlmjaxError(f"{workdir!r} adapts a {cfg.model.name!r} model ({kind or 'no Hugging Face family'}); PEFT "
                           f"adapters are exported for {', '.join(families.LLAMA_LIKE)} only: merge the run (python "
                           "-m llmjax.lora merge) and export that with python -m llmjax.hf export")
     out = os.path.abspath(os.path.expanduser(out))
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
     init_distributed()
     commands = {"merge": merge, "export": export_peft}
     if len(argv) != 2 or argv[1] not in commands:
-        raise ConfigError(f"expected one command, {' or '.join(commands)}, got {argv[1:]}; see python -m llmjax.lora "
+        raise LlmjaxError(f"expected one command, {' or '.join(commands)}, got {argv[1:]}; see python -m llmjax.lora "
                           "--help")
     print(commands[argv[1]](f.workdir, f.out))
 

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from llmjax import checkpoint, sampling
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
 from llmjax.score import Scorer
 from llmjax.sharding import Constrain, make_constrain, make_mesh, no_constrain
@@ -60,7 +60,7 @@ def check_tasks(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         task = task_of(prompt)
         if task is None:
-            raise ConfigError(f"prompt {prompt!r} is not a synthetic task prompt, so --reward=tasks cannot check it; "
+            raise LlmjaxError(f"prompt {prompt!r} is not a synthetic task prompt, so --reward=tasks cannot check it; "
                               "score with a reward model run (--reward=runs/rm)")
         out[i] = task.check(prompt, response)
     return out
@@ -75,7 +75,7 @@ def synthetic_prompts(task_names: str, num: int, seed: int = 0) -> list[str]:
 def read_prompts(path: str) -> list[str]:
     """The "prompt" of every line of a .jsonl file (the prompts record kind of llmjax.data.sources)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--prompts={path!r} does not exist; pass a .jsonl file of {{\"prompt\": ...}} lines, or "
+        raise LlmjaxError(f"--prompts={path!r} does not exist; pass a .jsonl file of {{\"prompt\": ...}} lines, or "
                           "--prompts=synthetic")
     prompts = []
     with open(path) as f:
@@ -85,13 +85,13 @@ def read_prompts(path: str) -> list[str]:
             try:
                 prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, TypeError, KeyError):
-                raise ConfigError(f"{path}:{n}: not a JSON object with a \"prompt\" field; write one "
+                raise LlmjaxError(f"{path}:{n}: not a JSON object with a \"prompt\" field; write one "
                                   "{\"prompt\": ...} object per line") from None
             if not isinstance(prompt, str) or not prompt:
-                raise ConfigError(f"{path}:{n}: the prompt is not a non-empty string")
+                raise LlmjaxError(f"{path}:{n}: the prompt is not a non-empty string")
             prompts.append(prompt)
     if not prompts:
-        raise ConfigError(f"{path} holds no prompts; write one {{\"prompt\": ...}} JSON object per line")
+        raise LlmjaxError(f"{path} holds no prompts; write one {{\"prompt\": ...}} JSON object per line")
     return prompts
 
 
@@ -150,19 +150,19 @@ def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, s
     scores them. The prompts, repeated n times, are generated and scored batch_size rows at a time, all
     left-padded to one width (the last batch filled with repeats) so the sampler compiles once."""
     if n < 1 or batch_size < 1:
-        raise ConfigError(f"n={n} and batch_size={batch_size} must be positive")
+        raise LlmjaxError(f"n={n} and batch_size={batch_size} must be positive")
     if n > 1 and temperature == 0.0:
-        raise ConfigError("temperature=0 is greedy decoding: all n samples would be the same; use a temperature "
+        raise LlmjaxError("temperature=0 is greedy decoding: all n samples would be the same; use a temperature "
                           "> 0 (e.g. 1.0)")
     if not prompts:
-        raise ConfigError("no prompts to sample from")
+        raise LlmjaxError("no prompts to sample from")
     if cfg.data.format != "chat":
         logger.warning("the policy trained on data.format=%r, but rejection sampling asks it through the chat "
                        "template; start from an SFT run", cfg.data.format)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     tokens_BP, lengths_B = sampling.left_pad([chat.prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
     if tokens_BP.shape[1] + max_new_tokens > cfg.model.max_seq_len:
-        raise ConfigError(f"prompts of {tokens_BP.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceed the "
+        raise LlmjaxError(f"prompts of {tokens_BP.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceed the "
                           f"model's max_seq_len={cfg.model.max_seq_len}; lower --max_new_tokens or shorten the prompts")
     generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -196,7 +196,7 @@ def make_scorer(reward: str) -> ScoreFn:
     if reward == "tasks":
         return check_tasks
     if not os.path.exists(os.path.join(reward, "config.json")):
-        raise ConfigError(f"--reward={reward!r} is neither 'tasks' nor a run's workdir (no config.json); pass a "
+        raise LlmjaxError(f"--reward={reward!r} is neither 'tasks' nor a run's workdir (no config.json); pass a "
                           "reward model run trained with configs/reward.py, or --reward=tasks")
     return Scorer(reward)
 
@@ -205,7 +205,7 @@ def policy_config(workdir: str) -> ml_collections.ConfigDict:
     """A language model run's config; a reward run is refused, as it cannot generate."""
     cfg = checkpoint.run_config(workdir)
     if cfg.trainer == "reward":
-        raise ConfigError(f"--policy={workdir!r} holds a reward model; pass a language model run (e.g. runs/sft) "
+        raise LlmjaxError(f"--policy={workdir!r} holds a reward model; pass a language model run (e.g. runs/sft) "
                           "and give the reward model as --reward")
     return cfg
 
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     if not f.out.endswith(".jsonl"):
-        raise ConfigError(f"--out={f.out!r}: name it FILE.jsonl, the suffix llmjax.data.sources reads records from")
+        raise LlmjaxError(f"--out={f.out!r}: name it FILE.jsonl, the suffix llmjax.data.sources reads records from")
     cfg = policy_config(f.policy)
     score_fn = make_scorer(f.reward)
     if f.prompts == "synthetic":

@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from llmjax.config import ConfigError
 from llmjax.data import tasks
+from llmjax.errors import LlmjaxError
 
 RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 CHECKERS = ("tasks", "math", "exact")  # the kinds that verify an answer rather than judge it
@@ -161,15 +161,15 @@ def _import(name: str, key: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ConfigError(f"{key}: reward {name!r}: no module {e.name!r}; put its folder on PYTHONPATH or fix "
+            raise LlmjaxError(f"{key}: reward {name!r}: no module {e.name!r}; put its folder on PYTHONPATH or fix "
                               "the name (a reward function is module.path:function)") from None
-        raise ConfigError(f"{key}: reward {name!r}: importing {module_name!r} failed: {e}") from None
+        raise LlmjaxError(f"{key}: reward {name!r}: importing {module_name!r} failed: {e}") from None
     except Exception as e:  # the user's module is broken: report it in one line
-        raise ConfigError(f"{key}: reward {name!r}: importing {module_name!r} raised {e!r}") from None
+        raise LlmjaxError(f"{key}: reward {name!r}: importing {module_name!r} raised {e!r}") from None
     fn = getattr(module, attribute, None)
     if not callable(fn):
         what = "is not defined" if fn is None else f"is a {type(fn).__name__}, not a function"
-        raise ConfigError(f"{key}: reward {name!r}: {attribute!r} {what} in {module_name}; name a function "
+        raise LlmjaxError(f"{key}: reward {name!r}: {attribute!r} {what} in {module_name}; name a function "
                           "fn(prompts, responses, records) -> one score a response")
     return fn
 
@@ -185,22 +185,22 @@ def _term(text: str, key: str) -> Term:
             pass
         else:
             if not math.isfinite(weight):
-                raise ConfigError(f"{key}: reward {text!r} has weight {tail!r}; give a finite number")
+                raise LlmjaxError(f"{key}: reward {text!r} has weight {tail!r}; give a finite number")
             name = head
     if not name:
-        raise ConfigError(f"{key}: reward {text!r} has no kind before its weight")
+        raise LlmjaxError(f"{key}: reward {text!r} has no kind before its weight")
     kind, colon, arg = name.partition(":")
     if kind in CHECKERS:
         if colon:
-            raise ConfigError(f"{key}: reward {name!r}: {kind} takes no argument (write {kind} or {kind}:WEIGHT)")
+            raise LlmjaxError(f"{key}: reward {name!r}: {kind} takes no argument (write {kind} or {kind}:WEIGHT)")
         return Term(name, weight, {"tasks": _tasks, "math": _math, "exact": _exact}[kind], None)
     if kind == "format":
         if not arg:
-            raise ConfigError(f"{key}: reward {name!r} has no regex; write format:REGEX")
+            raise LlmjaxError(f"{key}: reward {name!r} has no regex; write format:REGEX")
         try:
             return Term(name, weight, _format(re.compile(arg, re.DOTALL)), None)
         except re.error as e:
-            raise ConfigError(f"{key}: reward {name!r}: the regex {arg!r} does not compile ({e})") from None
+            raise LlmjaxError(f"{key}: reward {name!r}: the regex {arg!r} does not compile ({e})") from None
     if _FUNCTION.fullmatch(name) and not os.path.isdir(name):
         return Term(name, weight, _import(name, key), None)
     return Term(name, weight, None, name)
@@ -211,7 +211,7 @@ def parse(spec: str | Sequence[str], key: str = "ppo.reward") -> list[Term]:
     split = isinstance(spec, str)
     pieces = spec.split(",") if split else list(spec) if isinstance(spec, list | tuple) else [spec]
     if not pieces or not all(isinstance(p, str) and p.strip() for p in pieces):
-        raise ConfigError(f"{key}={spec!r} has an empty or non-string term; name one or more rewards, e.g. "
+        raise LlmjaxError(f"{key}={spec!r} has an empty or non-string term; name one or more rewards, e.g. "
                           f"{key}=math or {key}=math,format:REGEX:0.1")
     hint = (f" (a regex with a comma must be given as a list of terms, e.g. {key}=['format:a{{1,3}}', 'math'])"
             if split and len(pieces) > 1 else "")
@@ -219,18 +219,18 @@ def parse(spec: str | Sequence[str], key: str = "ppo.reward") -> list[Term]:
     for piece in pieces:
         try:
             term = _term(piece.strip(), key)
-        except ConfigError as e:
-            raise ConfigError(f"{e}{hint}") from None
+        except LlmjaxError as e:
+            raise LlmjaxError(f"{e}{hint}") from None
         if hint and term.run and not os.path.isdir(term.run) and terms and terms[-1].name.startswith("format:"):
-            raise ConfigError(f"{key}: reward {term.name!r} after a format: term is neither a reward kind nor an "
+            raise LlmjaxError(f"{key}: reward {term.name!r} after a format: term is neither a reward kind nor an "
                               f"existing directory{hint}")
         terms.append(term)
     names = [t.name for t in terms]
     if len(set(names)) < len(names):
-        raise ConfigError(f"{key}={spec!r} names a reward twice; give each once, with its weight")
+        raise LlmjaxError(f"{key}={spec!r} names a reward twice; give each once, with its weight")
     runs = [t.name for t in terms if t.run]
     if len(runs) > 1:
-        raise ConfigError(f"{key}={spec!r} has {len(runs)} reward-model runs ({', '.join(runs)}); at most one is "
+        raise LlmjaxError(f"{key}={spec!r} has {len(runs)} reward-model runs ({', '.join(runs)}); at most one is "
                           "scored (or each term is a kind, a module:function, or the one run directory)")
     return terms
 

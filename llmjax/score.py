@@ -19,9 +19,9 @@ from absl import flags
 
 from llmjax import checkpoint
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data import preference
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.sharding import make_constrain, make_mesh
 from llmjax.train import reward
 
@@ -30,7 +30,7 @@ def reward_run(workdir: str) -> ml_collections.ConfigDict:
     """The config of a reward run; any other run refused in one line."""
     cfg = checkpoint.run_config(workdir)
     if cfg.trainer != "reward":
-        raise ConfigError(f"{workdir!r} holds a {cfg.trainer!r} run, not a reward model; train one with "
+        raise LlmjaxError(f"{workdir!r} holds a {cfg.trainer!r} run, not a reward model; train one with "
                           "configs/reward.py")
     return cfg
 
@@ -40,7 +40,7 @@ def render(cfg, tokenizer, prompt: str, response: str, where: str) -> tuple[list
     they do not fit its max_seq_len (it never saw later positions; a learned position table has none)."""
     ids, weights = preference.render(tokenizer, prompt, response, cfg.reward.read == "eos")
     if len(ids) - 1 > cfg.model.max_seq_len:
-        raise ConfigError(f"{where}: the prompt and response take {len(ids) - 1} tokens, more than the reward model's "
+        raise LlmjaxError(f"{where}: the prompt and response take {len(ids) - 1} tokens, more than the reward model's "
                           f"max_seq_len={cfg.model.max_seq_len}; shorten the response (or the prompt)")
     return ids, weights
 
@@ -90,7 +90,7 @@ def read_input(path: str) -> list[tuple[str, dict]]:
     """(FILE:LINE, {"prompt", "response", ...}) of every line of a .jsonl file; a missing file or a line that is
     not such an object refused in one line naming it."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--input={path!r} does not exist; pass a .jsonl file of {{\"prompt\", \"response\"}} lines")
+        raise LlmjaxError(f"--input={path!r} does not exist; pass a .jsonl file of {{\"prompt\", \"response\"}} lines")
     items = []
     with open(path) as file:
         for n, line in enumerate(file, 1):
@@ -99,13 +99,13 @@ def read_input(path: str) -> list[tuple[str, dict]]:
             try:
                 item = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); write one "
+                raise LlmjaxError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); write one "
                                   "{\"prompt\": ..., \"response\": ...} object per line") from None
             if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("prompt", "response"))):
-                raise ConfigError(f"{path}:{n}: not a JSON object with string \"prompt\" and \"response\" fields")
+                raise LlmjaxError(f"{path}:{n}: not a JSON object with string \"prompt\" and \"response\" fields")
             items.append((f"{path}:{n}", item))
     if not items:
-        raise ConfigError(f"--input={path!r} holds no lines; write one {{\"prompt\", \"response\"}} object per line")
+        raise LlmjaxError(f"--input={path!r} holds no lines; write one {{\"prompt\", \"response\"}} object per line")
     return items
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
         lines = [(f"--response={r if len(r) <= 40 else r[:40] + '...'!r}", {"prompt": f.prompt, "response": r})
                  for r in f.response]
     else:
-        raise ConfigError("give --input=FILE.jsonl of {prompt, response} lines, or --prompt and --response")
+        raise LlmjaxError("give --input=FILE.jsonl of {prompt, response} lines, or --prompt and --response")
     cfg, items = reward_run(f.workdir), [item for _, item in lines]
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     for where, item in lines:  # every line checked before the model is read

@@ -14,27 +14,27 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 
 AXES = ("data", "expert", "fsdp", "tensor")
 
 
 def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:
-    """Every mesh axis's size (an axis `mesh` leaves out has size 1), the one -1 entry resolved; raises ConfigError
+    """Every mesh axis's size (an axis `mesh` leaves out has size 1), the one -1 entry resolved; raises LlmjaxError
     when the sizes cannot cover the devices exactly."""
     sizes = {a: mesh.get(a, 1) for a in AXES}
     free = [k for k, v in sizes.items() if v == -1]
     bad = [k for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
-        raise ConfigError(f"mesh sizes {sizes}: use positive sizes and at most one -1; e.g. --config.mesh.fsdp=-1")
+        raise LlmjaxError(f"mesh sizes {sizes}: use positive sizes and at most one -1; e.g. --config.mesh.fsdp=-1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if n_devices % fixed:
-            raise ConfigError(f"mesh {sizes}: {n_devices} devices are not divisible by {fixed}; "
+            raise LlmjaxError(f"mesh {sizes}: {n_devices} devices are not divisible by {fixed}; "
                               f"change the mesh sizes so their product divides {n_devices}")
         sizes[free[0]] = n_devices // fixed
     elif fixed != n_devices:
-        raise ConfigError(f"mesh {sizes} has {fixed} devices but {n_devices} are present; make the product "
+        raise LlmjaxError(f"mesh {sizes} has {fixed} devices but {n_devices} are present; make the product "
                           f"of mesh sizes {n_devices}, or set one to -1 (e.g. --config.mesh.fsdp=-1)")
     return sizes
 

@@ -84,7 +84,7 @@ def test_claim_refuses_a_different_model(run):
     workdir, *_ = run
     before = files(workdir)
     other = tiny_config(**{"model.d_model": 32, "model.n_layers": 3})
-    with pytest.raises(config.ConfigError, match=r"\(model.d_model, model.n_layers differ\); pass a new --workdir"):
+    with pytest.raises(config.LlmjaxError, match=r"\(model.d_model, model.n_layers differ\); pass a new --workdir"):
         checkpoint.claim_workdir(workdir, other, {"lm": ()})
     assert files(workdir) == before
     assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
@@ -95,9 +95,9 @@ def test_load_params_checks_model_and_tokenizer(run):
     workdir, cfg, _, saved = run
     mesh = make_mesh(cfg.mesh)
     assert_same_values(checkpoint.load_params(workdir, mesh, "lm", cfg.model, cfg.data.tokenizer), saved.params)
-    with pytest.raises(config.ConfigError, match="parameters differ"):
+    with pytest.raises(config.LlmjaxError, match="parameters differ"):
         checkpoint.load_params(workdir, mesh, "lm", tiny_config(**{"model.d_model": 32}).model)
-    with pytest.raises(config.ConfigError, match=f"set --config.data.tokenizer={cfg.data.tokenizer}$"):
+    with pytest.raises(config.LlmjaxError, match=f"set --config.data.tokenizer={cfg.data.tokenizer}$"):
         checkpoint.load_params(workdir, mesh, "lm", cfg.model, "other.model")
 
 
@@ -141,7 +141,7 @@ def test_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
                                "    time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(config.ConfigError, match=rf"in use by a live run \(pid {holder.pid} on "), \
+        with pytest.raises(config.LlmjaxError, match=rf"in use by a live run \(pid {holder.pid} on "), \
                 checkpoint.locked(str(tmp_path)):
             pass
     finally:
@@ -161,7 +161,7 @@ def test_a_run_that_would_misread_the_workdir_writes_nothing(run, tmp_path, over
     workdir = shutil.copytree(run[0], tmp_path / "run")
     before = files(workdir)
     cfg = reward_config() if overrides.get("trainer") == "reward" else tiny_config(seed=7, **overrides)
-    with pytest.raises(config.ConfigError, match=differ):
+    with pytest.raises(config.LlmjaxError, match=differ):
         registry.train(cfg, str(workdir))
     assert files(workdir) == before
 
@@ -173,7 +173,7 @@ def test_ppo_value_means_something_only_under_ppo(tmp_path):
         run.ppo.value, changed.ppo.value = "separate", "shared"
         checkpoint.claim_workdir(workdir, run, {})
         if refused:
-            with pytest.raises(config.ConfigError, match=r"different kind \(ppo.value differ\)"):
+            with pytest.raises(config.LlmjaxError, match=r"different kind \(ppo.value differ\)"):
                 checkpoint.check_workdir(workdir, changed)
         else:
             checkpoint.check_workdir(workdir, changed)
@@ -184,7 +184,7 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(os, "makedirs", read_only)
-    with pytest.raises(config.ConfigError, match=r"is not writable \(Read-only file system\); pass a --workdir"), \
+    with pytest.raises(config.LlmjaxError, match=r"is not writable \(Read-only file system\); pass a --workdir"), \
             checkpoint.locked(str(tmp_path / "run")):
         pass
 
@@ -193,7 +193,7 @@ def test_a_save_that_cannot_fit_stops_before_writing(tmp_path, monkeypatch):
     """A disk with too little room left: the run stops at the checkpoint step, naming the last intact one."""
     free = iter([1e9, 1e9, 1.0])  # room for checkpoints 2 and 4, none for 6
     monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("Usage", "free")(next(free)))
-    with pytest.raises(config.ConfigError, match=r"^disk full at step 6 \(0.0 MiB free, a checkpoint takes .* MiB\) "
+    with pytest.raises(config.LlmjaxError, match=r"^disk full at step 6 \(0.0 MiB free, a checkpoint takes .* MiB\) "
                        r"in .*; checkpoint 4 is intact: free space and rerun to resume$"):
         registry.train(tiny_config(steps=10, **{"checkpoint.every": 2}), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]

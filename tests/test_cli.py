@@ -138,7 +138,7 @@ def test_cli_rejects_bad_input(bad_inputs, case):
     assert code == 2, stderr
     assert "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("config error: "), stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for fragment in INPUT_CASES[case][2]:
         assert fragment in lines[0], stderr
     assert not started

@@ -25,7 +25,7 @@ def test_parse_arg_converts_types():
     ("flag=ture", "config argument flag='ture' is not a bool"),
 ])
 def test_parse_arg_rejects(arg, message):
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(config.LlmjaxError, match=message):
         config.parse_arg(arg, model="small", steps=300, flag=False)
 
 
@@ -43,7 +43,7 @@ def test_ppo_config_tunes_to_what_judges_the_answers(arg, reward, steps, lr, sch
 
 
 def test_config_file_rejects_unknown_preset():
-    with pytest.raises(config.ConfigError, match="model='nope' is not a preset; choose one of tiny"):
+    with pytest.raises(config.LlmjaxError, match="model='nope' is not a preset; choose one of tiny"):
         pretrain_config.get_config("model=nope")
 
 
@@ -66,7 +66,7 @@ def test_config_file_rejects_unknown_preset():
     ({"data.tasks": "sort,srot"}, r"data.tasks='sort,srot' names unknown tasks \['srot'\]; choose from reverse,"),
 ])
 def test_validate_rejects(overrides, message):
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(config.LlmjaxError, match=message):
         registry.validate(tiny_config(**overrides), 8)
 
 
@@ -110,7 +110,7 @@ OUT_OF_RANGE = [
 
 @pytest.mark.parametrize("spec, key, value", OUT_OF_RANGE)
 def test_validate_refuses_values_the_maths_forbids(spec, key, value):
-    with pytest.raises(config.ConfigError, match=rf"^{re.escape(f'{key}={value!r} is outside ')}[\[(].*"
+    with pytest.raises(config.LlmjaxError, match=rf"^{re.escape(f'{key}={value!r} is outside ')}[\[(].*"
                                                  rf"; set --config\.{re.escape(key)} within it$"):
         registry.validate(shipped(f"{spec}:model=tiny", **{key: value}), 8)
 

@@ -3,7 +3,7 @@
 A key that is read nowhere (or read and then ignored) lets a user believe they changed a run when they did not.
 For each config, every key is changed on its own (see `alternatives`) and the run's fingerprint compared with the
 unchanged config's. Compiling or training every variant would take far too long, so the fingerprint is what a run
-is made of, gathered without compiling: the refusal (a ConfigError from building the task), else the FLOPs per
+is made of, gathered without compiling: the refusal (a LlmjaxError from building the task), else the FLOPs per
 token, the evaluator's held-out data, the first batch, the traced step (its jaxpr with every constant, and where
 its arguments live: the model, loss, optimizer and placement), PPO's rollout stages traced one by one, and the
 start state. Pieces are compared cheapest first, and only until one differs. A refused change is fine; the next
@@ -26,8 +26,8 @@ import pytest
 from helpers import saved_run
 
 from llmjax import config, losses
-from llmjax.config import ConfigError
 from llmjax.data import tasks
+from llmjax.errors import LlmjaxError
 from llmjax.train import registry
 from llmjax.train.rollout import Rollout, Sampled
 
@@ -286,7 +286,7 @@ def start(cfg, task) -> str:
 
 def fingerprint(cfg, workdir: str):
     """Yields (piece, value) of what a run of cfg computes, cheapest first: ("refused", message) if building its
-    task raises a ConfigError, ("crashed", error) for any other exception."""
+    task raises a LlmjaxError, ("crashed", error) for any other exception."""
     try:
         task = registry.task(cfg, workdir)
         yield "flops per token", task.flops_per_token
@@ -300,7 +300,7 @@ def fingerprint(cfg, workdir: str):
         args = (task.abstract, batch, *task.frozen)
         yield "step", traced(task.jit_step(shardings).trace(*args), args)
         yield "start", start(cfg, task)
-    except ConfigError as e:
+    except LlmjaxError as e:
         yield "refused", str(e)
     except Exception as e:  # reported by the test
         yield "crashed", f"{type(e).__name__}: {e}"

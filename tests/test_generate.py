@@ -9,7 +9,7 @@ import pytest
 from helpers import reward_config
 
 from llmjax import checkpoint, config, generate
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_generate_cli(sft_dir):
 
 def test_a_reward_model_does_not_generate(tmp_path):
     checkpoint.claim_workdir(str(tmp_path), reward_config(), {"scorer": ()})  # what generate reads first
-    with pytest.raises(ConfigError, match="holds a reward model, which scores text but does not write it"):
+    with pytest.raises(LlmjaxError, match="holds a reward model, which scores text but does not write it"):
         generate.complete(str(tmp_path), ["sort 21 = "])
 
 
@@ -39,8 +39,8 @@ def config_only_run(tmp_path):
 def test_a_prompt_longer_than_the_context_is_refused(config_only_run):
     """Positions past model.max_seq_len were never trained (a learned table has none): refused before the
     checkpoint is read, not answered with noise."""
-    with pytest.raises(ConfigError, match=r"^prompt 2 \('9999.*\.\.\.'\) takes 201 tokens; with max_new_tokens=64 it "
+    with pytest.raises(LlmjaxError, match=r"^prompt 2 \('9999.*\.\.\.'\) takes 201 tokens; with max_new_tokens=64 it "
                                           r"exceeds the model's max_seq_len=256; shorten the prompt or lower "):
         generate.complete(config_only_run, ["sort 21 = ", "9" * 200])
-    with pytest.raises(ConfigError, match="max_new_tokens=0, .* need max_new_tokens >= 1"):
+    with pytest.raises(LlmjaxError, match="max_new_tokens=0, .* need max_new_tokens >= 1"):
         generate.complete(config_only_run, ["sort 21 = "], max_new_tokens=0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmjax import checkpoint, config, sampling
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, weights
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
@@ -157,7 +157,7 @@ def test_an_unsupported_or_inconsistent_folder_is_refused_in_one_line(change, me
         hf = json.load(f)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf | change, f)
-    with pytest.raises(ConfigError, match="^[^\n]*$") as e:
+    with pytest.raises(LlmjaxError, match="^[^\n]*$") as e:
         convert.import_run(folder, str(tmp_path / "run"))
     assert message in str(e.value)
     assert not os.path.exists(tmp_path / "run")
@@ -193,11 +193,11 @@ def test_import_and_export_never_write_over_what_they_did_not_make(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(LlmjaxError, match="not empty"):
         convert.import_run(fixture("gpt2"), str(taken))
     run = str(tmp_path / "run")
     convert.import_run(fixture("gpt2"), run)
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(LlmjaxError, match="not empty"):
         convert.export_run(run, str(taken))
     assert os.listdir(taken) == ["notes.txt"]
 
@@ -207,7 +207,7 @@ def test_a_model_without_a_hugging_face_architecture_is_refused(tmp_path):
 
     run = str(tmp_path / "run")
     saved_run(config.load("configs/pretrain.py:model=tiny", **{"model.pos": "learned"}), run)
-    with pytest.raises(ConfigError, match="matches no Hugging Face architecture"):
+    with pytest.raises(LlmjaxError, match="matches no Hugging Face architecture"):
         convert.export_run(run, str(tmp_path / "out"))
 
 

@@ -13,7 +13,7 @@ import pytest
 from test_hf import compare_live, export_loads_live, fixture, logits, reference, stored
 
 from llmjax import checkpoint, config, sampling
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, families, weights
 from llmjax.sharding import make_mesh
 
@@ -101,7 +101,7 @@ def edited(name: str, change: dict, tmp_path) -> str:
 ])
 def test_an_unsupported_or_inconsistent_folder_is_refused_in_one_line(name, change, message, tmp_path):
     folder = edited(name, change, tmp_path)
-    with pytest.raises(ConfigError, match="^[^\n]*$") as e:
+    with pytest.raises(LlmjaxError, match="^[^\n]*$") as e:
         convert.import_run(folder, str(tmp_path / "run"))
     assert message in str(e.value)
     assert not os.path.exists(tmp_path / "run")
@@ -123,7 +123,7 @@ def test_experts_fused_as_transformers_5_holds_them_are_refused_naming_the_fix(t
             [np.stack(expert["gate"][i]), np.stack(expert["up"][i])], axis=1)
         tensors[f"model.layers.{i}.mlp.experts.down_proj"] = np.stack(expert["down"][i])
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ConfigError, match="^[^\n]*save_original_format=False[^\n]*$"):
+    with pytest.raises(LlmjaxError, match="^[^\n]*save_original_format=False[^\n]*$"):
         convert.import_run(str(folder), str(tmp_path / "run"))
 
 
@@ -148,7 +148,7 @@ def test_experts_without_a_hugging_face_architecture_are_refused_on_export():
         model = config.model_config("moe-tiny")
         model.update(change)
         assert families.family(model) == ""
-        with pytest.raises(ConfigError, match="^[^\n]*moe_experts=4, moe_every=[^\n]*$"):
+        with pytest.raises(LlmjaxError, match="^[^\n]*moe_experts=4, moe_every=[^\n]*$"):
             families.hf_config(model, "float32", None, 0, 0)
     qwen3 = config.model_config("moe-tiny")
     qwen3.update(qk_norm=True, moe_renormalize=False, moe_every=2)

@@ -46,7 +46,7 @@ def main_args(workdir, steps: int, *extra: str) -> list[str]:
 
 def one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> None:
     lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("train:", "I1", "W1"))]
-    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("config error: "), out.stderr[-3000:]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
     assert "Traceback" not in out.stderr and all(f in lines[0] for f in fragments), lines
 
 

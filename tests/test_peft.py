@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from llmjax import checkpoint, config
 from llmjax import lora as lora_runs
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, families
 from llmjax.models import lora, transformer
 from llmjax.sharding import make_mesh
@@ -138,7 +138,7 @@ def test_peft_loads_the_export_onto_the_exported_base_live(runs, tmp_path):
 
 @pytest.mark.xdist_group("peft_runs")  # one worker makes `runs` for all its users
 def test_not_a_lora_run_is_refused(runs, tmp_path):
-    with pytest.raises(ConfigError, match="is not a LoRA run"):
+    with pytest.raises(LlmjaxError, match="is not a LoRA run"):
         lora_runs.export_peft(runs["base"], str(tmp_path / "out"))
 
 
@@ -146,7 +146,7 @@ def test_a_gpt2_lora_run_is_refused(tmp_path):
     cfg = config.load(f"configs/sft.py:model=hf:{os.path.join(HF, 'gpt2')}", **{"lora.targets": "all"})
     run = str(tmp_path / "gpt2-lora")
     checkpoint.claim_workdir(run, cfg, {"lm": []})
-    with pytest.raises(ConfigError, match=r"\(gpt2\); PEFT adapters are exported for llama, .* only: merge the run"):
+    with pytest.raises(LlmjaxError, match=r"\(gpt2\); PEFT adapters are exported for llama, .* only: merge the run"):
         lora_runs.export_peft(run, str(tmp_path / "out"))
 
 
@@ -154,6 +154,6 @@ def test_a_gpt2_lora_run_is_refused(tmp_path):
 def test_a_non_empty_out_is_refused(runs, tmp_path):
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="--out .* is not empty"):
+    with pytest.raises(LlmjaxError, match="--out .* is not empty"):
         lora_runs.export_peft(runs["lora"], str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == ["keep.txt"]

@@ -12,9 +12,9 @@ import pytest
 
 from llmjax import checkpoint, sharding
 from llmjax import rejection_sample as rs
-from llmjax.config import ConfigError
 from llmjax.data import pipeline, sources, tasks
 from llmjax.data.tokenizer import ByteTokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.score import Scorer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,21 +94,21 @@ def test_best_of_n_with_a_reward_model(policy, rm_dir):
 
 
 def test_bad_inputs_name_the_fix(sft_dir, rm_dir, tmp_path):
-    with pytest.raises(ConfigError, match="not a reward model"):
+    with pytest.raises(LlmjaxError, match="not a reward model"):
         rs.make_scorer(sft_dir)
-    with pytest.raises(ConfigError, match="neither 'tasks' nor a run"):
+    with pytest.raises(LlmjaxError, match="neither 'tasks' nor a run"):
         rs.make_scorer(str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="holds a reward model"):
+    with pytest.raises(LlmjaxError, match="holds a reward model"):
         rs.policy_config(rm_dir)
-    with pytest.raises(ConfigError, match="holds no run"):
+    with pytest.raises(LlmjaxError, match="holds no run"):
         rs.policy_config(str(tmp_path / "missing"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ConfigError, match="holds no prompts"):
+    with pytest.raises(LlmjaxError, match="holds no prompts"):
         rs.read_prompts(str(tmp_path / "empty.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "sort 21 = "}\n{"text": "x"}\n')
-    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+    with pytest.raises(LlmjaxError, match="bad.jsonl:2"):
         rs.read_prompts(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(ConfigError, match="reward model run"):
+    with pytest.raises(LlmjaxError, match="reward model run"):
         rs.check_tasks(["sort: 321"], ["123"])
 
 

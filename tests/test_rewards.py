@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from llmjax import rewards
-from llmjax.config import ConfigError
 from llmjax.data import tasks
+from llmjax.errors import LlmjaxError
 
 # Reward functions of a "user's module": this one, imported by the specs below as test_rewards:NAME (tests/ is on
 # the path, setup.cfg's pythonpath).
@@ -83,13 +83,13 @@ def test_each_form_parses_with_its_name_and_weight(tmp_path):
     ("math,math:2", "names a reward twice"),
 ])
 def test_bad_specs_are_one_config_error_naming_the_key(spec, message):
-    with pytest.raises(ConfigError, match=message) as e:
+    with pytest.raises(LlmjaxError, match=message) as e:
         rewards.parse(spec)
     assert "ppo.reward" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_key_named_is_the_callers():
-    with pytest.raises(ConfigError, match=r"^eval.reward: reward 'math:x'"):
+    with pytest.raises(LlmjaxError, match=r"^eval.reward: reward 'math:x'"):
         rewards.parse("math:x", key="eval.reward")
 
 

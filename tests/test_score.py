@@ -10,8 +10,8 @@ import pytest
 from helpers import reward_config, saved_run
 
 from llmjax import score
-from llmjax.config import ConfigError
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 
 
 @pytest.mark.slow  # a subprocess CLI
@@ -39,7 +39,7 @@ def test_bad_input_lines_are_refused_naming_the_line(tmp_path, text, message):
     path = tmp_path / "in.jsonl"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(LlmjaxError, match=message):
         score.read_input(str(path))
 
 
@@ -48,7 +48,7 @@ def test_a_text_longer_than_the_reward_models_context_is_refused():
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids, _ = score.render(cfg, tokenizer, "sort 21 = ", "12", "in.jsonl:1")
     assert len(ids) < 20
-    with pytest.raises(ConfigError, match=r"^in.jsonl:2: the prompt and response take 314 tokens, more than the reward "
+    with pytest.raises(LlmjaxError, match=r"^in.jsonl:2: the prompt and response take 314 tokens, more than the reward "
                                           r"model's max_seq_len=256; shorten the response"):
         score.render(cfg, tokenizer, "sort 21 = ", "1" * 300, "in.jsonl:2")
 

@@ -49,7 +49,7 @@ def test_make_mesh_fills_minus_one():
 @pytest.mark.parametrize("mesh_cfg", [dict(data=2, expert=1, fsdp=2, tensor=1), dict(data=3, expert=1, fsdp=-1,
                                                                                      tensor=1)])
 def test_make_mesh_rejects_wrong_sizes(mesh_cfg):
-    with pytest.raises(config.ConfigError, match=re.escape(f"mesh {mesh_cfg}")):
+    with pytest.raises(config.LlmjaxError, match=re.escape(f"mesh {mesh_cfg}")):
         sharding.make_mesh(mesh_cfg)
 
 

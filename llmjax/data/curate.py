@@ -22,8 +22,8 @@ from pathlib import Path
 from absl import flags
 
 from llmjax.cli import run_main
-from llmjax.config import ConfigError
 from llmjax.data.curation import COUNT_KEYS, DEDUP_FILTERS, DOC_FILTERS, LINE_FILTERS, CurationConfig, curate
+from llmjax.errors import LlmjaxError
 
 HEURISTICS = LINE_FILTERS + DOC_FILTERS
 SUFFIXES = (".txt", ".jsonl")
@@ -61,10 +61,10 @@ def input_files(specs: list[str]) -> list[str]:
         else:
             found = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
         if not found:
-            raise ConfigError(f"--input={spec}: no such file, and no .txt or .jsonl files match it")
+            raise LlmjaxError(f"--input={spec}: no such file, and no .txt or .jsonl files match it")
         wrong = [f for f in found if not f.endswith(SUFFIXES)]
         if wrong:
-            raise ConfigError(f"--input: {wrong[0]} is neither .txt nor .jsonl")
+            raise LlmjaxError(f"--input: {wrong[0]} is neither .txt nor .jsonl")
         files += found
     return list(dict.fromkeys(files))
 
@@ -110,7 +110,7 @@ def read_docs(path: str) -> Iterator[str]:
 def _config() -> CurationConfig:
     unknown = sorted(set(_FILTERS.value) - set(HEURISTICS))
     if unknown:
-        raise ConfigError(f"--filters: unknown {unknown}; choose from {', '.join(HEURISTICS)} "
+        raise LlmjaxError(f"--filters: unknown {unknown}; choose from {', '.join(HEURISTICS)} "
                           "(de-duplication is switched off with --no_dedup and --no_minhash)")
     enabled = set(_FILTERS.value) | set(DEDUP_FILTERS)
     enabled -= {"exact_dedup"} if _NO_DEDUP.value else set()
@@ -121,13 +121,13 @@ def _config() -> CurationConfig:
             with open(_BAD_WORDS_FILE.value, encoding="utf-8", errors="replace") as f:
                 bad_words = tuple(w.strip() for w in f if w.strip())
         except OSError as e:
-            raise ConfigError(f"--bad_words_file={_BAD_WORDS_FILE.value}: cannot read ({e.strerror})") from None
+            raise LlmjaxError(f"--bad_words_file={_BAD_WORDS_FILE.value}: cannot read ({e.strerror})") from None
     try:
         return CurationConfig(enabled=frozenset(enabled), min_line_words=_MIN_LINE_WORDS.value,
                               min_sentences=_MIN_SENTENCES.value, min_words=_MIN_WORDS.value,
                               minhash_threshold=_THRESHOLD.value, bad_words=bad_words)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise LlmjaxError(str(e)) from None
 
 
 def report(counts: dict[str, int], cfg: CurationConfig) -> str:

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llmjax.config import ConfigError
 from llmjax.data import chat, sources
 from llmjax.data.tokenizer import Tokenizer, get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch
 
 Record = dict[str, Any]
@@ -113,7 +113,7 @@ def make_iterator(
         raise ValueError("the data source holds no records")
     missing = [k for k in FIELDS[format] if k not in source[0]]
     if missing:
-        raise ConfigError(f"data.format={format!r} reads {', '.join(FIELDS[format])} but the records hold "
+        raise LlmjaxError(f"data.format={format!r} reads {', '.join(FIELDS[format])} but the records hold "
                           f"{', '.join(sorted(source[0]))}; set --config.data.format to match the data")
     rows, length = batch_size // process_count, seq_len + 1
     records = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)[process_index::process_count]
@@ -130,7 +130,7 @@ def make_iterator(
 
 def _iterator(cfg, split: str) -> grain.DatasetIterator:
     """This process's batches of `split` of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME).
-    Whatever is wrong with the input is one ConfigError; SFT records with empty responses are counted (warned,
+    Whatever is wrong with the input is one LlmjaxError; SFT records with empty responses are counted (warned,
     or refused when all are)."""
     records = sources.for_run(cfg, split)
     it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llmjax.config import ConfigError
 from llmjax.data import chat, sources, tasks
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch, process_rows
 
 KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -30,7 +30,7 @@ def fill(row: dict[str, np.ndarray], start: int, ids: list[int], weights: list[f
     """Writes one rendered sequence into `row` from `start` (next-token layout); returns where it ends."""
     n = len(ids) - 1
     if start + n > row["inputs"].shape[-1]:
-        raise ConfigError(f"a preference sequence of {n} tokens does not fit seq_len={row['inputs'].shape[-1]}; "
+        raise LlmjaxError(f"a preference sequence of {n} tokens does not fit seq_len={row['inputs'].shape[-1]}; "
                           "raise --config.seq_len")
     end = start + n
     row["inputs"][start:end], row["targets"][start:end] = ids[:-1], ids[1:]
@@ -114,7 +114,7 @@ def make(ranked: Ranked, *, step: int, rows: range, seq_len: int, tokenizer, lay
         rendered = [render(tokenizer, prompt, response, eos_input) for response in responses]
         if layout == "ranked":
             if len(rendered) > k:
-                raise ConfigError(f"a record ranks {len(rendered)} responses but reward.responses={k}; raise it")
+                raise LlmjaxError(f"a record ranks {len(rendered)} responses but reward.responses={k}; raise it")
             for j, seq in enumerate(rendered):
                 fill({key: v[i, j] for key, v in parts["responses"].items()}, 0, *seq, segment=1)
         elif layout == "packed":
@@ -135,7 +135,7 @@ def source(cfg, split: str = "train", seed_offset: int = 0, k: int = 2, negative
         return synthetic(seed, cfg.data.tasks.split(","), k, negatives)
     records = sources.for_run(cfg, split, kind="preference")
     if "responses" not in records[0]:
-        raise ConfigError(f"data.source={cfg.data.source!r} holds no preference records (prompt, chosen, rejected "
+        raise LlmjaxError(f"data.source={cfg.data.source!r} holds no preference records (prompt, chosen, rejected "
                           "or responses); point it at preference data")
     if split == "train":
         sources.check_degenerate(records, cfg.data.source, "have the same best and worst response (chosen == "

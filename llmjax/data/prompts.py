@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llmjax.config import ConfigError
 from llmjax.data import chat, sources, tasks
+from llmjax.errors import LlmjaxError
 
 HELD_OUT = 1_000_003  # offsets the seed so evaluation never sees a training example's random stream
 
@@ -28,7 +28,7 @@ def records(cfg, split: str) -> sources.Records:
     """A files: or tfds: source's prompt records of `split`, refused in one line if they have no prompt."""
     found = sources.for_run(cfg, split, kind="prompts")
     if "prompt" not in found[0]:
-        raise ConfigError(f"data.source={cfg.data.source!r} holds no prompt records (fields {sorted(found[0])}); "
+        raise LlmjaxError(f"data.source={cfg.data.source!r} holds no prompt records (fields {sorted(found[0])}); "
                           'RL needs records with a "prompt"')
     return found
 
@@ -82,6 +82,6 @@ def ids(tokenizer, prompts: Sequence[str], width: int, key: str = "ppo.max_promp
     out = [chat.prompt_ids(tokenizer, p) for p in prompts]
     longest = max(range(len(out)), key=lambda i: len(out[i]))
     if len(out[longest]) > width:
-        raise ConfigError(f"a prompt of {len(out[longest])} tokens does not fit {key}={width} "
+        raise LlmjaxError(f"a prompt of {len(out[longest])} tokens does not fit {key}={width} "
                           f"({prompts[longest][:60]!r}); raise --config.{key}")
     return out

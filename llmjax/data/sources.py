@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def load(source: str, data_dir: str, split: str, **options: Any) -> Records:
 
 def for_run(cfg, split: str, **options: Any) -> Records:
     """`load` of a run's cfg.data (a files: source with its data.validation and `options`), with any problem of
-    the input refused as one ConfigError naming data.source: what the CLI prints as its one line, before anything
+    the input refused as one LlmjaxError naming data.source: what the CLI prints as its one line, before anything
     compiles."""
     source = cfg.data.source
     options = {"validation": cfg.data.validation, **options} if source.startswith("files:") else {}
@@ -388,9 +388,9 @@ def for_run(cfg, split: str, **options: Any) -> Records:
     except NoSplit as e:
         fix = "lower --config.data.validation" if split == "train" else (
             "raise --config.data.validation or set --config.eval_every=0")
-        raise ConfigError(f"data.source={source!r} has no {split} records ({e}); {fix}") from None
+        raise LlmjaxError(f"data.source={source!r} has no {split} records ({e}); {fix}") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.source={source!r}: {str(e).splitlines()[0]}") from None
+        raise LlmjaxError(f"data.source={source!r}: {str(e).splitlines()[0]}") from None
 
 
 def check_degenerate(records: Records, source: str, what: str, fix: str) -> None:
@@ -400,6 +400,6 @@ def check_degenerate(records: Records, source: str, what: str, fix: str) -> None
     if not n:
         return
     if n == len(records):
-        raise ConfigError(f"data.source={source!r}: all {n} records {what}, so training on them learns nothing; {fix}")
+        raise LlmjaxError(f"data.source={source!r}: all {n} records {what}, so training on them learns nothing; {fix}")
     logging.getLogger("llmjax").warning("data.source=%r: %d of %d records %s; they train on nothing", source, n,
                                         len(records), what)

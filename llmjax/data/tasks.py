@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 
 _SEP = " = "
 
@@ -121,7 +121,7 @@ def check_names(key: str, names: str) -> None:
     """Refuses a config key (data.tasks, ppo.tasks) that names a task we do not have."""
     unknown = [n for n in names.split(",") if n not in TASKS]
     if unknown:
-        raise ConfigError(f"{key}={names!r} names unknown tasks {unknown}; choose from {','.join(TASKS)}")
+        raise LlmjaxError(f"{key}={names!r} names unknown tasks {unknown}; choose from {','.join(TASKS)}")
 
 
 def sample(rng: np.random.Generator, names: Sequence[str]) -> Example:
@@ -202,4 +202,4 @@ def check_negatives(key: str, kinds: str) -> None:
     unknown = [n for n in names if n not in NEGATIVES]
     if unknown or len(set(names)) < len(names):
         problem = f"names unknown kinds {unknown}" if unknown else "names a kind twice"
-        raise ConfigError(f"{key}={kinds!r} {problem}; give some of {','.join(NEGATIVES)}, comma-separated")
+        raise LlmjaxError(f"{key}={kinds!r} {problem}; give some of {','.join(NEGATIVES)}, comma-separated")

@@ -220,7 +220,7 @@ if __name__ == "__main__":
     from absl import flags
 
     from llmjax.cli import run_main
-    from llmjax.config import ConfigError
+    from llmjax.errors import LlmjaxError
 
     _INPUT = flags.DEFINE_string("input", None, "comma-separated files or directories (.txt, .jsonl with a 'text' "
                                  "field), or 'synthetic' for the built-in task corpus", required=True)
@@ -230,11 +230,11 @@ if __name__ == "__main__":
 
     def main(argv: list[str]) -> None:
         if argv[1:] != ["train"]:
-            raise ConfigError(f"expected the command 'train', got {argv[1:]}; run {_TRAIN_HINT}")
+            raise LlmjaxError(f"expected the command 'train', got {argv[1:]}; run {_TRAIN_HINT}")
         try:
             print(_train_cli(_INPUT.value, _VOCAB_SIZE.value, _MODEL_TYPE.value, _OUT.value))
         except (OSError, ValueError, RuntimeError) as e:
             # Bad inputs and sentencepiece's complaints; errors raised while it reads lines carry a traceback below.
-            raise ConfigError(str(e).strip().splitlines()[0]) from None
+            raise LlmjaxError(str(e).strip().splitlines()[0]) from None
 
     run_main(main)

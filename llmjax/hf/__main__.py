@@ -12,7 +12,7 @@ also be named directly (`model=hf:DIR`), which reads its safetensors at the star
 from absl import flags
 
 from llmjax.cli import init_distributed, run_main
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf.convert import export_run, import_run
 
 COMMANDS = ("import", "export")
@@ -22,14 +22,14 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     init_distributed()  # on a pod, every host runs the same command
     if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise ConfigError(f"expected one command, import or export, got {argv[1:]}; see python -m llmjax.hf --help")
+        raise LlmjaxError(f"expected one command, import or export, got {argv[1:]}; see python -m llmjax.hf --help")
     if argv[1] == "import":
         if not f.hf_dir:
-            raise ConfigError("import needs --hf_dir=DIR (a Hugging Face model folder) and --workdir=RUN")
+            raise LlmjaxError("import needs --hf_dir=DIR (a Hugging Face model folder) and --workdir=RUN")
         print(import_run(f.hf_dir, f.workdir, f.dtype))
     else:
         if not f.out:
-            raise ConfigError("export needs --workdir=RUN and --out=DIR (a new folder)")
+            raise LlmjaxError("export needs --workdir=RUN and --out=DIR (a new folder)")
         print(export_run(f.workdir, f.out, f.dtype, f.shard_gb))
 
 

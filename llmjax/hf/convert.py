@@ -14,9 +14,9 @@ import ml_collections
 from tqdm import tqdm
 
 from llmjax import checkpoint, config
-from llmjax.config import ConfigError
 from llmjax.data import hf_tokenizer
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.hf import families, weights
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
@@ -37,7 +37,7 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
     weights.check(reader, cfg.model)
     tokenizer = get_tokenizer(f"hf:{hf_dir}")
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+        raise LlmjaxError(f"{hf_dir!r}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
                           f"{cfg.model.vocab_size}: they are not one model's")
     cfg.data.tokenizer = f"hf:{os.path.join(workdir, 'tokenizer')}"  # where the run will hold it
     cfg.data.format = "text" if tokenizer.chat_template == hf_tokenizer.CHAT_TEMPLATE else "chat"
@@ -58,7 +58,7 @@ def export_run(workdir: str, out: str, dtype: str | None = None, shard_gb: float
     cfg, _ = checkpoint.check_part(workdir, "lm", reader="the Hugging Face export")
     dtype = dtype or cfg.model.param_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
+        raise LlmjaxError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     hf = families.hf_config(cfg.model, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     out = os.path.abspath(os.path.expanduser(out))

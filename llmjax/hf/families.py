@@ -14,7 +14,7 @@ import math
 import os
 from typing import NamedTuple
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.models import presets
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,7 +29,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  #
 def read_config(hf_dir: str) -> dict:
     path = os.path.join(os.path.expanduser(hf_dir), "config.json")
     if not os.path.isfile(path):
-        raise ConfigError(f"{hf_dir!r} is not a Hugging Face model folder (no config.json); point at a folder "
+        raise LlmjaxError(f"{hf_dir!r} is not a Hugging Face model folder (no config.json); point at a folder "
                           "written by save_pretrained or downloaded from the Hub")
     with open(path) as f:
         return json.load(f)
@@ -44,7 +44,7 @@ def _rope(hf: dict, where: str) -> dict:
     if kind == "default":
         return out
     if kind != "llama3":
-        raise ConfigError(f"{where}: rope scaling of type {kind!r} is not implemented (llmjax has 'llama3' and none)")
+        raise LlmjaxError(f"{where}: rope scaling of type {kind!r} is not implemented (llmjax has 'llama3' and none)")
     return out | dict(rope_scaling=float(scaling["factor"]), rope_low_freq_factor=float(scaling["low_freq_factor"]),
                       rope_high_freq_factor=float(scaling["high_freq_factor"]),
                       rope_original_max_len=int(scaling["original_max_position_embeddings"]))
@@ -54,7 +54,7 @@ def _refuse(where: str, hf: dict, **unsupported) -> None:
     """Refuses the first key whose value is one the model does not implement (`key=(bad?, what it means)`)."""
     for key, (bad, meaning) in unsupported.items():
         if bad:
-            raise ConfigError(f"{where}: {key}={hf.get(key)!r} ({meaning}) is not supported by llmjax's model")
+            raise LlmjaxError(f"{where}: {key}={hf.get(key)!r} ({meaning}) is not supported by llmjax's model")
 
 
 def model_config(hf: dict, where: str, dtype: str | None = None) -> dict:
@@ -62,12 +62,12 @@ def model_config(hf: dict, where: str, dtype: str | None = None) -> dict:
     Parameters stay in the checkpoint's dtype (float16 widened to float32) unless `dtype` says otherwise."""
     kind = hf.get("model_type")
     if kind not in FAMILIES:
-        raise ConfigError(f"{where}: model_type={kind!r} ({', '.join(hf.get('architectures') or [])}) is not "
+        raise LlmjaxError(f"{where}: model_type={kind!r} ({', '.join(hf.get('architectures') or [])}) is not "
                           f"supported; llmjax imports {', '.join(FAMILIES)}")
     _refuse(where, hf, quantization_config=("quantization_config" in hf, "quantized weights"))
     stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     if (dtype or stored) not in DTYPES:
-        raise ConfigError(f"{where}: parameters in {dtype or stored} are not supported; pass --dtype=float32")
+        raise LlmjaxError(f"{where}: parameters in {dtype or stored} are not supported; pass --dtype=float32")
     out = dict(presets.DEFAULTS, name=f"{kind}:{os.path.basename(os.path.normpath(where))}",
                param_dtype=DTYPES[dtype or stored], vocab_size=hf["vocab_size"], init_std=hf.get("initializer_range",
                                                                                                0.02))
@@ -123,7 +123,7 @@ def _experts(hf: dict, where: str) -> dict:
     every = next((n for n in range(1, L + 1) if L % n == 0 and sparse == list(range(n - 1, L, n))), 0)
     if not every:
         key = "num_experts" if not E else "mlp_only_layers" if dense else "decoder_sparse_step"
-        raise ConfigError(f"{where}: {key}={hf.get(key)!r} (experts in layers {sparse}) is not supported by llmjax's "
+        raise LlmjaxError(f"{where}: {key}={hf.get(key)!r} (experts in layers {sparse}) is not supported by llmjax's "
                           f"model, which has them in every n-th of its {L} layers (moe_every=n, n dividing {L})")
     shared = hf.get("shared_expert_intermediate_size", 0) if kind == "qwen2_moe" else 0
     return common | dict(moe_experts=E, moe_every=every, moe_d_ff=hf["moe_intermediate_size"],
@@ -163,7 +163,7 @@ def hf_config(model, dtype: str, bos_id: int | None, eos_id: int, pad_id: int) -
     if not kind:
         switches = ("moe_experts", "moe_every", "moe_renormalize", "moe_shared_d_ff", "moe_shared_gate")
         moe = "".join(f", {k}={getattr(model, k)}" for k in switches if getattr(model, "moe_experts", 0))
-        raise ConfigError(f"model {model.name!r} (norm={model.norm}, pos={model.pos}, mlp={model.mlp}, bias="
+        raise LlmjaxError(f"model {model.name!r} (norm={model.norm}, pos={model.pos}, mlp={model.mlp}, bias="
                           f"{model.bias}, qk_norm={model.qk_norm}{moe}) matches no Hugging Face architecture llmjax "
                           f"writes ({', '.join(FAMILIES)})")
     out = dict(architectures=[ARCHITECTURES[kind]], model_type=kind, vocab_size=model.vocab_size,

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.hf.families import Tensor, stacked, stored_key, tensors, view_shape
 from llmjax.models import transformer
 from llmjax.sharding import tree_shardings
@@ -55,7 +55,7 @@ class Reader:
             with safe_open(os.path.join(self.dir, SINGLE), "numpy") as f:
                 self.where = dict.fromkeys(f.keys(), SINGLE)
         else:
-            raise ConfigError(f"{hf_dir!r} holds no {SINGLE} nor {INDEX}; llmjax reads safetensors checkpoints "
+            raise LlmjaxError(f"{hf_dir!r} holds no {SINGLE} nor {INDEX}; llmjax reads safetensors checkpoints "
                               "(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
         self.header: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in sorted(set(self.where.values())):
@@ -96,15 +96,15 @@ def check(reader: Reader, model) -> None:
     extra = sorted(k for k in reader.where if k not in known and not k.endswith(BUFFERS))
     fused = [k for k in extra if k.endswith(FUSED)]
     if fused:
-        raise ConfigError(f"{reader.dir!r} holds its experts fused ({fused[0]}), as transformers 5 saves them with "
+        raise LlmjaxError(f"{reader.dir!r} holds its experts fused ({fused[0]}), as transformers 5 saves them with "
                           "save_pretrained(save_original_format=False); save it with the default (one tensor per "
                           "expert, the Hub's layout)")
     if missing or extra:
         what = f"lacks {_few(missing)}" if missing else f"holds tensors the model has no place for: {_few(extra)}"
-        raise ConfigError(f"{reader.dir!r} {what}; its config.json does not describe these weights")
+        raise LlmjaxError(f"{reader.dir!r} {what}; its config.json does not describe these weights")
     for key, shape in wanted.items():
         if reader.shape(key) != shape:
-            raise ConfigError(f"{reader.dir!r}: {key} has shape {reader.shape(key)}, its config.json implies {shape}")
+            raise LlmjaxError(f"{reader.dir!r}: {key} has shape {reader.shape(key)}, its config.json implies {shape}")
 
 
 def _indices(shape: tuple[int, ...], t: Tensor, index: tuple[slice, ...] = ()) -> list[tuple[int, ...]]:

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
 from llmjax.models.transformer import Params, ParamSpec, is_spec, normal, zeros
 
@@ -39,7 +39,7 @@ def check(cfg) -> None:
     chosen, present = targets(cfg), _projections(cfg.model)
     unknown = [t for t in chosen if t not in present]
     if unknown:
-        raise ConfigError(f"lora.targets names {unknown}, which this model does not have; choose from "
+        raise LlmjaxError(f"lora.targets names {unknown}, which this model does not have; choose from "
                           f"{sorted(present)} or 'all'")
     if not chosen:
         return
@@ -48,15 +48,15 @@ def check(cfg) -> None:
     smallest = min(min(math.prod(s[:INPUT_DIMS.get(t, 1)]), math.prod(s[INPUT_DIMS.get(t, 1):]))
                    for t, s in shapes.items())
     if not 1 <= cfg.lora.rank <= smallest:
-        raise ConfigError(f"lora.rank={cfg.lora.rank}: a rank needs 1 <= r <= {smallest}, the smallest dimension "
+        raise LlmjaxError(f"lora.rank={cfg.lora.rank}: a rank needs 1 <= r <= {smallest}, the smallest dimension "
                           "of the adapted weights (r = min(in, out) is already full rank)")
     if cfg.lora.alpha <= 0:
-        raise ConfigError(f"lora.alpha={cfg.lora.alpha}: the adapters' scale is alpha / rank, so alpha must be > 0")
+        raise LlmjaxError(f"lora.alpha={cfg.lora.alpha}: the adapters' scale is alpha / rank, so alpha must be > 0")
     if not 0 <= cfg.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout={cfg.lora.dropout}: the chance of dropping an adapter input must lie in "
+        raise LlmjaxError(f"lora.dropout={cfg.lora.dropout}: the chance of dropping an adapter input must lie in "
                           "[0, 1)")
     if cfg.lora.init not in ("kaiming", "gaussian"):
-        raise ConfigError(f"lora.init={cfg.lora.init!r} is not one of ('kaiming', 'gaussian')")
+        raise LlmjaxError(f"lora.init={cfg.lora.init!r} is not one of ('kaiming', 'gaussian')")
 
 
 def param_count(cfg) -> int:

@@ -14,8 +14,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llmjax import losses, optim
-from llmjax.config import ConfigError, check_ranges
+from llmjax.config import check_ranges
 from llmjax.data import preference
+from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
 from llmjax.models import lora, moe, transformer
@@ -105,20 +106,20 @@ RANGES = {
 
 def validate(cfg, sizes: dict[str, int]) -> None:
     if "dpo" not in cfg:
-        raise ConfigError("a dpo run needs the dpo section; start from configs/dpo.py")
+        raise LlmjaxError("a dpo run needs the dpo section; start from configs/dpo.py")
     check_ranges(cfg, RANGES)
     if cfg.dpo.loss not in DPO_LOSSES or cfg.dpo.reference not in ("live", "precomputed"):
-        raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
+        raise LlmjaxError(f"dpo.loss={cfg.dpo.loss!r} / dpo.reference={cfg.dpo.reference!r}: choose a loss from "
                           f"{DPO_LOSSES} and a reference from ('live', 'precomputed')")
     if cfg.dpo.label_smoothing and cfg.dpo.loss not in ("sigmoid", "cdpo"):
-        raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} applies to dpo.loss=sigmoid only, not "
+        raise LlmjaxError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} applies to dpo.loss=sigmoid only, not "
                           f"{cfg.dpo.loss!r}; set --config.dpo.label_smoothing=0")
     if not cfg.init_from:
-        raise ConfigError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
+        raise LlmjaxError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
     if cfg.loss.z_loss:
-        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
+        raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
     if cfg.eval_every and cfg.data.source != "synthetic":
-        raise ConfigError(f"DPO evaluates on the synthetic tasks' held-out prompts, not data.source="
+        raise LlmjaxError(f"DPO evaluates on the synthetic tasks' held-out prompts, not data.source="
                           f"{cfg.data.source!r}; set --config.eval_every=0")
 
 

@@ -70,7 +70,7 @@ class Objective(NamedTuple):
     another run) and FLOPs per token are the Task's, built by `task`."""
 
     name: str
-    validate: Callable[[object, dict[str, int]], None]  # (cfg, resolved mesh sizes) -> None or ConfigError
+    validate: Callable[[object, dict[str, int]], None]  # (cfg, resolved mesh sizes) -> None or LlmjaxError
     task: Callable[[object, str, Mesh], "Task"]  # (cfg, workdir, mesh)
 
 
@@ -132,7 +132,7 @@ def _row(fetched: list[dict], seconds: float, compiled: bool, tokens: int, flops
 def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(), holding the workdir's
     lock. Stops with Diverged after optim.max_nonfinite skipped steps in a row, saving nothing more; a disk that
-    fills during a save stops it with one line (a ConfigError)."""
+    fills during a save stops it with one line (a LlmjaxError)."""
     checkpoint.check_workdir(workdir, cfg)  # before the lock: a refused run writes nothing
     with checkpoint.locked(workdir):
         checkpoint.claim_workdir(workdir, cfg, task.parts)

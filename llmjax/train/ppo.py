@@ -22,9 +22,10 @@ import optax
 from jax.sharding import Mesh
 
 from llmjax import losses, optim, rewards, sampling
-from llmjax.config import ConfigError, check_choices, check_ranges
+from llmjax.config import check_choices, check_ranges
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
 from llmjax.models import heads, lora, moe, transformer
 from llmjax.sharding import Constrain, make_constrain
@@ -187,44 +188,44 @@ RANGES = {
 def validate(cfg, sizes: dict[str, int]) -> None:
     p = cfg.get("ppo")
     if p is None:
-        raise ConfigError("a ppo run needs the ppo section; start from configs/ppo.py")
+        raise LlmjaxError("a ppo run needs the ppo section; start from configs/ppo.py")
     check_choices(cfg, {"ppo.algorithm": ("ppo", "grpo"), "ppo.value": ("separate", "shared"),
                         "ppo.kl_estimator": losses.KL_ESTIMATORS, "ppo.loss_agg": losses.AGGREGATIONS,
                         "ppo.baseline": losses.BASELINES})
     check_ranges(cfg, RANGES)
     if not cfg.init_from:
-        raise ConfigError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
+        raise LlmjaxError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
     terms = rewards.parse(p.reward)
     if cfg.data.source != "synthetic" and any(t.name == "tasks" for t in terms):
-        raise ConfigError(f"ppo.reward={p.reward!r}: the tasks' checkers score the synthetic tasks, and data.source="
+        raise LlmjaxError(f"ppo.reward={p.reward!r}: the tasks' checkers score the synthetic tasks, and data.source="
                           f"{cfg.data.source!r} holds other prompts; reward their answers with math, exact, "
                           "format:REGEX or module.path:function")
     if cfg.data.source != "synthetic" and p.tasks:
-        raise ConfigError(f"ppo.tasks={p.tasks!r} chooses synthetic prompts, but data.source={cfg.data.source!r} "
+        raise LlmjaxError(f"ppo.tasks={p.tasks!r} chooses synthetic prompts, but data.source={cfg.data.source!r} "
                           "gives the prompts; set --config.ppo.tasks=''")
     if p.tasks:
         tasks.check_names("ppo.tasks", p.tasks)
     if p.overlong_buffer > p.max_new_tokens:
-        raise ConfigError(f"ppo.overlong_buffer={p.overlong_buffer} is longer than ppo.max_new_tokens="
+        raise LlmjaxError(f"ppo.overlong_buffer={p.overlong_buffer} is longer than ppo.max_new_tokens="
                           f"{p.max_new_tokens}; the penalty grows over the budget's last tokens")
     grouped = {"ppo.scale_rewards": p.scale_rewards is not True, "ppo.baseline": p.baseline != "mean",
                "ppo.dynamic_sampling": p.dynamic_sampling}
     changed = [key for key, differs in grouped.items() if differs]
     if p.algorithm == "ppo" and changed:
-        raise ConfigError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
+        raise LlmjaxError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
                           "--config.ppo.algorithm=grpo or leave it at its default")
     dp, k = sizes["data"] * sizes["expert"] * sizes["fsdp"], cfg.optim.grad_accum
     group = p.group_size if p.algorithm == "grpo" else 1
     if p.algorithm == "grpo" and group < 2:
-        raise ConfigError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
+        raise LlmjaxError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
     if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % (dp * k):
-        raise ConfigError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
+        raise LlmjaxError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
                           f"that divide over data*expert*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
                           f"{group})")
     if cfg.loss.z_loss:
-        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
+        raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
     if p.algorithm == "grpo" and p.target_kl:
-        raise ConfigError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
+        raise LlmjaxError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
                           "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
 
 

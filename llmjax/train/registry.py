@@ -5,9 +5,10 @@ come through here, so no run trains on a config that has not been checked."""
 import jax
 import ml_collections
 
-from llmjax.config import ConfigError, check_choices, check_ranges, lookup
+from llmjax.config import check_choices, check_ranges, lookup
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.models import lora
 from llmjax.sharding import AXES, make_mesh, mesh_shape
 from llmjax.train import dpo, loop, ppo, pretrain, reward
@@ -55,7 +56,7 @@ RANGES = {
 
 def get(cfg) -> loop.Objective:
     if cfg.trainer not in OBJECTIVES:
-        raise ConfigError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+        raise LlmjaxError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[cfg.trainer]
 
 
@@ -64,16 +65,16 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
-            raise ConfigError(f"model.{key}={m[key]} must be positive")
+            raise LlmjaxError(f"model.{key}={m[key]} must be positive")
     try:
         vocab = get_tokenizer(cfg.data.tokenizer).vocab_size
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.tokenizer: {e}") from None
+        raise LlmjaxError(f"data.tokenizer: {e}") from None
     if vocab > m.vocab_size:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+        raise LlmjaxError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
                           f"{m.vocab_size}; set --config.model.vocab_size={vocab} (or more)")
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+        raise LlmjaxError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
                           "grouped-query attention needs whole groups")
     if m.moe_experts:
         _validate_moe(m)
@@ -81,16 +82,16 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_moe(m) -> None:
     if m.mlp != "swiglu":
-        raise ConfigError(f"model.moe_experts={m.moe_experts} with model.mlp={m.mlp!r}: experts are SwiGLU MLPs; "
+        raise LlmjaxError(f"model.moe_experts={m.moe_experts} with model.mlp={m.mlp!r}: experts are SwiGLU MLPs; "
                           "set --config.model.mlp=swiglu")
     if not 1 <= m.moe_top_k <= m.moe_experts:
-        raise ConfigError(f"model.moe_top_k={m.moe_top_k}: each token goes to 1 .. moe_experts={m.moe_experts} "
+        raise LlmjaxError(f"model.moe_top_k={m.moe_top_k}: each token goes to 1 .. moe_experts={m.moe_experts} "
                           "experts")
     if m.moe_every < 1 or m.n_layers % m.moe_every:
-        raise ConfigError(f"model.moe_every={m.moe_every} does not divide model.n_layers={m.n_layers}; every "
+        raise LlmjaxError(f"model.moe_every={m.moe_every} does not divide model.n_layers={m.n_layers}; every "
                           "moe_every-th layer is MoE, so choose a divisor")
     if m.moe_shared_gate and not m.moe_shared_d_ff:
-        raise ConfigError("model.moe_shared_gate=True gates a shared expert, but model.moe_shared_d_ff=0 makes none; "
+        raise LlmjaxError("model.moe_shared_gate=True gates a shared expert, but model.moe_shared_d_ff=0 makes none; "
                           "set --config.model.moe_shared_d_ff")
 
 
@@ -101,46 +102,46 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     m = cfg.model
     unknown = sorted(set(cfg.mesh) - set(AXES))
     if unknown:
-        raise ConfigError(f"mesh names {unknown}; the mesh axes are {', '.join(AXES)}")
+        raise LlmjaxError(f"mesh names {unknown}; the mesh axes are {', '.join(AXES)}")
     sizes = mesh_shape(cfg.mesh, n_devices)
     if m.moe_experts % sizes["expert"]:
-        raise ConfigError(f"model.moe_experts={m.moe_experts} is not divisible by mesh.expert={sizes['expert']}; "
+        raise LlmjaxError(f"model.moe_experts={m.moe_experts} is not divisible by mesh.expert={sizes['expert']}; "
                           "each device of the expert axis holds a whole share of the experts")
     for axis in ("n_heads", "n_kv_heads"):
         if m[axis] % sizes["tensor"]:
-            raise ConfigError(f"model.{axis}={m[axis]} is not divisible by mesh.tensor={sizes['tensor']}; "
+            raise LlmjaxError(f"model.{axis}={m[axis]} is not divisible by mesh.tensor={sizes['tensor']}; "
                               "choose a tensor size that divides both n_heads and n_kv_heads")
     if cfg.seq_len > m.max_seq_len:
-        raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+        raise LlmjaxError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
                           "lower --config.seq_len or raise --config.model.max_seq_len")
     for key in ("optim.grad_accum", "optim.max_nonfinite", "log_every", "checkpoint.every", "checkpoint.keep",
                 "batch_size", "seq_len"):
         if lookup(cfg, key) < 1:
-            raise ConfigError(f"{key}={lookup(cfg, key)} must be at least 1")
+            raise LlmjaxError(f"{key}={lookup(cfg, key)} must be at least 1")
     per_step = sizes["data"] * sizes["expert"] * sizes["fsdp"] * cfg.optim.grad_accum
     if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by data*expert*fsdp*grad_accum="
+        raise LlmjaxError(f"batch_size={cfg.batch_size} is not divisible by data*expert*fsdp*grad_accum="
                           f"{sizes['data']}*{sizes['expert']}*{sizes['fsdp']}*{cfg.optim.grad_accum}; use a multiple "
                           f"of {per_step}")
     if cfg.steps <= 0 or not 0 <= cfg.optim.warmup_steps <= cfg.steps:
-        raise ConfigError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
+        raise LlmjaxError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
                           "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
     check_ranges(cfg, RANGES)
     scheme, _, rest = cfg.data.source.partition(":")
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
-        raise ConfigError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
+        raise LlmjaxError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
     tasks.check_names("data.tasks", cfg.data.tasks)
     answers = cfg.trainer == "ppo" or (cfg.trainer != "reward" and cfg.data.source == "synthetic")
     if cfg.eval_samples > 1 and not answers:
-        raise ConfigError(f"eval_samples={cfg.eval_samples}: pass@k samples answers to the synthetic tasks or an RL "
+        raise LlmjaxError(f"eval_samples={cfg.eval_samples}: pass@k samples answers to the synthetic tasks or an RL "
                           "run's prompts, and this run's evaluation answers none; set --config.eval_samples=1")
     for logical, axes in cfg.rules.items():
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
-            raise ConfigError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
+            raise LlmjaxError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
     lora.check(cfg)
     if lora.targets(cfg) and not cfg.init_from:
-        raise ConfigError(f"lora.targets={cfg.lora.targets!r}: LoRA adapts a trained model, which its checkpoints "
+        raise LlmjaxError(f"lora.targets={cfg.lora.targets!r}: LoRA adapts a trained model, which its checkpoints "
                           "point to rather than hold; set --config.init_from=RUN (or model=hf:DIR)")
     objective.validate(cfg, sizes)
     return sizes

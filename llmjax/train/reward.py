@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax import checkpoint, losses, optim
-from llmjax.config import ConfigError, check_ranges
+from llmjax.config import check_ranges
 from llmjax.data import preference, sources, tasks
+from llmjax.errors import LlmjaxError
 from llmjax.evaluate import HELD_OUT
 from llmjax.models import heads, lora, moe
 from llmjax.sharding import Constrain, batch_sharding, make_constrain
@@ -92,12 +93,12 @@ def pairs(batch: dict) -> jax.Array:
 
 def validate(cfg, sizes: dict[str, int]) -> None:
     if cfg.data.format != "chat":
-        raise ConfigError(f"data.format={cfg.data.format!r}: a reward model reads prompts and responses through the "
+        raise LlmjaxError(f"data.format={cfg.data.format!r}: a reward model reads prompts and responses through the "
                           "chat template; set --config.data.format=chat")
     if cfg.loss.z_loss:
-        raise ConfigError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
+        raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
     if "reward" not in cfg or cfg.reward.read not in ("last", "eos") or cfg.reward.responses < 2:
-        raise ConfigError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
+        raise LlmjaxError("a reward run needs reward.read in ('last', 'eos') and reward.responses >= 2 (responses "
                           "ranked per prompt); start from configs/reward.py")
     ranges = {"reward.margin": ("[0, inf)", "how much more a response one rank better must score; below 0 a worse "
                                             "response may outscore a better one"),
@@ -107,7 +108,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     tasks.check_negatives("reward.negatives", mixture.negatives)
     path = mixture.onpolicy.removeprefix("files:")
     if mixture.onpolicy and (path == mixture.onpolicy or not os.path.exists(os.path.expanduser(path))):
-        raise ConfigError(f"reward.onpolicy={mixture.onpolicy!r} is not files:PATH of an existing file or folder; "
+        raise LlmjaxError(f"reward.onpolicy={mixture.onpolicy!r} is not files:PATH of an existing file or folder; "
                           "write them with `python -m llmjax.rejection_sample --pairs_out=P.jsonl`, pass files:P.jsonl")
 
 
@@ -122,10 +123,10 @@ def onpolicy(cfg, split: str) -> sources.Records | None:
             logger.warning("reward.onpolicy=%r holds no held-out pairs, so evaluation leaves them out; raise "
                            "--config.data.validation to measure them", source)
             return None
-        raise ConfigError(f"reward.onpolicy={source!r} has no train records ({e}); lower --config.data.validation"
+        raise LlmjaxError(f"reward.onpolicy={source!r} has no train records ({e}); lower --config.data.validation"
                           ) from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"reward.onpolicy={source!r}: {str(e).splitlines()[0]}") from None
+        raise LlmjaxError(f"reward.onpolicy={source!r}: {str(e).splitlines()[0]}") from None
 
 
 def training(cfg, k: int) -> preference.Ranked:

@@ -17,9 +17,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llmjax import checkpoint, losses, rewards, sampling
-from llmjax.config import ConfigError
 from llmjax.data import prompts
 from llmjax.data.tokenizer import get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.evaluate import check
 from llmjax.models import lora
 from llmjax.sharding import batch_sharding, make_constrain
@@ -79,7 +79,7 @@ class Rollout:
         constrain = make_constrain(mesh, cfg.rules)
         run = next((t.run for t in self.terms if t.run), None)
         if run and not os.path.exists(os.path.join(run, "config.json")):
-            raise ConfigError(f"ppo.reward={p.reward!r}: {run!r} is neither a reward (tasks, math, exact, "
+            raise LlmjaxError(f"ppo.reward={p.reward!r}: {run!r} is neither a reward (tasks, math, exact, "
                               "format:REGEX, module.path:function) nor a reward model run's workdir")
         self.reward_model = run and checkpoint.load_params(run, mesh, "scorer", cfg.model, cfg.data.tokenizer,
                                                            reader="ppo.reward")

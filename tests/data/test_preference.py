@@ -61,7 +61,7 @@ def test_pairs_whose_chosen_is_the_rejected_are_counted_and_warned(tmp_path, cap
 
 
 def test_a_source_of_only_degenerate_pairs_is_refused(tmp_path):
-    with pytest.raises(config.ConfigError, match=r"all 6 records have the same best and worst response .* learns "
+    with pytest.raises(config.LlmjaxError, match=r"all 6 records have the same best and worst response .* learns "
                                                  r"nothing; give pairs whose chosen and rejected responses differ$"):
         preference.source(pairs_config(tmp_path, [("12", "12")] * 6))
 

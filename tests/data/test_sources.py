@@ -259,10 +259,10 @@ def test_a_runs_source_problems_are_one_config_error(tmp_path):
     cfg = config.base("tiny")
     cfg.data.data_dir = str(tmp_path / "tfds")
     cfg.data.source = f"files:{tmp_path / 'missing'}"
-    with pytest.raises(config.ConfigError, match=r"^data.source='files:.*missing': '.*missing' does not exist"):
+    with pytest.raises(config.LlmjaxError, match=r"^data.source='files:.*missing': '.*missing' does not exist"):
         sources.for_run(cfg, "train")
     cfg.data.source = "files:" + write(tmp_path / "in", {"a.txt": "one document"})
     assert list(sources.for_run(cfg, "train")) == [{"text": "one document"}]
-    with pytest.raises(config.ConfigError, match=r"has no validation records \(.*Unknown split 'validation'.*\); "
+    with pytest.raises(config.LlmjaxError, match=r"has no validation records \(.*Unknown split 'validation'.*\); "
                                                  r"raise --config.data.validation or set --config.eval_every=0$"):
         sources.for_run(cfg, "validation")

@@ -4,8 +4,8 @@ import string
 import numpy as np
 import pytest
 
-from llmjax.config import ConfigError
 from llmjax.data import tasks
+from llmjax.errors import LlmjaxError
 
 N = 200
 
@@ -110,6 +110,6 @@ def test_neighbour_is_the_right_answer_to_a_prompt_one_character_away(name):
     ("permute,permute", r"^reward.negatives='permute,permute' names a kind twice; give some of"),
 ])
 def test_bad_negative_kinds_are_refused(kinds, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(LlmjaxError, match=message):
         tasks.check_negatives("reward.negatives", kinds)
     tasks.check_negatives("reward.negatives", "neighbour,corrupt")

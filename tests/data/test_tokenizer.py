@@ -154,19 +154,19 @@ def test_cli_trains_a_loadable_model(corpus, tmp_path):
 
     run = _cli("train", f"--input={tmp_path / 'nope'}", f"--out={out}")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        f"config error: tokenizer training input {str(tmp_path / 'nope')!r} does not exist"]
+        f"error: tokenizer training input {str(tmp_path / 'nope')!r} does not exist"]
 
 
 def test_validate_checks_tokenizer_against_model_vocab(model, tmp_path):
     cfg = config.base("tiny")
     cfg.data.tokenizer = model
-    with pytest.raises(config.ConfigError, match=r"has 400 tokens but model.vocab_size=320; .*vocab_size=400"):
+    with pytest.raises(config.LlmjaxError, match=r"has 400 tokens but model.vocab_size=320; .*vocab_size=400"):
         registry.validate(cfg, n_devices=1)
     cfg.model.vocab_size = 400
     registry.validate(cfg, n_devices=1)
     for name, message in (("gpt2", "unknown tokenizer 'gpt2'"), (str(tmp_path / "x.model"), "does not exist")):
         cfg.data.tokenizer = name
-        with pytest.raises(config.ConfigError, match=f"data.tokenizer: .*{message}"):
+        with pytest.raises(config.LlmjaxError, match=f"data.tokenizer: .*{message}"):
             registry.validate(cfg, n_devices=1)
 
 

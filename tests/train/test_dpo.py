@@ -99,7 +99,7 @@ def test_pairs_that_train_on_nothing_are_refused_before_anything_else(tmp_path):
                                             for i in range(8)))
     cfg = dpo_config(str(tmp_path / "no_sft_run"), eval_every=0, **{"data.source": f"files:{folder}",
                                                                     "data.data_dir": str(tmp_path / "tfds")})
-    with pytest.raises(config.ConfigError, match=r"^data.source='files:.*': all \d records have the same best and "
+    with pytest.raises(config.LlmjaxError, match=r"^data.source='files:.*': all \d records have the same best and "
                                                  r"worst response \(chosen == rejected\)"):
         registry.task(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
@@ -110,5 +110,5 @@ def test_every_dpo_loss_refuses_a_beta_of_zero_or_less():
         for beta in (0.0, -0.1):
             cfg = dpo_config("runs/sft")
             cfg.dpo.update(loss=loss, beta=beta)
-            with pytest.raises(config.ConfigError, match=rf"^dpo.beta={beta} is outside \(0, inf\)"):
+            with pytest.raises(config.LlmjaxError, match=rf"^dpo.beta={beta} is outside \(0, inf\)"):
                 registry.validate(cfg, 8)

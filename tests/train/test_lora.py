@@ -11,7 +11,7 @@ import pytest
 from helpers import dpo_config, losses, metric_rows, one_device, ppo_config, reward_config, saved_run, tiny_config
 
 from llmjax import checkpoint, generate
-from llmjax.config import ConfigError
+from llmjax.errors import LlmjaxError
 from llmjax.models import lora, transformer
 from llmjax.sharding import make_mesh
 from llmjax.train import dpo, registry, state
@@ -195,7 +195,7 @@ def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
 ])
 @ON_BASE
 def test_bad_lora_settings_are_refused_in_one_line(base_dir, change, message):
-    with pytest.raises(ConfigError, match="^[^\n]*$") as e:
+    with pytest.raises(LlmjaxError, match="^[^\n]*$") as e:
         registry.task(lora_config(base_dir, **change), "")
     assert message in str(e.value)
 
@@ -209,7 +209,7 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     run = str(tmp_path / "run")
     registry.train(lora_config(base, steps=2), run, one_device())
     shutil.rmtree(base)
-    with pytest.raises(ConfigError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
+    with pytest.raises(LlmjaxError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
         checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     assert metric_rows(run)
 
@@ -242,7 +242,7 @@ def test_merge_writes_a_plain_run_with_the_same_model(base_dir, lora_run, tmp_pa
     assert checkpoint.run_config(merged).lora.targets == ""
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
                  checkpoint.load_params(merged, make_mesh(lora_config(base_dir).mesh)), lora.merge(trained.params))
-    with pytest.raises(ConfigError, match="is not a LoRA run"):
+    with pytest.raises(LlmjaxError, match="is not a LoRA run"):
         lora_runs.merge(merged, str(tmp_path / "again"))
 
 

@@ -133,7 +133,7 @@ def test_raises_the_reward_models_score(sft_dir, rm_dir, tmp_path):
 def test_a_misspelt_reward_is_refused_naming_the_kinds(sft_dir, tmp_path):
     cfg = ppo_config(sft_dir)
     cfg.ppo.reward = "maths:1.0,exact:0.5"
-    with pytest.raises(config.ConfigError, match=r"'maths' is neither a reward \(tasks, math, exact"):
+    with pytest.raises(config.LlmjaxError, match=r"'maths' is neither a reward \(tasks, math, exact"):
         registry.task(cfg, str(tmp_path), one_device())
 
 
@@ -180,5 +180,5 @@ def test_validate_rejects_bad_ppo_configs(overrides, message):
     cfg = ppo_config("runs/sft")
     for key, value in overrides.items():
         config.override(cfg, key, value)
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(config.LlmjaxError, match=message):
         registry.validate(cfg, 8)

@@ -75,7 +75,7 @@ def test_ppo_value_model_reads_the_reward_run(runs):
 
 @pytest.mark.parametrize("make", [lambda r: tiny_config(**CHAT, init_from=r), dpo_config, ppo_config])
 def test_a_reward_run_is_no_language_model(runs, make):
-    with pytest.raises(config.ConfigError) as e:
+    with pytest.raises(config.LlmjaxError) as e:
         registry.task(make(runs["reward"]), "")
     message = str(e.value)
     assert "is a reward run holding a trunk with a scalar head (a reward model) (scorer)" in message, message
@@ -85,17 +85,17 @@ def test_a_reward_run_is_no_language_model(runs, make):
 def test_ppo_reward_must_be_a_reward_run(runs):
     cfg = ppo_config(runs["lm"])
     cfg.ppo.reward = runs["ppo"]
-    with pytest.raises(config.ConfigError, match=r"is a ppo run holding a language model \(lm\); ppo.reward needs"):
+    with pytest.raises(config.LlmjaxError, match=r"is a ppo run holding a language model \(lm\); ppo.reward needs"):
         registry.task(cfg, "")
 
 
 def test_unknown_trainer_is_refused():
-    with pytest.raises(config.ConfigError, match="trainer='sft' is unknown; choose one of pretrain, reward, dpo, ppo"):
+    with pytest.raises(config.LlmjaxError, match="trainer='sft' is unknown; choose one of pretrain, reward, dpo, ppo"):
         registry.validate(tiny_config(trainer="sft"), 8)
 
 
 def test_label_smoothing_only_with_sigmoid(runs):
     cfg = dpo_config(runs["lm"])
     cfg.dpo.update(loss="ipo", label_smoothing=0.1)
-    with pytest.raises(config.ConfigError, match="applies to dpo.loss=sigmoid only"):
+    with pytest.raises(config.LlmjaxError, match="applies to dpo.loss=sigmoid only"):
         registry.validate(cfg, 8)

@@ -12,9 +12,9 @@ import pytest
 from helpers import metric_rows, one_device, reward_config
 
 from llmjax import checkpoint, sharding
-from llmjax.config import ConfigError
 from llmjax.data import preference, tasks
 from llmjax.data.tokenizer import ByteTokenizer, get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.models import heads
 from llmjax.models.transformer import init_tree
 from llmjax.train import registry, reward
@@ -147,7 +147,7 @@ def test_evaluation_reports_each_kinds_accuracy_and_their_mixture(tmp_path):
 def test_bad_pair_settings_are_refused_in_one_line(reward_keys, message):
     cfg = reward_config()
     cfg.reward.update(reward_keys)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(LlmjaxError, match=message):
         registry.validate(cfg, 8)
 
 
@@ -155,6 +155,6 @@ def test_onpolicy_records_of_another_kind_are_refused_naming_the_key(tmp_path):
     (tmp_path / "sft.jsonl").write_text('{"prompt": "sort 21 = ", "response": "12"}\n' * 3)
     cfg = reward_config(**{"data.data_dir": str(tmp_path / "tfds")})
     cfg.reward.update(onpolicy=f"files:{tmp_path / 'sft.jsonl'}", onpolicy_fraction=0.5)
-    with pytest.raises(ConfigError, match=r"^reward.onpolicy='files:.*sft.jsonl': .*no usable preference records.*"
+    with pytest.raises(LlmjaxError, match=r"^reward.onpolicy='files:.*sft.jsonl': .*no usable preference records.*"
                                           r'lacks "chosen", "rejected"'):
         registry.task(cfg, "", one_device())

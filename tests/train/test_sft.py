@@ -57,7 +57,7 @@ def test_empty_responses_are_counted_and_warned(tmp_path, caplog):
 
 
 def test_only_empty_responses_are_refused(tmp_path):
-    with pytest.raises(config.ConfigError, match=r"all 3 records have an empty response .* learns nothing; give each "
+    with pytest.raises(config.LlmjaxError, match=r"all 3 records have an empty response .* learns nothing; give each "
                                                  r"prompt a response$"):
         registry.task(files_config(tmp_path, ["", " ", ""]), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ def test_config_reads_the_standard_library():
     assert cfg.data.source == f"files:{sysconfig.get_paths()['stdlib']}"
     assert cfg.data.tokenizer == "byte" and 0 < cfg.data.validation < 1
     registry.validate(cfg, n_devices=1)
-    with pytest.raises(config.ConfigError, match=r"subdir='no_such_package': .* is not a folder; .*subdir=json"):
+    with pytest.raises(config.LlmjaxError, match=r"subdir='no_such_package': .* is not a folder; .*subdir=json"):
         stdlib_config.get_config("subdir=no_such_package")
 
 
