@@ -28,10 +28,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import checkpoint, metrics, sampling
+from llmjax import checkpoint, metrics, runs, sampling
 from llmjax.cli import run_main
 from llmjax.data import pipeline, tasks
-from llmjax.data.prompts import group_size
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import moe, transformer
@@ -150,7 +149,7 @@ def _save_fresh_run(cfg, workdir: str) -> None:
     run = copy.deepcopy(cfg)
     run.trainer, run.init_from = "pretrain", ""
     task = registry.task(run, workdir)
-    checkpoint.claim_workdir(workdir, run, task.parts)
+    runs.claim_workdir(workdir, run, task.parts, task.made, task.meaning)
     mngr = checkpoint.manager(workdir, run)
     checkpoint.save(mngr, 0, task.start())
     mngr.wait_until_finished()
@@ -220,7 +219,7 @@ def bench_ppo(cfg) -> dict:
     total = sum(out.values())
     rows, width = batch["inputs"].shape
     return {"model": cfg.model.name, "algorithm": cfg.ppo.algorithm, "reward": cfg.ppo.reward,
-            "answers": cfg.batch_size, "prompts": cfg.batch_size // group_size(cfg),
+            "answers": cfg.batch_size, "prompts": len({r["prompt"] for r in rollout.prompts(0)}),
             "max_new_tokens": cfg.ppo.max_new_tokens, "iteration_s": total, **out,
             **{name.replace("_s", "_share"): v / total for name, v in out.items()},
             "generate_tokens_per_s": statistics.median(g / t for g, t in zip(generated[1:], times["generate_s"][1:],
@@ -252,7 +251,7 @@ def bench_data(cfg, records: int = 20_000) -> dict:
 _LOAD = """import sys, jax
 from llmjax import checkpoint
 from llmjax.sharding import make_mesh
-jax.block_until_ready(checkpoint.load_params("hf:" + sys.argv[1], make_mesh(dict(data=1, fsdp=-1, tensor=1))))
+jax.block_until_ready(runs.load_params("hf:" + sys.argv[1], make_mesh(dict(data=1, fsdp=-1, tensor=1))))
 """
 _WHOLE = """import sys, glob, jax
 from safetensors.numpy import load_file

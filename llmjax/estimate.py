@@ -7,8 +7,8 @@ the same config fully fine-tuned is shown beside it, so the saving reads off one
       --config.batch_size=8 --config.seq_len=8192 --config.model.remat=full [--xla] [--json]
       [--devices=8] [--mfu=0.4] [--peak_tflops=989] [--tokens=1e12] [--device_gib=80]
 
-FLOPs per token are the objective's own (llmjax.metrics' 6 N + 12 L T attn_dim, as pretrain.flops_per_token and
-dpo.flops_per_token count it), so the hours match the MFU the loop logs.
+FLOPs per token are the objective's own (its `flops_per_token`, on llmjax.metrics' 6 N + 12 L T attn_dim), so the
+hours match the MFU the loop logs.
 
 Memory per device, in bytes (p = param dtype size, c = compute dtype size; every leaf divided by the number
 of devices its sharding spec splits it over, a dimension the mesh does not divide counting fully):
@@ -45,7 +45,6 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +53,11 @@ from absl import flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from llmjax import optim
 from llmjax.cli import run_main
 from llmjax.errors import LlmjaxError
 from llmjax.models import lora, moe, transformer
-from llmjax.sharding import AXES, batch_sharding, make_constrain, make_mesh, mesh_shape, spec, tree_shardings
-from llmjax.train import dpo, loop, ppo, pretrain, registry, state
-from llmjax.train.step import make_step
+from llmjax.sharding import AXES, make_mesh, mesh_shape, spec
+from llmjax.train import common, loop, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Config file to estimate.",
                                           lock_config=True)
@@ -76,7 +73,6 @@ _JSON = flags.DEFINE_boolean("json", False, "Print the numbers as JSON.")
 
 GIB = 2**30
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-TRAINERS = ("pretrain", "dpo")  # the steps the activations model; state_bytes knows PPO's layout as well
 
 
 def abstract_mesh(cfg, n_devices: int) -> AbstractMesh:
@@ -99,8 +95,8 @@ def elements(specs, rules: Mapping[str, str], mesh: AbstractMesh, trainable_only
 
 
 def layout(cfg) -> dict:
-    """The step's parameters: the objective's (PPO: the policy and its value function), adapted by cfg.lora."""
-    return lora.apply(ppo.specs(cfg) if cfg.trainer == "ppo" else transformer.specs(cfg.model), cfg)
+    """The step's parameters: the objective's (a policy and its value function, ...), adapted by cfg.lora."""
+    return lora.apply(registry.get(cfg).layout(cfg), cfg)
 
 
 def param_bytes(cfg, mesh: AbstractMesh) -> int:
@@ -112,15 +108,14 @@ def state_bytes(cfg, mesh: AbstractMesh) -> dict[str, int]:
     """Parameters, gradients, optimizer state and the frozen reference on one device (module docstring)."""
     p = jnp.dtype(cfg.model.param_dtype).itemsize
     train = elements(layout(cfg), cfg.rules, mesh, trainable_only=True) * p
-    live = cfg.trainer == "ppo" or (cfg.trainer == "dpo" and cfg.dpo.reference == "live")
-    copied = live and not lora.targets(cfg)  # LoRA's reference is its own base with the adapters off
+    copied = registry.get(cfg).reference(cfg) and not lora.targets(cfg)  # LoRA's: its own base, adapters off
     return {"params": param_bytes(cfg, mesh), "grads": train * (2 if cfg.optim.grad_accum > 1 else 1),
             "optimizer": 2 * train, "reference": elements(transformer.specs(cfg.model), cfg.rules, mesh) * p * copied}
 
 
 def sequences(cfg) -> int:
-    """Forwards with gradients per batch row: DPO's pairs run chosen and rejected apart; 1 elsewhere."""
-    return 2 if cfg.trainer == "dpo" and not cfg.dpo.packed else 1
+    """Forwards with gradients per batch row: 2 where a row is a pair run apart (DPO's chosen and rejected)."""
+    return registry.get(cfg).sequences(cfg)
 
 
 def scored_keys(seq_len: int, causal_block: int) -> float:
@@ -215,17 +210,19 @@ def activation_bytes(cfg, mesh: AbstractMesh) -> dict[str, float]:
 def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, peak_tflops: float = 989.0,
              tokens: float | None = None) -> dict:
     """Every number the CLI prints, as a dict (bytes are per device)."""
-    if cfg.trainer not in TRAINERS:
-        raise LlmjaxError(f"trainer={cfg.trainer!r}: the estimate models the next-token step (pretraining, SFT) "
-                          "and DPO's; use configs/pretrain.py, configs/sft.py or configs/dpo.py")
+    objective = registry.get(cfg)
+    if objective.sequences is None:
+        modelled = [o.name for o in registry.OBJECTIVES.values() if o.sequences]
+        raise LlmjaxError(f"trainer={objective.name!r}: the estimate models steps that are one forward and backward "
+                          f"over the batch ({', '.join(modelled)}); use one of their configs")
     mesh = abstract_mesh(cfg, n_devices)
     tokens = float(cfg.steps * cfg.batch_size * cfg.seq_len * sequences(cfg)) if tokens is None else float(tokens)
-    fpt = dpo.flops_per_token(cfg) if cfg.trainer == "dpo" else pretrain.flops_per_token(cfg)
+    fpt = objective.flops_per_token(cfg)
     act = activation_bytes(cfg, mesh)
     memory = state_bytes(cfg, mesh) | {"activations": act["total"]}
     hours = fpt * tokens / (peak_tflops * 1e12 * mfu) / 3600
     return {
-        "model": cfg.model.name, "trainer": cfg.trainer, "devices": n_devices, "mesh": dict(mesh.shape),
+        "model": cfg.model.name, "trainer": objective.name, "devices": n_devices, "mesh": dict(mesh.shape),
         "remat": cfg.model.remat, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
         "lora": {"targets": lora.targets(cfg), "rank": cfg.lora.rank} if lora.targets(cfg) else None,
         "params": transformer.param_count(cfg.model), "active_params": transformer.active_param_count(cfg.model),
@@ -240,33 +237,14 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int, mfu: float = 0.4, p
 
 
 def train_step(cfg, mesh) -> tuple[loop.Task, dict]:
-    """The objective's step as its task builds it (llmjax.train.pretrain, dpo: the LoRA mask, DPO's reference)
-    on abstract parameters, with an abstract batch: the task itself would read cfg.init_from."""
-    specs = layout(cfg)
-    mask, tx = state.trainable(specs), optim.make(cfg, specs)
-    constrain, sharding = make_constrain(mesh, cfg.rules), batch_sharding(mesh, cfg.rules)
-    rows = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=sharding) for k in BATCH_KEYS}
-    loss, weight, batch, frozen = partial(pretrain.loss_fn, cfg=cfg, constrain=constrain), pretrain.tokens, rows, ()
-    if cfg.trainer == "dpo":
-        live = cfg.dpo.reference == "live"
-        batch = {"packed": rows} if cfg.dpo.packed else {"chosen": rows, "rejected": rows}
-        if not live:
-            batch |= {k: jax.ShapeDtypeStruct((cfg.batch_size,), jnp.float32, sharding=sharding)
-                      for k in ("ref_chosen", "ref_rejected")}
-        elif mask is None:  # a full copy of the starting model, a frozen argument of the step
-            lm = transformer.specs(cfg.model)
-            frozen = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.model.param_dtype, sharding=sh),
-                                   lm, tree_shardings(lm, cfg.rules, mesh), is_leaf=transformer.is_spec),)
-
-        own_base = live and mask is not None  # dpo.task's: LoRA's reference is the base with the adapters off
-
-        def loss(params, batch, reference=None):
-            return dpo.loss_fn(params, batch, cfg, constrain, lora.strip(params) if own_base else reference)
-
-        weight = None
-    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, weight, mask)
-    return loop.Task(step, None, sharding, None, state.abstract(specs, cfg, mesh, tx), {}, 0.0, frozen=frozen), batch
+    """The objective's step as the registry builds it for a run (llmjax.train.common.build: the LoRA mask, DPO's
+    reference), with abstract parameters, frozen inputs and batch: nothing is read from other runs, and the batch
+    is a synthetic one's shapes (a files: source's batches have the same)."""
+    shaped = copy.deepcopy(cfg)
+    shaped.data.source, shaped.eval_every = "synthetic", 0
+    task = common.build(registry.get(cfg), shaped, "", mesh, abstract=True)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), task.source(None, 0)[0])
+    return task, batch
 
 
 def xla_memory(cfg: ml_collections.ConfigDict) -> dict[str, int]:

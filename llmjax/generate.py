@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 from absl import flags
 
-from llmjax import checkpoint, sampling
+from llmjax import runs, sampling
 from llmjax.cli import run_main
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
@@ -32,8 +32,8 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
     if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise LlmjaxError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}: "
                           "need max_new_tokens >= 1, temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1")
-    cfg = checkpoint.run_config(workdir)
-    if cfg.trainer == "reward":
+    cfg = runs.run_config(workdir)
+    if "lm" not in runs.run_parts(workdir):
         raise LlmjaxError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
                           "with python -m llmjax.score")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -45,7 +45,7 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
                           f"{max_new_tokens} it exceeds the model's max_seq_len={cfg.model.max_seq_len}; shorten the "
                           "prompt or lower --max_new_tokens")
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = checkpoint.load_params(workdir, mesh, reader="generate")
+    params = runs.load_params(workdir, mesh, reader="generate")
     tokens, lengths = sampling.left_pad(ids)
     generate = sampling.sampler(cfg.model, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                 pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -3,7 +3,7 @@
   python -m llmjax.lora merge --workdir=runs/sft-lora --out=runs/sft-merged   # a plain run, the adapters folded in
   python -m llmjax.lora export --workdir=runs/sft-lora --out=~/hf/my-adapter  # a Hugging Face PEFT adapter folder
 
-A merged run is like an imported one: parameters only, starting point of any trainer, exportable with
+A merged run is like an imported one: parameters only, starting point of any objective, exportable with
 `python -m llmjax.hf export`. A PEFT folder loads with `peft.PeftModel.from_pretrained(base, DIR)` on top of the
 base model exported to Hugging Face.
 """
@@ -18,7 +18,7 @@ from absl import flags
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
-from llmjax import checkpoint
+from llmjax import runs
 from llmjax.cli import init_distributed, run_main
 from llmjax.errors import LlmjaxError
 from llmjax.hf import families, weights
@@ -31,7 +31,7 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel adds to the wrapped model's 
 
 def lora_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of a LoRA run, or one line saying the run is none."""
-    cfg = checkpoint.run_config(workdir)
+    cfg = runs.run_config(workdir)
     if "lora" not in cfg or not lora.targets(cfg):
         raise LlmjaxError(f"{workdir!r} is not a LoRA run (its lora.targets is empty): its parameters are already a "
                           "whole model; export it with python -m llmjax.hf export")
@@ -42,19 +42,19 @@ def merge(workdir: str, out: str) -> str:
     """Writes the LoRA run in `workdir` with its adapters folded into the base as a parameters-only run `out`;
     returns a summary."""
     cfg = lora_config(workdir)
-    checkpoint.check_new(out, "--out")
-    (part, _), = checkpoint.run_parts(workdir).items()
+    runs.check_new(out, "--out")
+    (part, _), = runs.run_parts(workdir).items()
     merged = cfg.copy_and_resolve_references()
-    merged.trainer, merged.init_from, merged.lora.targets = "merge", workdir, ""
-    checkpoint.write_run(out, merged, {part: []}, lambda: checkpoint.load_params(workdir, make_mesh(MESH), part))
+    merged.init_from, merged.lora.targets = workdir, ""
+    runs.write_run(out, merged, {part: []}, "merge", lambda: runs.load_params(workdir, make_mesh(MESH), part))
     return f"merged the {lora.targets(cfg)} adapters of {workdir} (rank {cfg.lora.rank}) into {out}"
 
 
 def adapters(workdir: str, mesh: Mesh) -> dict[str, dict[str, jax.Array]]:
     """The adapters of a LoRA run's language model by projection ({"wq": {"lora_a": A, "lora_b": B}, ...}), as
-    its latest checkpoint holds them (checkpoint.load_params would fold them into the base)."""
-    checkpoint.check_part(workdir, "lm", reader="the PEFT export")
-    layers = checkpoint.saved_params(workdir, mesh)[0]["layers"]
+    its latest checkpoint holds them (runs.load_params would fold them into the base)."""
+    runs.check_part(workdir, "lm", reader="the PEFT export")
+    layers = runs.saved_params(workdir, mesh)[0]["layers"]
     return {k: {"lora_a": w["lora_a"], "lora_b": w["lora_b"]} for k, w in layers.items() if lora.is_adapted(w)}
 
 
@@ -81,8 +81,8 @@ def _base_name(cfg) -> str:
     base = cfg.init_from
     if base.startswith("hf:"):
         return os.path.abspath(os.path.expanduser(base[3:]))
-    imported = os.path.isfile(os.path.join(base, "config.json")) and checkpoint.run_config(base)
-    return imported.init_from if imported and imported.trainer == "import" else os.path.abspath(base)
+    imported = os.path.isfile(os.path.join(base, "parts.json")) and runs.made(base) == "import"
+    return runs.run_config(base).init_from if imported else os.path.abspath(base)
 
 
 def peft_config(cfg, found: dict) -> dict:
@@ -110,10 +110,10 @@ def export_peft(workdir: str, out: str) -> str:
                           f"adapters are exported for {', '.join(families.LLAMA_LIKE)} only: merge the run (python "
                           "-m llmjax.lora merge) and export that with python -m llmjax.hf export")
     out = os.path.abspath(os.path.expanduser(out))
-    checkpoint.check_new(out, "--out")
+    runs.check_new(out, "--out")
     found = adapters(workdir, make_mesh(MESH))
     tensors = peft_tensors(found, cfg.model)
-    with checkpoint.staged(out) as tmp:
+    with runs.staged(out) as tmp:
         if tmp is not None:
             save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "adapter_config.json"), "w") as f:

@@ -384,3 +384,63 @@ def token_rewards(scores_B: jax.Array, kl_BT: jax.Array, mask_BT: jax.Array,
     at_end_BT = jnp.arange(t)[None, :] == last_B[:, None]
     rewards = -kl_coef * _zero_padding(m, kl_BT) + jnp.where(at_end_BT, scores_B.astype(jnp.float32)[:, None], 0.0)
     return jnp.where(m, rewards, 0.0)
+
+
+# --- Knowledge distillation: token-level divergences between a teacher's and a student's next-token distributions ---
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def distill(student_logits_BTV: jax.Array, teacher_logits_BTV: jax.Array, mask_BT: jax.Array,
+            kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+            normalizer: jax.Array | float | None = None) -> tuple[jax.Array, dict]:
+    """A divergence between the teacher's p = softmax(teacher / temperature) and the student's
+    q = softmax(student / temperature), summed over the vocabulary at each token, then the mean over the tokens
+    where mask_BT is 1 (float32 math):
+      forward_kl  KL(p || q) = sum_v p (log p - log q)   mode-covering: q must put mass wherever p does, so the
+                  student spreads over all the teacher's modes (Hinton et al. 2015's KD)
+      reverse_kl  KL(q || p) = sum_v q (log q - log p)   mode-seeking: q is punished only where p is small, so the
+                  student may settle on one of the teacher's modes
+      jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q: GKD's generalised
+                  Jensen-Shannon divergence (Agarwal et al. 2024, "On-Policy Distillation of Language Models:
+                  Learning from Self-Generated Mistakes"), bounded, and interpolating between the two for beta in
+                  (0, 1): ~ beta KL(p || q) as beta -> 0, ~ (1 - beta) KL(q || p) as beta -> 1
+    No T^2 scaling of the loss (Hinton's factor for mixing with a hard-label loss): the gradient scale is the
+    learning rate's business.
+
+    Divides by `normalizer` (default: the number of masked-in tokens), like `cross_entropy`, so microbatch losses
+    weighed by token count sum to the full-batch loss under gradient accumulation. The teacher is a target: its
+    logits are under stop_gradient. Masked positions' logits (even NaN/inf) are replaced before any arithmetic,
+    and p log p-style terms count as 0 where a probability underflows to 0, so neither gives NaN values or
+    gradients. aux: divergence (the loss), teacher_entropy and student_entropy (token means of -sum p log p).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
+    m_BT = mask_BT > 0
+
+    def log_probs(logits_BTV):  # padding replaced before the softmax: masking its output leaves NaN gradients
+        return jax.nn.log_softmax(jnp.where(m_BT[..., None], logits_BTV.astype(jnp.float32), 0.0) / temperature,
+                                  axis=-1)
+
+    logq_BTV, logp_BTV = log_probs(student_logits_BTV), log_probs(jax.lax.stop_gradient(teacher_logits_BTV))
+    q_BTV, p_BTV = jnp.exp(logq_BTV), jnp.exp(logp_BTV)
+
+    def kl_BT(a_BTV, log_a_BTV, log_b_BTV):  # sum_v a (log a - log b), a term 0 where a = 0 (xlogy-style)
+        return jnp.sum(jnp.where(a_BTV > 0, a_BTV * (log_a_BTV - log_b_BTV), 0.0), axis=-1)
+
+    if kind == "forward_kl":
+        div_BT = kl_BT(p_BTV, logp_BTV, logq_BTV)
+    elif kind == "reverse_kl":
+        div_BT = kl_BT(q_BTV, logq_BTV, logp_BTV)
+    else:  # jsd; log m = logsumexp(log p + log beta, log q + log(1 - beta)), stable where p or q underflows
+        logm_BTV = jnp.logaddexp(logp_BTV + jnp.log(beta), logq_BTV + jnp.log1p(-beta))
+        div_BT = beta * kl_BT(p_BTV, logp_BTV, logm_BTV) + (1 - beta) * kl_BT(q_BTV, logq_BTV, logm_BTV)
+    mask = mask_BT.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask) if normalizer is None else normalizer, 1.0)
+    loss = jnp.sum(jnp.where(m_BT, div_BT * mask, 0.0)) / n
+
+    def entropy_BT(a_BTV, log_a_BTV):
+        return -jnp.sum(jnp.where(a_BTV > 0, a_BTV * log_a_BTV, 0.0), axis=-1)
+
+    return loss, {"divergence": loss, "teacher_entropy": _masked_mean(entropy_BT(p_BTV, logp_BTV), mask_BT),
+                  "student_entropy": _masked_mean(entropy_BT(q_BTV, logq_BTV), mask_BT)}

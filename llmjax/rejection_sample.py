@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from llmjax import checkpoint, sampling
+from llmjax import runs, sampling
 from llmjax.cli import run_main
 from llmjax.data import chat, tasks
 from llmjax.data.tokenizer import get_tokenizer
@@ -203,8 +203,8 @@ def make_scorer(reward: str) -> ScoreFn:
 
 def policy_config(workdir: str) -> ml_collections.ConfigDict:
     """A language model run's config; a reward run is refused, as it cannot generate."""
-    cfg = checkpoint.run_config(workdir)
-    if cfg.trainer == "reward":
+    cfg = runs.run_config(workdir)
+    if "lm" not in runs.run_parts(workdir):
         raise LlmjaxError(f"--policy={workdir!r} holds a reward model; pass a language model run (e.g. runs/sft) "
                           "and give the reward model as --reward")
     return cfg
@@ -224,7 +224,7 @@ def main(argv: list[str]) -> None:
     if f.reward == "tasks":
         check_tasks(prompts, [""] * len(prompts))  # every prompt is a task's, checked before any sampling
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = checkpoint.load_params(f.policy, mesh, reader="rejection sampling")
+    params = runs.load_params(f.policy, mesh, reader="rejection sampling")
     samples = best_of_n(params, cfg, prompts, f.n, score_fn, jax.random.key(f.seed), batch_size=f.batch_size,
                         max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                         constrain=make_constrain(mesh, cfg.rules))

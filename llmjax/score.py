@@ -17,28 +17,28 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from llmjax import checkpoint
+from llmjax import runs
 from llmjax.cli import run_main
 from llmjax.data import preference
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
+from llmjax.models import heads
 from llmjax.sharding import make_constrain, make_mesh
-from llmjax.train import reward
+from llmjax.train import registry
 
 
 def reward_run(workdir: str) -> ml_collections.ConfigDict:
-    """The config of a reward run; any other run refused in one line."""
-    cfg = checkpoint.run_config(workdir)
-    if cfg.trainer != "reward":
-        raise LlmjaxError(f"{workdir!r} holds a {cfg.trainer!r} run, not a reward model; train one with "
+    """The config of a run holding a reward model (a scorer part); any other run refused in one line."""
+    if "scorer" not in runs.run_parts(workdir):
+        raise LlmjaxError(f"{workdir!r} holds a {runs.made(workdir)!r} run, not a reward model; train one with "
                           "configs/reward.py")
-    return cfg
+    return runs.run_config(workdir)
 
 
 def render(cfg, tokenizer, prompt: str, response: str, where: str) -> tuple[list[int], list[float]]:
     """(ids, weights) of a prompt and response as the reward run `cfg` reads them; refused, naming `where`, when
     they do not fit its max_seq_len (it never saw later positions; a learned position table has none)."""
-    ids, weights = preference.render(tokenizer, prompt, response, cfg.reward.read == "eos")
+    ids, weights = preference.render(tokenizer, prompt, response, registry.get(cfg).at_eos(cfg))
     if len(ids) - 1 > cfg.model.max_seq_len:
         raise LlmjaxError(f"{where}: the prompt and response take {len(ids) - 1} tokens, more than the reward model's "
                           f"max_seq_len={cfg.model.max_seq_len}; shorten the response (or the prompt)")
@@ -67,10 +67,10 @@ class Scorer:
     def __init__(self, workdir: str):
         self.cfg = reward_run(workdir)
         mesh = make_mesh(self.cfg.mesh)
-        self.params = checkpoint.load_params(workdir, mesh, "scorer", reader="score")
+        self.params = runs.load_params(workdir, mesh, "scorer", reader="score")
         self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
         constrain = make_constrain(mesh, self.cfg.rules)
-        self._scores = jax.jit(lambda params, rows: reward.scores(params, rows, self.cfg, constrain))
+        self._scores = jax.jit(lambda params, rows: heads.scores(params, rows, self.cfg.model, constrain)[0])
 
     def rows(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
         """The reward model's input rows, as in training (next-token layout, loss mask on the response)."""

@@ -103,14 +103,14 @@ def saved_run(cfg, workdir: str, scale: float = 1.0, state=None):
     from."""
     import jax
 
-    from llmjax import checkpoint
+    from llmjax import checkpoint, runs
     from llmjax.train import registry
 
     task = registry.task(cfg, workdir)
     if state is None:
         state = task.start()
         state = state.replace(params=jax.tree.map(lambda x: x * scale, state.params))
-    checkpoint.claim_workdir(workdir, cfg, task.parts)
+    runs.claim_workdir(workdir, cfg, task.parts, task.made, task.meaning)
     mngr = checkpoint.manager(workdir, cfg)
     checkpoint.save(mngr, 1, state)
     mngr.wait_until_finished()

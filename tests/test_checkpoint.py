@@ -15,7 +15,7 @@ import pytest
 from helpers import ppo_config, reward_config, tiny_config
 from jax.sharding import PartitionSpec
 
-from llmjax import checkpoint, config, optim
+from llmjax import checkpoint, config, optim, runs
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
 from llmjax.train import registry
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     tx = optim.make(cfg, transformer.specs(cfg.model))
     state = state_lib.create(transformer.specs(cfg.model), cfg, make_mesh(cfg.mesh), tx)
     state = state.replace(step=jnp.full_like(state.step, 5))
-    checkpoint.claim_workdir(workdir, cfg, {"lm": ()})
+    runs.claim_workdir(workdir, cfg, {"lm": ()}, "pretrain", registry.meaning(cfg))
     mngr = checkpoint.manager(workdir, cfg)
     assert checkpoint.save(mngr, 5, state)
     mngr.wait_until_finished()
@@ -85,7 +85,7 @@ def test_claim_refuses_a_different_model(run):
     before = files(workdir)
     other = tiny_config(**{"model.d_model": 32, "model.n_layers": 3})
     with pytest.raises(config.LlmjaxError, match=r"\(model.d_model, model.n_layers differ\); pass a new --workdir"):
-        checkpoint.claim_workdir(workdir, other, {"lm": ()})
+        runs.claim_workdir(workdir, other, {"lm": ()}, "pretrain", registry.meaning(other))
     assert files(workdir) == before
     assert "checkpoints/5/state/_METADATA" in before and "config.json" in before
 
@@ -94,16 +94,16 @@ def test_claim_refuses_a_different_model(run):
 def test_load_params_checks_model_and_tokenizer(run):
     workdir, cfg, _, saved = run
     mesh = make_mesh(cfg.mesh)
-    assert_same_values(checkpoint.load_params(workdir, mesh, "lm", cfg.model, cfg.data.tokenizer), saved.params)
+    assert_same_values(runs.load_params(workdir, mesh, "lm", cfg.model, cfg.data.tokenizer), saved.params)
     with pytest.raises(config.LlmjaxError, match="parameters differ"):
-        checkpoint.load_params(workdir, mesh, "lm", tiny_config(**{"model.d_model": 32}).model)
+        runs.load_params(workdir, mesh, "lm", tiny_config(**{"model.d_model": 32}).model)
     with pytest.raises(config.LlmjaxError, match=f"set --config.data.tokenizer={cfg.data.tokenizer}$"):
-        checkpoint.load_params(workdir, mesh, "lm", cfg.model, "other.model")
+        runs.load_params(workdir, mesh, "lm", cfg.model, "other.model")
 
 
 def test_claim_accepts_the_same_model_with_other_settings(tmp_path):
-    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=20), {"lm": ()})
-    checkpoint.claim_workdir(str(tmp_path), tiny_config(steps=40, **{"optim.lr": 1e-3}), {"lm": ()})
+    for cfg in (tiny_config(steps=20), tiny_config(steps=40, **{"optim.lr": 1e-3})):
+        runs.claim_workdir(str(tmp_path), cfg, {"lm": ()}, "pretrain", registry.meaning(cfg))
     with open(tmp_path / "config.json") as f:
         assert '"steps": 40' in f.read()
 
@@ -136,18 +136,18 @@ def test_crash_mid_save_keeps_last_checkpoint(run, tmp_path):
 
 
 def test_lock_refuses_a_second_process_until_the_first_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom llmjax import checkpoint\n"
-                               f"with checkpoint.locked({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom llmjax import runs\n"
+                               f"with runs.locked({str(tmp_path)!r}):\n    print('held', flush=True)\n"
                                "    time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(config.LlmjaxError, match=rf"in use by a live run \(pid {holder.pid} on "), \
-                checkpoint.locked(str(tmp_path)):
+                runs.locked(str(tmp_path)):
             pass
     finally:
         holder.kill()  # SIGKILL: nothing in the process runs to release the lock
         holder.wait()
-    with checkpoint.locked(str(tmp_path)):
+    with runs.locked(str(tmp_path)):
         assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
 
 
@@ -171,12 +171,12 @@ def test_ppo_value_means_something_only_under_ppo(tmp_path):
     for algorithm, refused in (("grpo", False), ("ppo", True)):
         workdir, run, changed = str(tmp_path / algorithm), ppo_config("/sft", algorithm), ppo_config("/sft", algorithm)
         run.ppo.value, changed.ppo.value = "separate", "shared"
-        checkpoint.claim_workdir(workdir, run, {})
+        runs.claim_workdir(workdir, run, {}, "ppo", registry.meaning(run))
         if refused:
             with pytest.raises(config.LlmjaxError, match=r"different kind \(ppo.value differ\)"):
-                checkpoint.check_workdir(workdir, changed)
+                runs.check_workdir(workdir, changed, registry.meaning(changed))
         else:
-            checkpoint.check_workdir(workdir, changed)
+            runs.check_workdir(workdir, changed, registry.meaning(changed))
 
 
 def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "makedirs", read_only)
     with pytest.raises(config.LlmjaxError, match=r"is not writable \(Read-only file system\); pass a --workdir"), \
-            checkpoint.locked(str(tmp_path / "run")):
+            runs.locked(str(tmp_path / "run")):
         pass
 
 

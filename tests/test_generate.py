@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import reward_config
 
-from llmjax import checkpoint, config, generate
+from llmjax import config, generate, runs
 from llmjax.errors import LlmjaxError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,16 +23,16 @@ def test_generate_cli(sft_dir):
 
 
 def test_a_reward_model_does_not_generate(tmp_path):
-    checkpoint.claim_workdir(str(tmp_path), reward_config(), {"scorer": ()})  # what generate reads first
+    runs.claim_workdir(str(tmp_path), reward_config(), {"scorer": ()}, "reward")  # what generate reads first
     with pytest.raises(LlmjaxError, match="holds a reward model, which scores text but does not write it"):
         generate.complete(str(tmp_path), ["sort 21 = "])
 
 
 @pytest.fixture
 def config_only_run(tmp_path):
-    """A workdir holding only a tiny pretraining run's config.json: enough for every check made before the
-    checkpoint is read."""
-    (tmp_path / "config.json").write_text(config.base("tiny").to_json_best_effort())
+    """A workdir holding only a tiny pretraining run's config.json and parts.json: enough for every check made
+    before the checkpoint is read."""
+    runs.claim_workdir(str(tmp_path), config.base("tiny"), {"lm": ()}, "pretrain")
     return str(tmp_path)
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import checkpoint, config, sampling
+from llmjax import config, runs, sampling
 from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, weights
 from llmjax.models import transformer
@@ -46,9 +46,9 @@ def test_logits_and_greedy_generation_equal_transformers(name):
     """Read straight from the folder (init_from=hf:DIR), sharded fsdp=4 x tensor=2: transformers' float32 logits
     within 1e-4, and its 20 greedy tokens exactly."""
     source = f"hf:{fixture(name)}"
-    cfg = checkpoint.run_config(source)
+    cfg = runs.run_config(source)
     ref = reference(name)
-    params = checkpoint.load_params(source, make_mesh(dict(data=1, fsdp=4, tensor=2)))
+    params = runs.load_params(source, make_mesh(dict(data=1, fsdp=4, tensor=2)))
     np.testing.assert_allclose(logits(params, cfg.model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
     if name in FAMILIES:  # the bfloat16 and sharded folders hold llama3's and qwen2's architectures
         prompt = ref["prompt_ids"].astype(np.int32)
@@ -75,8 +75,8 @@ def compare_live(name: str) -> None:
         greedy = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].numpy()
     source = f"hf:{fixture(name)}"
-    params = checkpoint.load_params(source, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
-    model = checkpoint.run_config(source).model
+    params = runs.load_params(source, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    model = runs.run_config(source).model
     np.testing.assert_allclose(logits(params, model, ref["input_ids"]), expected, atol=1e-4, rtol=0)
     ours = sampling.generate(params, ref["prompt_ids"].astype(np.int32), np.array([8], np.int32), jax.random.key(0),
                              model, max_new_tokens=20, eos_id=-1)
@@ -90,14 +90,14 @@ def test_import_export_round_trip(name, tmp_path):
     run, out, again = (str(tmp_path / d) for d in ("run", "out", "again"))
     convert.import_run(fixture(name), run)
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = checkpoint.load_params(run, mesh)
-    direct = checkpoint.load_params(f"hf:{fixture(name)}", mesh)
+    params = runs.load_params(run, mesh)
+    direct = runs.load_params(f"hf:{fixture(name)}", mesh)
     jax.tree.map(np.testing.assert_array_equal, params, direct)
     convert.export_run(run, out)
     assert stored(out) == {k: v for k, v in stored(fixture(name)).items() if not k.endswith(weights.BUFFERS)}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
     convert.import_run(out, again)
-    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(again, mesh), params)
+    jax.tree.map(np.testing.assert_array_equal, runs.load_params(again, mesh), params)
 
 
 def test_export_shards_with_an_index(tmp_path):
@@ -138,7 +138,7 @@ def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from
     texts = generate.complete(run, ["sort 321 = "], max_new_tokens=8)
     assert len(texts) == 1 and isinstance(texts[0], str)
     mesh = helpers.one_device()
-    scores = evaluate.make_evaluator(cfg, mesh, n=2, batches=1)(checkpoint.load_params(run, mesh))
+    scores = evaluate.make_evaluator(cfg, mesh, n=2, batches=1)(runs.load_params(run, mesh))
     assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["perplexity"])
 
 
@@ -173,7 +173,7 @@ def test_gpt2_as_the_hub_stores_it_imports(tmp_path):
     tensors = {k.removeprefix("transformer."): reader.read(k, ()) for k in reader.where}
     tensors |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 256, 256), np.float32)) for i in range(2)}
     save_file(tensors, str(folder / "model.safetensors"))
-    params = checkpoint.load_params(f"hf:{folder}", make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    params = runs.load_params(f"hf:{folder}", make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     ref = reference("gpt2")
     np.testing.assert_allclose(logits(params, config.model_config(f"hf:{folder}"), ref["input_ids"]), ref["logits"],
                                atol=1e-4, rtol=0)
@@ -221,9 +221,9 @@ def test_an_llmjax_run_exports_and_transformers_loads_it(tmp_path):
     convert.export_run(run, out)
     convert.import_run(out, str(tmp_path / "again"))
     mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(run, mesh),
-                 checkpoint.load_params(str(tmp_path / "again"), mesh))
-    live_transformers_check(out, checkpoint.load_params(run, mesh), checkpoint.run_config(run).model)
+    jax.tree.map(np.testing.assert_array_equal, runs.load_params(run, mesh),
+                 runs.load_params(str(tmp_path / "again"), mesh))
+    live_transformers_check(out, runs.load_params(run, mesh), runs.run_config(run).model)
 
 
 def live_transformers_check(folder: str, params, model) -> None:
@@ -249,5 +249,5 @@ def export_loads_live(name: str, tmp_path) -> None:
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     convert.import_run(fixture(name), run)
     convert.export_run(run, out)
-    live_transformers_check(out, checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1))),
-                            checkpoint.run_config(run).model)
+    live_transformers_check(out, runs.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1))),
+                            runs.run_config(run).model)

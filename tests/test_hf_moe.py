@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_hf import compare_live, export_loads_live, fixture, logits, reference, stored
 
-from llmjax import checkpoint, config, sampling
+from llmjax import config, runs, sampling
 from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, families, weights
 from llmjax.sharding import make_mesh
@@ -27,10 +27,10 @@ def test_logits_and_greedy_generation_equal_transformers(name):
     """Read straight from the folder, experts sharded over expert=2 (and fsdp=2 x tensor=2 within them):
     transformers' float32 logits within 1e-4, and its 20 greedy tokens exactly."""
     source = f"hf:{fixture(name)}"
-    cfg = checkpoint.run_config(source)
+    cfg = runs.run_config(source)
     assert families.family(cfg.model) == name
     ref = reference(name)
-    params = checkpoint.load_params(source, make_mesh(SHARDED))
+    params = runs.load_params(source, make_mesh(SHARDED))
     assert params["layers"]["moe_gate"].sharding.spec[1] == "expert"
     np.testing.assert_allclose(logits(params, cfg.model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
     prompt = ref["prompt_ids"].astype(np.int32)
@@ -52,7 +52,7 @@ def test_a_device_reads_only_its_experts_of_the_right_layers(monkeypatch):
     monkeypatch.setattr(weights, "_read", shard)
     monkeypatch.setattr(weights.Reader, "read", lambda self, key, index: calls[-1][1].append(key) or open_one(
         self, key, index))
-    checkpoint.load_params(f"hf:{fixture('qwen2_moe')}", make_mesh(SHARDED))
+    runs.load_params(f"hf:{fixture('qwen2_moe')}", make_mesh(SHARDED))
     expert_reads = [keys for key, keys in calls if ".experts.{j}." in key]
     assert expert_reads and all(len(keys) == 4 for keys in expert_reads)  # 2 layers x 2 of the 4 experts
     assert {k.split(".experts.")[1][0] for keys in expert_reads for k in keys} == set("0123")
@@ -68,14 +68,14 @@ def test_import_export_round_trip(name, tmp_path):
     run, out, again = (str(tmp_path / d) for d in ("run", "out", "again"))
     convert.import_run(fixture(name), run)
     mesh = make_mesh(ONE)
-    params = checkpoint.load_params(run, mesh)
-    jax.tree.map(np.testing.assert_array_equal, params, checkpoint.load_params(f"hf:{fixture(name)}", mesh))
+    params = runs.load_params(run, mesh)
+    jax.tree.map(np.testing.assert_array_equal, params, runs.load_params(f"hf:{fixture(name)}", mesh))
     convert.export_run(run, out)
     assert stored(out) == stored(fixture(name))
     convert.import_run(out, again)
-    models = [dict(checkpoint.run_config(r).model, name="") for r in (run, again)]
+    models = [dict(runs.run_config(r).model, name="") for r in (run, again)]
     assert models[0] == models[1]
-    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(again, mesh), params)
+    jax.tree.map(np.testing.assert_array_equal, runs.load_params(again, mesh), params)
 
 
 def edited(name: str, change: dict, tmp_path) -> str:

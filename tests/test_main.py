@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import losses, metric_rows, tiny_config
 
-from llmjax import checkpoint, sharding
+from llmjax import checkpoint, runs, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def test_diverging_cli_run_exits_nonzero_and_keeps_checkpoints(straight, tmp_pat
     mngr = checkpoint.manager(str(workdir), tiny_config())
     assert mngr.latest_step() in range(STEPS, 40, 4)  # the finished run's last, or a finite step's after it
     mngr.close()
-    params = checkpoint.load_params(str(workdir), sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+    params = runs.load_params(str(workdir), sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
 

@@ -12,8 +12,9 @@ import pytest
 from helpers import one_device
 from safetensors.numpy import load_file
 
-from llmjax import checkpoint, config
+from llmjax import config
 from llmjax import lora as lora_runs
+from llmjax import runs as run_lib
 from llmjax.errors import LlmjaxError
 from llmjax.hf import convert, families
 from llmjax.models import lora, transformer
@@ -67,11 +68,11 @@ def test_peft_adapter_in_our_layout_computes_peft_logits(name):
     """peft's adapter (every A and B random) on the base read from its Hugging Face folder: the adapted model's
     logits, unmerged and merged, within 1e-4 of peft's; so the names, transposes and scale are peft's."""
     folder, source = os.path.join(PEFT, name), f"hf:{os.path.join(HF, name)}"
-    model = checkpoint.run_config(source).model
+    model = run_lib.run_config(source).model
     ref = dict(np.load(os.path.join(folder, "reference.npz")))
     found = read_peft(folder, model)
     assert sorted(found) == ["w_down", "w_gate", "w_up", "wk", "wo", "wq", "wv"]
-    params = adapted(checkpoint.load_params(source, make_mesh(MESH)), found, folder)
+    params = adapted(run_lib.load_params(source, make_mesh(MESH)), found, folder)
     np.testing.assert_allclose(logits(params, model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits(lora.merge(params), model, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
 
@@ -106,7 +107,7 @@ def test_export_writes_what_peft_writes_and_round_trips(runs, tmp_path):
     assert written == {k: peft_wrote[k] for k in written}
     assert {"r", "lora_alpha", "target_modules", "peft_type", "task_type"} <= set(written)
 
-    model = checkpoint.run_config(runs["lora"]).model
+    model = run_lib.run_config(runs["lora"]).model
     found = lora_runs.adapters(runs["lora"], make_mesh(MESH))
     jax.tree.map(np.testing.assert_array_equal, read_peft(out, model), found)
     assert all(np.abs(np.asarray(pair["lora_b"])).max() > 1e-3 for pair in found.values())
@@ -130,7 +131,7 @@ def test_peft_loads_the_export_onto_the_exported_base_live(runs, tmp_path):
         auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).eval()
         found = auto(torch.tensor(ids)).logits.numpy()
     mesh = make_mesh(MESH)
-    ours = logits(checkpoint.load_params(runs["lora"], mesh), checkpoint.run_config(runs["lora"]).model, ids)
+    ours = logits(run_lib.load_params(runs["lora"], mesh), run_lib.run_config(runs["lora"]).model, ids)
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     np.testing.assert_allclose(found, ours, atol=1e-4, rtol=0)
     assert np.abs(plain - ours).max() > 1e-2
@@ -145,7 +146,7 @@ def test_not_a_lora_run_is_refused(runs, tmp_path):
 def test_a_gpt2_lora_run_is_refused(tmp_path):
     cfg = config.load(f"configs/sft.py:model=hf:{os.path.join(HF, 'gpt2')}", **{"lora.targets": "all"})
     run = str(tmp_path / "gpt2-lora")
-    checkpoint.claim_workdir(run, cfg, {"lm": []})
+    run_lib.claim_workdir(run, cfg, {"lm": []}, "pretrain")
     with pytest.raises(LlmjaxError, match=r"\(gpt2\); PEFT adapters are exported for llama, .* only: merge the run"):
         lora_runs.export_peft(run, str(tmp_path / "out"))
 

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from experiments.pipeline import run
-from llmjax import checkpoint
+from llmjax import runs
 from llmjax.train.registry import validate
 
 
@@ -20,10 +20,10 @@ def test_runs_end_to_end_on_tiny(pipeline_dir):
     assert list(stages) == [name for name, *_ in run.STAGES] and results["model"] == "tiny"
     assert results["focus"] == ["sort", "lookup"]
     for name, _, parent, _ in run.STAGES:
-        cfg = checkpoint.run_config(os.path.join(pipeline_dir, name))
+        cfg = runs.run_config(os.path.join(pipeline_dir, name))
         assert cfg.model.name == "tiny" and stages[name]["steps"] == cfg.steps <= 4, name
         assert cfg.init_from == (os.path.join(pipeline_dir, parent) if parent else ""), name
-    rewards = {name: checkpoint.run_config(os.path.join(pipeline_dir, name)).ppo.reward
+    rewards = {name: runs.run_config(os.path.join(pipeline_dir, name)).ppo.reward
                for name in ("ppo", "ppo_tasks", "grpo", "grpo_math")}
     assert rewards == {"ppo": os.path.join(pipeline_dir, "reward"), "ppo_tasks": "tasks", "grpo": "tasks",
                        "grpo_math": "math"}

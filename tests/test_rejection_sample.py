@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import checkpoint, sharding
 from llmjax import rejection_sample as rs
+from llmjax import runs, sharding
 from llmjax.data import pipeline, sources, tasks
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.errors import LlmjaxError
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def policy(sft_dir):
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    return checkpoint.load_params(sft_dir, mesh), rs.policy_config(sft_dir)
+    return runs.load_params(sft_dir, mesh), rs.policy_config(sft_dir)
 
 
 def rescore(samples, score_fn):

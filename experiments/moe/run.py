@@ -18,7 +18,7 @@ from absl import flags
 
 from configs import stdlib
 from experiments.pipeline.run import read_metrics
-from llmjax import checkpoint, sharding
+from llmjax import runs, sharding
 from llmjax.cli import run_main
 from llmjax.config import override
 from llmjax.data import pipeline
@@ -43,7 +43,7 @@ def run_config(model: str, steps: int, subdir: str, data_dir: str, changes: dict
 
 def utilisation(cfg, workdir: str, mesh, batches: int = 8) -> np.ndarray:
     """Each expert's share of the routed copies of held-out tokens, per MoE layer, times E (1 = an even share)."""
-    params = checkpoint.load_params(workdir, mesh)
+    params = runs.load_params(workdir, mesh)
     fwd = jax.jit(lambda p, b: transformer.forward(p, b["inputs"], b["positions"], b["segment_ids"], cfg.model,
                                                    sharding.make_constrain(mesh, cfg.rules)).moe["load"])
     held_out = pipeline.validation_batches(cfg, sharding.batch_sharding(mesh, cfg.rules), batches)

@@ -22,7 +22,6 @@ import numpy as np
 from absl import flags
 
 from experiments.rl import word_problems
-from llmjax import checkpoint
 from llmjax.cli import run_main
 from llmjax.config import load
 from llmjax.data import prompts
@@ -188,7 +187,7 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
         runs[name] = read_metrics(paths[name])
         results.append(summarise(name, runs[name], time.perf_counter() - t))
         if cfg.trainer == "ppo":  # the start, on the same held-out prompts: what RL changed
-            start = make_evaluator(cfg, mesh, n=cfg.eval_prompts)(checkpoint.load_params(cfg.init_from, mesh))
+            start = make_evaluator(cfg, mesh, n=cfg.eval_prompts)(runs.load_params(cfg.init_from, mesh))
             results[-1] |= own_accuracy(cfg, start, "start") | own_accuracy(cfg, runs[name], "end")
         print(table(results[-1:], focus), flush=True)
     out = {"model": model, "scale": scale, "focus": focus, "stages": results}

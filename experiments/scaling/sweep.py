@@ -28,7 +28,7 @@ from llmjax.data import synthetic
 from llmjax.evaluate import HELD_OUT
 from llmjax.models import presets, transformer
 from llmjax.sharding import batch_sharding, make_mesh, no_constrain
-from llmjax.train import pretrain, registry
+from llmjax.train import common, pretrain, registry
 
 _OUT = flags.DEFINE_string("out", "experiments/scaling/results", "Folder for runs.json, fit.json, isoflops.png.")
 _BUDGETS = flags.DEFINE_list("budgets", ["1e11", "3e11", "1e12"], "Compute budgets in FLOPs.")
@@ -56,7 +56,7 @@ def run_config(budget: float, d_model: int, n_layers: int, batch_size: int, seq_
     cfg.model = ml_collections.ConfigDict(model(d_model, n_layers, seq_len))
     cfg.data.tokenizer = "byte"
     cfg.batch_size, cfg.seq_len = batch_size, seq_len
-    cfg.steps = max(1, round(budget / (pretrain.flops_per_token(cfg) * batch_size * seq_len)))
+    cfg.steps = max(1, round(budget / (common.lm_flops(cfg) * batch_size * seq_len)))
     cfg.optim.warmup_steps = max(1, cfg.steps // 10)
     cfg.eval_every, cfg.log_every = 0, max(1, cfg.steps // 20)
     cfg.checkpoint.update(every=cfg.steps, keep=1, use_async=False)
@@ -84,7 +84,7 @@ def train_one(budget: float, d_model: int, n_layers: int, seed: int) -> dict:
             rows = [json.loads(line) for line in f]
     wall_s = time.perf_counter() - t
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    fpt = pretrain.flops_per_token(cfg)
+    fpt = common.lm_flops(cfg)
     return {"budget": budget, "d_model": d_model, "n_layers": n_layers, "seed": seed,
             "params": transformer.param_count(cfg.model), "matmul_params": transformer.matmul_param_count(cfg.model),
             "flops_per_token": fpt, "steps": cfg.steps, "tokens": tokens, "flops": fpt * tokens,

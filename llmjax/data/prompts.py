@@ -2,7 +2,7 @@
 
 A record is a dict with a "prompt" and any other fields its source holds (an "answer", an id, test cases), kept
 with the rollout and handed to the reward functions (llmjax.rewards). Sources, by cfg.data.source:
-  synthetic       the built-in tasks of ppo.tasks (or data.tasks): {"prompt", "answer", "task"}
+  synthetic       the built-in tasks the objective names (or data.tasks): {"prompt", "answer", "task"}
   files:PATH      .jsonl lines with a "prompt" (llmjax.data.sources, kind "prompts"), their data.validation share
   tfds:NAME       held out for evaluation; a prepared tfds dataset whose records have a "prompt" feature
 Records are read in a seeded shuffle, reshuffled each epoch, so step s's prompts are a pure function of (seed, s):
@@ -33,16 +33,12 @@ def records(cfg, split: str) -> sources.Records:
     return found
 
 
-def group_size(cfg) -> int:
-    return cfg.ppo.group_size if cfg.ppo.algorithm == "grpo" else 1
-
-
-def source(cfg) -> Callable[[int], list[dict]]:
-    """step -> its batch_size records (each prompt group_size times in a row)."""
-    k = group_size(cfg)
+def source(cfg, k: int = 1, task_names: str = "") -> Callable[[int], list[dict]]:
+    """step -> its batch_size records, each prompt k times in a row (a GRPO group); synthetic prompts of
+    `task_names` (default data.tasks)."""
     n = cfg.batch_size // k
     if cfg.data.source == "synthetic":
-        names = (cfg.ppo.tasks or cfg.data.tasks).split(",")
+        names = (task_names or cfg.data.tasks).split(",")
 
         def draw(step: int) -> list[dict]:
             rng = np.random.default_rng([cfg.seed, step])
@@ -76,7 +72,7 @@ def name(source: str) -> str:
     return os.path.splitext(os.path.basename(source.partition(":")[2].rstrip("/")))[0]
 
 
-def ids(tokenizer, prompts: Sequence[str], width: int, key: str = "ppo.max_prompt_len") -> list[list[int]]:
+def ids(tokenizer, prompts: Sequence[str], width: int, key: str) -> list[list[int]]:
     """The prompts through the chat template, refused in one line if one does not fit `width` tokens: a fixed
     prompt width is what keeps the sampler from compiling again for longer prompts."""
     out = [chat.prompt_ids(tokenizer, p) for p in prompts]

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from llmjax import checkpoint, config
+from llmjax import config, runs
 from llmjax.data import hf_tokenizer
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
@@ -30,9 +30,9 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
     hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
     workdir = os.path.abspath(workdir)
     cfg = config.base()
-    cfg.trainer, cfg.init_from = "import", hf_dir
+    cfg.init_from = hf_dir
     cfg.model = ml_collections.ConfigDict(families.model_config(families.read_config(hf_dir), hf_dir, dtype))
-    checkpoint.check_new(workdir, "workdir")
+    runs.check_new(workdir, "workdir")
     reader = weights.Reader(hf_dir)
     weights.check(reader, cfg.model)
     tokenizer = get_tokenizer(f"hf:{hf_dir}")
@@ -46,8 +46,8 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
         os.makedirs(os.path.join(staging, "tokenizer"))
         hf_tokenizer.write_files(f"hf:{hf_dir}", os.path.join(staging, "tokenizer"))
 
-    checkpoint.write_run(workdir, cfg, {"lm": []}, lambda: weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH)),
-                         tokenizer_files)
+    runs.write_run(workdir, cfg, {"lm": []}, "import",
+                   lambda: weights.load(reader, cfg.model, cfg.rules, make_mesh(MESH)), tokenizer_files)
     return (f"imported {cfg.model.name} ({transformer.param_count(cfg.model):,} parameters, "
             f"{cfg.model.param_dtype}) into {workdir}")
 
@@ -55,17 +55,17 @@ def import_run(hf_dir: str, workdir: str, dtype: str | None = None) -> str:
 def export_run(workdir: str, out: str, dtype: str | None = None, shard_gb: float = 5.0) -> str:
     """Writes the language model of the run in `workdir` (a PPO run's policy) as a Hugging Face folder `out`;
     returns a summary. The folder appears whole or not at all: it is written beside `out`, then renamed."""
-    cfg, _ = checkpoint.check_part(workdir, "lm", reader="the Hugging Face export")
+    cfg, _ = runs.check_part(workdir, "lm", reader="the Hugging Face export")
     dtype = dtype or cfg.model.param_dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise LlmjaxError(f"--dtype={dtype!r}: choose float32, bfloat16 or float16")
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     hf = families.hf_config(cfg.model, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     out = os.path.abspath(os.path.expanduser(out))
-    checkpoint.check_new(out, "--out")
-    params = checkpoint.load_params(workdir, make_mesh(MESH), reader="the Hugging Face export")
+    runs.check_new(out, "--out")
+    params = runs.load_params(workdir, make_mesh(MESH), reader="the Hugging Face export")
     tensors = list(weights.exported(params, cfg.model, jax.numpy.dtype(dtype)))
-    with checkpoint.staged(out) as tmp, tqdm(total=len(tensors), desc="export", unit="tensor",
+    with runs.staged(out) as tmp, tqdm(total=len(tensors), desc="export", unit="tensor",
                                              disable=tmp is None) as bar:
         files = weights.write(tmp, tensors, jax.numpy.dtype(dtype), int(shard_gb * 2**30), lambda _: bar.update())
         if tmp is not None:

@@ -47,3 +47,13 @@ def at_last(values_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """values_B read at each row's last masked-in position: a sequence's score from the state that has seen
     all of it."""
     return jnp.take_along_axis(values_BT, last_index(mask_BT)[:, None], axis=-1)[:, 0]
+
+
+def scores(params: Params, rows: dict[str, jax.Array], cfg,
+           constrain: Constrain = no_constrain) -> tuple[jax.Array, dict]:
+    """A reward model's score of every sequence of rows [B, C, T] (or [B, T]): scores_BC (scores_B), read where
+    each row's loss mask ends, and the trunk's MoE statistics."""
+    lead = rows["inputs"].shape[:-1]
+    flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)
+    values_BT, stats = values(params, flat, cfg, constrain)
+    return at_last(values_BT, flat["loss_mask"]).reshape(lead), stats

@@ -11,10 +11,12 @@ one step per moe_every layers.
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 
 from llmjax.models import layers, moe
 from llmjax.sharding import Constrain, no_constrain
@@ -184,6 +186,19 @@ class Output(NamedTuple):
     cache: Cache | None  # the updated cache when one was given
 
 
+KV = tuple[jax.Array, jax.Array]  # one layer's cached keys and values, each BSKH
+
+
+class Context(NamedTuple):
+    """What every layer of one forward pass shares, computed once outside the scan over layers."""
+
+    positions_BT: jax.Array
+    freq_h: jax.Array  # RoPE inverse frequencies
+    mask_B1TS: jax.Array
+    valid_BT: jax.Array  # real tokens, not padding: the only ones the MoE router's statistics count
+    cache_index: jax.Array | None  # the first cache slot the tokens fill; None without a cache
+
+
 def _group_size(cfg) -> int:
     return cfg.moe_every if cfg.moe_experts else 1
 
@@ -203,8 +218,116 @@ def _groups(layers_p: Params, cfg) -> tuple[Params, Params, Params]:
     return split(attn), split(dense), experts
 
 
+def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigDict,
+          constrain: Constrain) -> jax.Array:
+    """Token embeddings; GPT-2 adds learned position embeddings here, RoPE models rotate q and k instead."""
+    x_BTD = p["embed"][tokens_BT]
+    if cfg.pos == "learned":
+        x_BTD = x_BTD + p["pos_embed"][positions_BT]
+    return constrain(x_BTD, ("batch", "seq", "act_embed"))
+
+
+def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None) -> tuple[jax.Array, jax.Array]:
+    """(mask_B1TS, the keys' segment ids). Without a cache the tokens are their own keys; with one they fill
+    the slots after the cache's `index` and also see the slots before them."""
+    B, T = segment_ids_BT.shape
+    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if cache is None:
+        return layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT), segment_ids_BT
+    kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
+    kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
+    return layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT + cache.index, kv_index_BS), kv_segment_BS
+
+
+def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
+                    kv_BSKH: KV | None = None) -> tuple[jax.Array, KV | None]:
+    """Pre-norm attention added to the residual stream. With a cache the new keys and values are written into
+    it first, so the tokens attend to the earlier slots and to each other in one call."""
+    h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
+    q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
+    if cfg.bias != "none":
+        q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
+    if cfg.qk_norm:
+        q_BTNH = layers.rms_norm(q_BTNH, w["q_norm"]["scale"], cfg.norm_eps)
+        k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
+    if cfg.pos == "rope":
+        q_BTNH, k_BTKH = (layers.rope(a, ctx.positions_BT, ctx.freq_h) for a in (q_BTNH, k_BTKH))
+    if kv_BSKH is None:
+        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, ctx.mask_B1TS, cfg.attn_causal_block)
+    else:
+        kv_BSKH = tuple(constrain(jax.lax.dynamic_update_slice(c_BSKH, new_BTKH, (0, ctx.cache_index, 0, 0)),
+                                  ("batch", "seq", "kv_heads", "head_dim"))
+                        for c_BSKH, new_BTKH in zip(kv_BSKH, (k_BTKH, v_BTKH), strict=True))
+        o_BTNH = layers.attention(q_BTNH, *kv_BSKH, ctx.mask_B1TS)
+    o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
+    x_BTD = x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD)
+    return constrain(x_BTD, ("batch", "seq", "act_embed")), kv_BSKH
+
+
+def mlp_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict,
+              constrain: Constrain) -> tuple[jax.Array, dict]:
+    """Pre-norm MLP added to the residual stream: routed experts when the layer has a router (returning its
+    statistics for the load-balancing loss), else the dense SwiGLU or GELU MLP (no statistics)."""
+    h_BTD = _norm(x_BTD, w["mlp_norm"], cfg)
+    stats = {}
+    if "moe_router" in w:
+        m_BTD, stats = moe.apply(h_BTD, w, ctx.valid_BT, cfg, constrain)
+    elif cfg.mlp == "swiglu":
+        m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])
+    else:
+        zero = jnp.zeros((), x_BTD.dtype)  # GPT-2 style without biases
+        m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
+    return constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed")), stats
+
+
+def block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
+          kv_BSKH: KV | None = None) -> tuple[jax.Array, KV | None, dict]:
+    """One layer: attention mixes information across positions, the MLP then works on each position alone."""
+    x_BTD, kv_BSKH = attention_block(x_BTD, w, ctx, cfg, constrain, kv_BSKH)
+    x_BTD, stats = mlp_block(x_BTD, w, ctx, cfg, constrain)
+    return x_BTD, kv_BSKH, stats
+
+
+def _group(x_BTD, weights, ctx: Context, cfg, constrain):
+    """One scan step: moe_every layers (one for a dense model), the last with the experts when the model has
+    them, so that every step of the scan is alike."""
+    attn, dense, experts, kv_cache = weights
+    n = _group_size(cfg)
+    new_kv = []
+    for i in range(n):
+        at = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: B023, E731
+        mlp = experts if cfg.moe_experts and i == n - 1 else at(dense)
+        x_BTD, kv_BSKH, stats = block(x_BTD, {**at(attn), **mlp}, ctx, cfg, constrain,
+                                      None if kv_cache is None else at(kv_cache))
+        new_kv.append(kv_BSKH)
+    new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+    return x_BTD, (new_kv, stats)  # the last layer's stats: the group's only MoE layer, {} when dense
+
+
+def scan_layers(x_BTD: jax.Array, layers_p: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
+                kv_LBSKH: KV | None = None) -> tuple[jax.Array, KV | None, dict]:
+    """Every layer, as one jax.lax.scan over groups of layers so that compile time does not grow with depth;
+    cfg.remat picks what each group's backward pass recomputes rather than stores."""
+    step = partial(_group, ctx=ctx, cfg=cfg, constrain=constrain)
+    if REMAT[cfg.remat] is not None:
+        step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
+    attn, dense, experts = _groups(layers_p, cfg)
+    kv = None if kv_LBSKH is None else jax.tree.map(lambda a: a.reshape(-1, _group_size(cfg), *a.shape[1:]),
+                                                    kv_LBSKH)
+    x_BTD, (kv, stats) = jax.lax.scan(step, x_BTD, (attn, dense, experts, kv))
+    kv_LBSKH = None if kv is None else jax.tree.map(lambda a: a.reshape(cfg.n_layers, *a.shape[2:]), kv)
+    return x_BTD, kv_LBSKH, stats
+
+
+def unembed(p: Params, h_BTD: jax.Array, cfg: ConfigDict, constrain: Constrain) -> jax.Array:
+    """Logits in float32, which the softmax of the loss and of sampling need; tied models reuse the embedding."""
+    unembed_DV = p["embed"].T if cfg.tie_embeddings else p["unembed"]
+    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+
 def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-            cfg, constrain: Constrain = no_constrain, cache: Cache | None = None) -> Output:
+            cfg: ConfigDict, constrain: Constrain = no_constrain, cache: Cache | None = None) -> Output:
     """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill slots index ..
     index+T and attend to everything cached before them.
 
@@ -212,73 +335,14 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    x_BTD = p["embed"][tokens_BT]
-    if cfg.pos == "learned":
-        x_BTD = x_BTD + p["pos_embed"][positions_BT]
-    x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
-    B, T = tokens_BT.shape
-    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    if cache is None:
-        mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT)
-    else:
-        kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
-        kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
-        mask_B1TS = layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT + cache.index, kv_index_BS)
-    freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
-                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-
-    def attend(x_BTD, w, kv_cache):
-        h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
-        q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
-        if cfg.bias != "none":
-            q_BTNH, k_BTKH, v_BTKH = q_BTNH + w["bq"], k_BTKH + w["bk"], v_BTKH + w["bv"]
-        if cfg.qk_norm:
-            q_BTNH = layers.rms_norm(q_BTNH, w["q_norm"]["scale"], cfg.norm_eps)
-            k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
-        if cfg.pos == "rope":
-            q_BTNH, k_BTKH = layers.rope(q_BTNH, positions_BT, freq), layers.rope(k_BTKH, positions_BT, freq)
-        if kv_cache is None:
-            o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
-        else:
-            kv_cache = tuple(constrain(jax.lax.dynamic_update_slice(c, new, (0, cache.index, 0, 0)),
-                                       ("batch", "seq", "kv_heads", "head_dim"))
-                             for c, new in zip(kv_cache, (k_BTKH, v_BTKH), strict=True))
-            o_BTNH = layers.attention(q_BTNH, *kv_cache, mask_B1TS)
-        o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
-        x_BTD = constrain(x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD), ("batch", "seq", "act_embed"))
-        return x_BTD, _norm(x_BTD, w["mlp_norm"], cfg), kv_cache
-
-    def group(x_BTD, weights):
-        """moe_every layers (one for a dense model), the last with the MoE MLP when the model has experts."""
-        attn, dense, experts, kv_cache = weights
-        new_kv, stats = [], {}
-        for i in range(_group_size(cfg)):
-            at = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: B023, E731
-            x_BTD, h_BTD, kv = attend(x_BTD, at(attn), None if kv_cache is None else at(kv_cache))
-            new_kv.append(kv)
-            if cfg.moe_experts and i == cfg.moe_every - 1:
-                m_BTD, stats = moe.apply(h_BTD, experts, segment_ids_BT > 0, cfg, constrain)
-            elif cfg.mlp == "swiglu":
-                w = at(dense)
-                m_BTD = layers.swiglu(h_BTD, w["w_gate"], w["w_up"], w["w_down"])
-            else:
-                w, zero = at(dense), jnp.zeros((), dtype)
-                m_BTD = layers.gelu_mlp(h_BTD, w["w_fc"], w.get("b_fc", zero), w["w_proj"], w.get("b_proj", zero))
-            x_BTD = constrain(x_BTD + m_BTD, ("batch", "seq", "act_embed"))
-        new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
-        return x_BTD, (new_kv, stats)
-
-    if REMAT[cfg.remat] is not None:
-        group = jax.checkpoint(group, policy=REMAT[cfg.remat], prevent_cse=False)
-    attn, dense, experts = _groups(p["layers"], cfg)
-    kv = None if cache is None else jax.tree.map(lambda a: a.reshape(-1, _group_size(cfg), *a.shape[1:]),
-                                                 (cache.k_LBSKH, cache.v_LBSKH))
-    x_BTD, (kv, stats) = jax.lax.scan(group, x_BTD, (attn, dense, experts, kv))
+    x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
+    mask_B1TS, kv_segment_BS = attention_mask(segment_ids_BT, cache)
+    freq_h = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
+                                     cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    ctx = Context(positions_BT, freq_h, mask_B1TS, segment_ids_BT > 0, None if cache is None else cache.index)
+    kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+    x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
-    unembed_DV = p["embed"].T if cfg.tie_embeddings else p["unembed"]
-    logits_BTV = constrain(jnp.einsum("btd,dv->btv", h_BTD, unembed_DV, preferred_element_type=jnp.float32),
-                           ("batch", "seq", "vocab"))
-    if cache is None:
-        return Output(logits_BTV, h_BTD, stats, None)
-    kv = jax.tree.map(lambda a: a.reshape(cfg.n_layers, *a.shape[2:]), kv)
-    return Output(logits_BTV, h_BTD, stats, Cache(*kv, kv_segment_BS, cache.index + T))
+    logits_BTV = unembed(p, h_BTD, cfg, constrain)
+    new_cache = None if cache is None else Cache(*kv_LBSKH, kv_segment_BS, cache.index + tokens_BT.shape[1])
+    return Output(logits_BTV, h_BTD, stats, new_cache)

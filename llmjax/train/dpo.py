@@ -13,17 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llmjax import losses, optim
+from llmjax import losses
 from llmjax.config import check_ranges
 from llmjax.data import preference
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
 from llmjax.models import lora, moe, transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, process_rows
-from llmjax.train import loop, pretrain, state
-from llmjax.train.pretrain import Batch
-from llmjax.train.step import make_step
+from llmjax.sharding import Constrain, process_rows
+from llmjax.train.common import Batch, Context, Definition, Objective, lm_flops
 
 
 def _per_sequence(batch: dict, values: Callable[[Batch], jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -67,13 +65,16 @@ def loss_fn(params, batch: dict, cfg, constrain: Constrain, reference=None) -> t
 
 
 def precompute_reference(cfg, workdir: str, reference: Callable[[], dict], get: Callable[[int], dict], sharding,
-                         constrain: Constrain) -> Callable[[int], dict]:
+                         constrain: Constrain, abstract: bool = False) -> Callable[[int], dict]:
     """The batches with the reference's log-probs attached as ref_chosen / ref_rejected: those of every batch of
     the run, computed once into workdir/reference_logps.npz at the first call (inside the loop, which holds the
-    workdir: building a task writes nothing), the reference read (`reference()`) for that pass alone."""
+    workdir: building a task writes nothing), the reference read (`reference()`) for that pass alone. `abstract`
+    (the estimate, which reads no run): zeros of their shape."""
     path = os.path.join(workdir, "reference_logps.npz")
     rows = process_rows(sharding, (cfg.batch_size, cfg.seq_len))
     stored = {}
+    if abstract:
+        stored.update({k: np.zeros((cfg.steps, cfg.batch_size), np.float32) for k in ("ref_chosen", "ref_rejected")})
 
     def load() -> dict[str, np.ndarray]:
         if not os.path.exists(path):
@@ -125,34 +126,31 @@ def validate(cfg, sizes: dict[str, int]) -> None:
 
 def flops_per_token(cfg) -> float:
     """Policy forward and backward on chosen and rejected tokens, plus the live reference's forward."""
+    return lm_flops(cfg) + (lm_flops(cfg, forward=True) if cfg.dpo.reference == "live" else 0)
+
+
+def define(ctx: Context) -> Definition:
+    cfg, mesh = ctx.cfg, ctx.mesh
+    adapted = bool(lora.targets(cfg))
     live = cfg.dpo.reference == "live"
-    return pretrain.flops_per_token(cfg) + (pretrain.flops_per_token(cfg, forward=True) if live else 0)
-
-
-def task(cfg, workdir: str, mesh) -> loop.Task:
-    specs = lora.apply(transformer.specs(cfg.model), cfg)
-    tx = optim.make(cfg, specs)
-    constrain = make_constrain(mesh, cfg.rules)
-    sharding = batch_sharding(mesh, cfg.rules)
-    get = preference.batches(cfg, sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
-    given = pretrain.reads_lm(cfg, cfg.init_from, mesh, "DPO")
-    adapted = state.trainable(specs) is not None
-    frozen = () if adapted or cfg.dpo.reference == "precomputed" else (given(),)
+    get = preference.batches(cfg, ctx.sharding, preference.source(cfg), layout="packed" if cfg.dpo.packed else "pairs")
+    given = ctx.read(cfg.init_from, "lm", "DPO")
+    frozen = (given(),) if live and not adapted else ()
     batches = get
-    if cfg.dpo.reference == "precomputed":
-        batches = precompute_reference(cfg, workdir, given, get, sharding, constrain)
+    if not live:
+        batches = precompute_reference(cfg, ctx.workdir, given, get, ctx.sharding, ctx.constrain, ctx.abstract)
 
     def loss(params, batch, reference=None):
-        if adapted and cfg.dpo.reference == "live":  # LoRA's reference: the same base with the adapters off
+        if adapted and live:  # LoRA's reference: the same base with the adapters off
             reference = lora.strip(params)
-        return loss_fn(params, batch, cfg, constrain, reference)
+        return loss_fn(params, batch, cfg, ctx.constrain, reference)
 
-    evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
-    step = make_step(loss, tx, optim.schedule(cfg), cfg.optim.grad_accum, mask=state.trainable(specs), seed=cfg.seed)
-    return loop.Task(step, lambda _, i: (batches(i), {}), sharding,
-                     lambda: state.create(specs, cfg, mesh, tx, frozen[0] if frozen else given()),
-                     state.abstract(specs, cfg, mesh, tx), pretrain.PARTS, flops_per_token(cfg), evaluate, frozen,
-                     trainable=state.trainable(specs))
+    evaluate = make_evaluator(cfg, mesh, ctx.constrain, n=cfg.eval_prompts) if cfg.eval_every else None
+    return Definition(loss=loss, source=lambda _, i: (batches(i), {}), start=lambda: frozen[0] if frozen else given(),
+                      frozen=frozen, evaluate=evaluate)
 
 
-OBJECTIVE = loop.Objective("dpo", validate, task)
+OBJECTIVE = Objective("dpo", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
+                      flops_per_token=flops_per_token, parts={"lm": ()},
+                      reference=lambda cfg: cfg.dpo.reference == "live",
+                      sequences=lambda cfg: 1 if cfg.dpo.packed else 2)

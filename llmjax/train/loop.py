@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from llmjax import checkpoint, metrics
+from llmjax import checkpoint, metrics, runs
 from llmjax.train import state as state_lib
 
 log = logging.getLogger("llmjax")
@@ -64,16 +64,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-class Objective(NamedTuple):
-    """A training objective as the registry knows it (llmjax.train.registry): its name (cfg.trainer), the checks
-    of its own config section, and its Task. The loss, parameter layout, batch source, initialisation (also from
-    another run) and FLOPs per token are the Task's, built by `task`."""
-
-    name: str
-    validate: Callable[[object, dict[str, int]], None]  # (cfg, resolved mesh sizes) -> None or LlmjaxError
-    task: Callable[[object, str, Mesh], "Task"]  # (cfg, workdir, mesh)
-
-
 class Diverged(RuntimeError):
     """optim.max_nonfinite steps in a row had a non-finite loss or gradients (each was skipped)."""
 
@@ -93,6 +83,8 @@ class Task(NamedTuple):
     frozen: tuple = ()  # step arguments that never change, e.g. a frozen reference model's parameters
     data_iterator: object = None  # a grain iterator behind `source`, saved and restored with the checkpoints
     trainable: dict | None = None  # state.trainable(specs) where some parameters are frozen (LoRA): not saved
+    made: str = ""  # the objective's name, recorded in the run's parts.json
+    meaning: tuple[str, ...] = ()  # config keys a resumed run must share with the one in its workdir
 
     def jit_step(self, state_sh: state_lib.TrainState) -> Callable:
         """step(state, batch, *frozen) compiled once with the shardings of its arguments, the state donated."""
@@ -133,9 +125,9 @@ def run(cfg, workdir: str, task: Task) -> state_lib.TrainState:
     """Trains to cfg.steps from the latest checkpoint in `workdir`, else from task.start(), holding the workdir's
     lock. Stops with Diverged after optim.max_nonfinite skipped steps in a row, saving nothing more; a disk that
     fills during a save stops it with one line (a LlmjaxError)."""
-    checkpoint.check_workdir(workdir, cfg)  # before the lock: a refused run writes nothing
-    with checkpoint.locked(workdir):
-        checkpoint.claim_workdir(workdir, cfg, task.parts)
+    runs.check_workdir(workdir, cfg, task.meaning)  # before the lock: a refused run writes nothing
+    with runs.locked(workdir):
+        runs.claim_workdir(workdir, cfg, task.parts, task.made, task.meaning)
         mngr = checkpoint.manager(workdir, cfg)
         try:
             return _train(cfg, workdir, task, mngr)

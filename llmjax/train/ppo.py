@@ -16,25 +16,25 @@ initialised from the reward model, or from the SFT trunk when no reward model sc
 the policy's own trunk (ppo.value=shared)}; GRPO has no value function. The adaptive KL coefficient
 (ppo.target_kl) lives in the train state, so a resumed run carries it on.
 """
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import Mesh
 
-from llmjax import losses, optim, rewards, sampling
+from llmjax import losses, rewards, sampling
 from llmjax.config import check_choices, check_ranges
 from llmjax.data import tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
 from llmjax.models import heads, lora, moe, transformer
-from llmjax.sharding import Constrain, make_constrain
-from llmjax.train import loop, pretrain, state
+from llmjax.sharding import Constrain
+from llmjax.train.common import Context, Definition, Objective, lm_flops
 from llmjax.train.rollout import Rollout
 from llmjax.train.state import TrainState
-from llmjax.train.step import advance, make_update
-
-PARTS = {"lm": ("policy",)}  # the policy is a language model; the value function is PPO's own
+from llmjax.train.step import advance
 
 
 def token_logprobs(params, rows: dict, cfg, constrain: Constrain) -> tuple[jax.Array, transformer.Output]:
@@ -60,29 +60,84 @@ def aggregate(cfg):
     return losses.aggregator(cfg.ppo.loss_agg, cfg.ppo.max_new_tokens)
 
 
+def _gae(params, rows: dict, scores_B: jax.Array, kl_BT: jax.Array, kl_coef: jax.Array, cfg,
+         constrain: Constrain) -> tuple[dict, jax.Array, jax.Array, jax.Array, dict]:
+    """PPO's experience: the value model's estimates, the per-token KL penalty on the reward, GAE advantages."""
+    p, mask = cfg.ppo, rows["loss_mask"]
+    h = token_logprobs(params["policy"], rows, cfg, constrain)[1].h_BTD if p.value == "shared" else None
+    values = value_estimates(params, rows, h, cfg, constrain)[0] * mask
+    rewards_BT = losses.token_rewards(scores_B, kl_BT, mask, kl_coef)
+    advantages, returns = losses.gae(rewards_BT, values, mask, p.gamma, p.lam)
+    if p.whiten:
+        advantages = losses.whiten(advantages, mask)
+    return rows, values, advantages, returns, {}
+
+
+def _grouped(params, rows: dict, scores_B: jax.Array, kl_BT: jax.Array, kl_coef: jax.Array, cfg,
+             constrain: Constrain) -> tuple[dict, jax.Array, jax.Array, jax.Array, dict]:
+    """GRPO's experience: each answer's score against its group's baseline; dynamic sampling takes the groups whose
+    answers all scored alike out of the loss mask (no gradient from them)."""
+    p, mask, metrics = cfg.ppo, rows["loss_mask"], {}
+    advantages_B = losses.group_advantages(scores_B, p.group_size, scale=p.scale_rewards, baseline=p.baseline)
+    if p.dynamic_sampling:
+        kept_B = ~losses.unanimous_groups(scores_B, p.group_size)
+        metrics["groups_kept"] = jnp.mean(kept_B.astype(jnp.float32))
+        rows = rows | {"loss_mask": mask * kept_B[:, None]}
+    advantages = advantages_B[:, None] * rows["loss_mask"]
+    return rows, jnp.zeros_like(mask), advantages, advantages, metrics
+
+
+def _value_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, cfg,
+                constrain: Constrain) -> tuple[jax.Array, dict]:
+    """PPO's loss beside the clipped policy loss: the clipped value loss and the entropy bonus (and the separate
+    value model's router losses)."""
+    p, mask, agg = cfg.ppo, mb["loss_mask"], aggregate(cfg)
+    values, value_stats = value_estimates(params, mb, out.h_BTD, cfg, constrain)
+    value_loss, aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps, agg)
+    aux |= {"value_loss": value_loss,
+            "explained_variance": losses.explained_variance(mb["old_values"], mb["returns"], mask)}
+    entropy = losses.entropy(out.logits_BTV, mask, agg)
+    return p.vf_coef * value_loss - p.entropy_coef * entropy + moe.loss(value_stats, cfg.model)[0], aux
+
+
+def _kl_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, cfg,
+             constrain: Constrain) -> tuple[jax.Array, dict]:
+    """GRPO's loss beside the clipped policy loss: the KL to the reference, estimated as ppo.kl_estimator says."""
+    kl = aggregate(cfg)(losses.kl_estimate(logp_BT, mb["ref_logp"], cfg.ppo.kl_estimator), mb["loss_mask"])
+    return cfg.ppo.kl_coef * kl, {"kl_loss": kl}
+
+
+def _critic(cfg) -> dict:
+    """PPO's value function: a reward-model-shaped value model, or a head on the policy's trunk."""
+    return {"value": heads.specs(cfg.model)} if cfg.ppo.value == "separate" else {
+        "value_head": heads.specs(cfg.model)["head"]}
+
+
+class Algorithm(NamedTuple):
+    """What PPO and GRPO do differently: everything else in this file is theirs alike."""
+
+    advantages: Callable  # experience: (params, rows, scores_B, kl_BT, kl_coef, cfg, constrain) -> rows, values, ...
+    term: Callable  # the loss beside the clipped policy loss: (params, mb, logp, out, cfg, constrain) -> (loss, aux)
+    layout: Callable[[object], dict]  # parameters beside the policy
+    group: Callable[[object], int]  # answers per prompt
+    meaning: tuple[str, ...]  # keys beside ppo.algorithm that change what the parameters mean
+
+
+ALGORITHMS = {
+    "ppo": Algorithm(_gae, _value_term, _critic, lambda cfg: 1, ("ppo.value",)),
+    "grpo": Algorithm(_grouped, _kl_term, lambda cfg: {}, lambda cfg: cfg.ppo.group_size, ()),
+}
+
+
 def experience(params, reference, rows: dict, scores_B: jax.Array, kl_coef: jax.Array, cfg,
                constrain: Constrain) -> tuple[dict, dict]:
-    """Reference log-probs, values, rewards and advantages of a rollout; returns (rows + them, metrics). GRPO's
-    dynamic sampling takes the groups whose answers all scored alike out of the loss mask: no gradient from them."""
+    """Reference log-probs, values, rewards and advantages of a rollout (by ppo.algorithm's estimator); returns
+    (rows + them, metrics)."""
     p, mask = cfg.ppo, rows["loss_mask"]
     ref_logp, _ = token_logprobs(reference, rows, cfg, constrain)
     kl_BT = losses.kl_estimate(rows["old_logp"], ref_logp, p.kl_estimator) * mask
-    metrics = {}
-    if p.algorithm == "grpo":
-        values = jnp.zeros_like(mask)
-        advantages_B = losses.group_advantages(scores_B, p.group_size, scale=p.scale_rewards, baseline=p.baseline)
-        if p.dynamic_sampling:
-            kept_B = ~losses.unanimous_groups(scores_B, p.group_size)
-            metrics["groups_kept"] = jnp.mean(kept_B.astype(jnp.float32))
-            rows = rows | {"loss_mask": mask * kept_B[:, None]}
-        advantages = returns = advantages_B[:, None] * rows["loss_mask"]
-    else:
-        h = token_logprobs(params["policy"], rows, cfg, constrain)[1].h_BTD if p.value == "shared" else None
-        values = value_estimates(params, rows, h, cfg, constrain)[0] * mask
-        rewards_BT = losses.token_rewards(scores_B, kl_BT, mask, kl_coef)
-        advantages, returns = losses.gae(rewards_BT, values, mask, p.gamma, p.lam)
-        if p.whiten:
-            advantages = losses.whiten(advantages, mask)
+    rows, values, advantages, returns, metrics = ALGORITHMS[p.algorithm].advantages(params, rows, scores_B, kl_BT,
+                                                                                    kl_coef, cfg, constrain)
     kl_B = jnp.sum(kl_BT, axis=-1)
     metrics |= {"score": jnp.mean(scores_B), "reward_with_kl": jnp.mean(scores_B - kl_coef * kl_B),
                 "kl_to_ref": jnp.mean(kl_B), "kl_coef": kl_coef, "response_length": jnp.mean(jnp.sum(mask, -1))}
@@ -98,71 +153,58 @@ def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dic
     aux["entropy"] = losses.entropy(out.logits_BTV, mask, agg)
     aux["policy_loss"] = loss
     router_loss, router = moe.loss(out.moe, cfg.model)
-    aux |= router
-    if p.algorithm == "grpo":
-        kl = agg(losses.kl_estimate(logp, mb["ref_logp"], p.kl_estimator), mask)
-        return loss + p.kl_coef * kl + router_loss, aux | {"kl_loss": kl}
-    values, value_stats = value_estimates(params, mb, out.h_BTD, cfg, constrain)
-    value_loss, value_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps, agg)
-    aux |= value_aux | {"value_loss": value_loss,
-                        "explained_variance": losses.explained_variance(mb["old_values"], mb["returns"], mask)}
-    router_loss += moe.loss(value_stats, cfg.model)[0]
-    return loss + p.vf_coef * value_loss - p.entropy_coef * aux["entropy"] + router_loss, aux
+    term, term_aux = ALGORITHMS[p.algorithm].term(params, mb, logp, out, cfg, constrain)
+    return loss + term + router_loss, aux | router | term_aux
 
 
-def make_step(cfg, tx: optax.GradientTransformation, constrain: Constrain, mask=None):
-    """step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled minibatches,
-    each minibatch one call of the shared update (over optim.grad_accum microbatches; of the `mask`ed leaves)."""
+def epochs(cfg) -> Callable:
+    """(update, lr) -> step(state, rollout) -> (state, metrics): ppo.epochs passes over ppo.minibatches shuffled
+    minibatches, each minibatch one call of the shared update (over optim.grad_accum microbatches)."""
     p = cfg.ppo
-    # A microbatch weighs what its loss averages over (ppo.loss_agg: tokens or answers), so accumulation is exact.
-    weight = lambda mb: losses.aggregation_weight(mb["loss_mask"], p.loss_agg)  # noqa: E731
-    update = make_update(lambda params, mb: loss_fn(params, mb, cfg, constrain), tx, cfg.optim.grad_accum, weight,
-                         mask)
-    lr = optim.schedule(cfg)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        B = batch["inputs"].shape[0]
-        key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-        order = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, p.epochs)])
-        order = order.reshape(p.epochs * p.minibatches, B // p.minibatches)
-        dropout_keys = jax.random.split(jax.random.fold_in(key, 1), p.epochs * p.minibatches)
+    def schedule(update: Callable, lr) -> Callable:
+        def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+            B = batch["inputs"].shape[0]
+            key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+            order = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, p.epochs)])
+            order = order.reshape(p.epochs * p.minibatches, B // p.minibatches)
+            dropout_keys = jax.random.split(jax.random.fold_in(key, 1), p.epochs * p.minibatches)
 
-        def one(carry, xs):
-            idx, dropout_key = xs
-            params, opt_state, aux = update(*carry, jax.tree.map(lambda x: x[idx], batch), key=dropout_key)
-            return (params, opt_state), aux
+            def one(carry, xs):
+                idx, dropout_key = xs
+                params, opt_state, aux = update(*carry, jax.tree.map(lambda x: x[idx], batch), key=dropout_key)
+                return (params, opt_state), aux
 
-        (params, opt_state), aux = jax.lax.scan(one, (state.params, state.opt_state), (order, dropout_keys))
-        metrics = jax.tree.map(jnp.mean, aux)
-        extra = {}
-        if p.target_kl:  # Ziegler et al.: move the KL coefficient toward the KL that was targeted
-            extra["kl_coef"] = losses.adaptive_kl_coef(state.extra["kl_coef"], jnp.mean(batch["kl"]), p.target_kl,
-                                                       p.kl_horizon, B)
-        new, standard = advance(state, params, opt_state, metrics["nonfinite"], lr, **extra)
-        return new, metrics | standard
+            (params, opt_state), aux = jax.lax.scan(one, (state.params, state.opt_state), (order, dropout_keys))
+            metrics = jax.tree.map(jnp.mean, aux)
+            extra = {}
+            if p.target_kl:  # Ziegler et al.: move the KL coefficient toward the KL that was targeted
+                extra["kl_coef"] = losses.adaptive_kl_coef(state.extra["kl_coef"], jnp.mean(batch["kl"]),
+                                                           p.target_kl, p.kl_horizon, B)
+            new, standard = advance(state, params, opt_state, metrics["nonfinite"], lr, **extra)
+            return new, metrics | standard
 
-    return step
+        return step
+
+    return schedule
 
 
 def flops_per_token(cfg) -> float:
     """Per rollout token: sampling and the reference's forward, ppo.epochs updates of the policy, the reward
     model's forward (when one scores), and for PPO the value model's forward and updates (a separate one) or the
     policy's forward again for its hidden states (a shared head)."""
-    p, train, forward = cfg.ppo, pretrain.flops_per_token(cfg), pretrain.flops_per_token(cfg, forward=True)
+    p, train, forward = cfg.ppo, lm_flops(cfg), lm_flops(cfg, forward=True)
     total = 2 * forward + p.epochs * train + (forward if any(t.run for t in rewards.parse(p.reward)) else 0)
-    if p.algorithm == "ppo":
-        total += forward + (p.epochs * train if p.value == "separate" else 0)
+    if "value" in specs(cfg):
+        total += forward + p.epochs * train
+    elif "value_head" in specs(cfg):
+        total += forward
     return total
 
 
 def specs(cfg) -> dict:
-    """The policy, and PPO's value function: a reward-model-shaped value model or a head on the policy's trunk."""
-    out = {"policy": transformer.specs(cfg.model)}
-    if cfg.ppo.algorithm == "ppo" and cfg.ppo.value == "separate":
-        out["value"] = heads.specs(cfg.model)
-    elif cfg.ppo.algorithm == "ppo":
-        out["value_head"] = heads.specs(cfg.model)["head"]
-    return out
+    """The policy, and what ppo.algorithm keeps beside it."""
+    return {"policy": transformer.specs(cfg.model)} | ALGORITHMS[cfg.ppo.algorithm].layout(cfg)
 
 
 RANGES = {
@@ -189,7 +231,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     p = cfg.get("ppo")
     if p is None:
         raise LlmjaxError("a ppo run needs the ppo section; start from configs/ppo.py")
-    check_choices(cfg, {"ppo.algorithm": ("ppo", "grpo"), "ppo.value": ("separate", "shared"),
+    check_choices(cfg, {"ppo.algorithm": tuple(ALGORITHMS), "ppo.value": ("separate", "shared"),
                         "ppo.kl_estimator": losses.KL_ESTIMATORS, "ppo.loss_agg": losses.AGGREGATIONS,
                         "ppo.baseline": losses.BASELINES})
     check_ranges(cfg, RANGES)
@@ -215,7 +257,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
         raise LlmjaxError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
                           "--config.ppo.algorithm=grpo or leave it at its default")
     dp, k = sizes["data"] * sizes["expert"] * sizes["fsdp"], cfg.optim.grad_accum
-    group = p.group_size if p.algorithm == "grpo" else 1
+    group = ALGORITHMS[p.algorithm].group(cfg)
     if p.algorithm == "grpo" and group < 2:
         raise LlmjaxError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
     if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % (dp * k):
@@ -229,34 +271,34 @@ def validate(cfg, sizes: dict[str, int]) -> None:
                           "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
 
 
-def task(cfg, workdir: str, mesh: Mesh) -> loop.Task:
-    del workdir
-    p = cfg.ppo
-    layout = lora.apply(specs(cfg), cfg)
-    mask = state.trainable(layout)
-    tx = optim.make(cfg, layout)
-    constrain = make_constrain(mesh, cfg.rules)
-    given = pretrain.reads_lm(cfg, cfg.init_from, mesh, "PPO's policy")
-    reference = None if mask else given()  # a LoRA policy's reference is its own base: read only to start
-    rollout = Rollout(cfg, mesh, reference, lambda params, ref, rows, scores, kl_coef: experience(
-        params, ref, rows, scores, kl_coef, cfg, constrain))
+def define(ctx: Context) -> Definition:
+    cfg, mesh, p = ctx.cfg, ctx.mesh, ctx.cfg.ppo
+    adapted = bool(lora.targets(cfg))
+    given = ctx.read(cfg.init_from, "lm", "PPO's policy")
+    reference = None if adapted else given()  # a LoRA policy's reference is its own base: read only to start
+    rollout = Rollout(cfg, mesh, "ppo", reference, ALGORITHMS[p.algorithm].group(cfg),
+                      lambda params, ref, rows, scores, kl_coef: experience(params, ref, rows, scores, kl_coef, cfg,
+                                                                            ctx.constrain),
+                      at_eos=lambda reward_cfg: reward_cfg.reward.read == "eos")
     evaluate = None
     if cfg.eval_every:
-        evaluate_policy = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts)
+        evaluate_policy = make_evaluator(cfg, mesh, ctx.constrain, n=cfg.eval_prompts, on_prompts=True)
         evaluate = lambda params: evaluate_policy(params["policy"])  # noqa: E731
 
     def start() -> dict:
         policy = given() if reference is None else reference
         out = {"policy": policy}
-        if "value" in layout:  # from the reward model, else the SFT trunk with a fresh head
+        if "value" in specs(cfg):  # from the reward model, else the SFT trunk with a fresh head
             out["value"] = rollout.reward_model or {"trunk": policy}
         return out
 
-    extra = {"kl_coef": p.kl_coef}
-    return loop.Task(make_step(cfg, tx, constrain, mask), rollout, rollout.sharding,
-                     lambda: state.create(layout, cfg, mesh, tx, start(), extra),
-                     state.abstract(layout, cfg, mesh, tx, extra), PARTS, flops_per_token(cfg), evaluate,
-                     trainable=mask)
+    # A microbatch weighs what its loss averages over (ppo.loss_agg: tokens or answers), so accumulation is exact.
+    return Definition(loss=partial(loss_fn, cfg=cfg, constrain=ctx.constrain), source=rollout,
+                      weight=lambda mb: losses.aggregation_weight(mb["loss_mask"], p.loss_agg), start=start,
+                      evaluate=evaluate, extra={"kl_coef": p.kl_coef}, schedule=epochs(cfg))
 
 
-OBJECTIVE = loop.Objective("ppo", validate, task)
+OBJECTIVE = Objective("ppo", define, validate, layout=specs, flops_per_token=flops_per_token,
+                      parts={"lm": ("policy",)},  # the policy is a language model; the value function is PPO's own
+                      meaning=lambda cfg: ("ppo.algorithm", *ALGORITHMS[cfg.ppo.algorithm].meaning), prompts=True,
+                      reference=lambda cfg: True)

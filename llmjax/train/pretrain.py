@@ -4,22 +4,16 @@ Parameters: a language model. It starts fresh, or from the language model of the
 pretraining, SFT or DPO run, or a PPO run's policy); a reward run holds no language model and is refused.
 """
 
-from collections.abc import Callable
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 
-from llmjax import checkpoint, losses, metrics, optim
+from llmjax import losses
 from llmjax.data import pipeline, synthetic
 from llmjax.evaluate import make_evaluator
-from llmjax.models import lora, moe, transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain
-from llmjax.train import loop, state
-from llmjax.train.step import make_step
-
-Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids, loss_mask: all [B, T]
-PARTS = {"lm": ()}  # a language model at the root of the parameters
+from llmjax.models import moe, transformer
+from llmjax.sharding import Constrain
+from llmjax.train.common import Batch, Context, Definition, Objective, lm_flops, tokens
 
 
 def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
@@ -30,51 +24,21 @@ def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
     return loss + router_loss, aux | router
 
 
-def tokens(batch: Batch) -> jax.Array:
-    """What the loss averages over: the tokens it scores (the weight of a microbatch)."""
-    return jnp.sum(batch["loss_mask"] > 0)
-
-
-def flops_per_token(cfg, forward: bool = False) -> float:
-    """Training FLOPs per token of cfg's model at cfg's sequence length (the convention in llmjax.metrics), or its
-    forward pass's (a third). With LoRA the frozen weights get no weight gradient (2 of their 6 FLOPs per
-    parameter), while the adapters cost the full 6."""
-    m = cfg.model
-    n = transformer.matmul_param_count(m)
-    full = metrics.flops_per_token(n, m.n_layers, cfg.seq_len, m.n_heads * m.head_dim)
-    if forward:
-        return full / 3
-    return full - 2 * n + 6 * lora.param_count(cfg) if lora.targets(cfg) else full
-
-
-def reads_lm(cfg, workdir: str, mesh, reader: str) -> Callable[[], transformer.Params]:
-    """Reads the language model of another run when called; checks now (one line, before anything compiles)
-    that the run holds one of this run's model and tokenizer."""
-    checkpoint.check_part(workdir, "lm", cfg.model, cfg.data.tokenizer, reader)
-    return lambda: checkpoint.load_params(workdir, mesh, "lm", reader=reader)
-
-
 def validate(cfg, sizes: dict[str, int]) -> None:
     """Nothing beyond the common checks: init_from is read (and refused) before anything compiles."""
 
 
-def task(cfg, workdir: str, mesh) -> loop.Task:
-    del workdir
-    specs = lora.apply(transformer.specs(cfg.model), cfg)
-    tx = optim.make(cfg, specs)
-    sharding = batch_sharding(mesh, cfg.rules)
-    constrain = make_constrain(mesh, cfg.rules)
-    step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     tokens, state.trainable(specs), cfg.seed)
-    evaluate = make_evaluator(cfg, mesh, constrain, n=cfg.eval_prompts) if cfg.eval_every else None
+def define(ctx: Context) -> Definition:
+    cfg = ctx.cfg
     if cfg.data.source == "synthetic":
-        iterator, batches = None, synthetic.batches(cfg, sharding)
+        iterator, batches = None, synthetic.batches(cfg, ctx.sharding)
     else:
-        iterator, batches = pipeline.batches(cfg, sharding)
-    given = reads_lm(cfg, cfg.init_from, mesh, "pretraining/SFT") if cfg.init_from else lambda: None
-    return loop.Task(step, lambda _, i: (batches(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
-                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate,
-                     data_iterator=iterator, trainable=state.trainable(specs))
+        iterator, batches = pipeline.batches(cfg, ctx.sharding)
+    evaluate = make_evaluator(cfg, ctx.mesh, ctx.constrain, n=cfg.eval_prompts) if cfg.eval_every else None
+    start = ctx.read(cfg.init_from, "lm", "pretraining/SFT") if cfg.init_from else lambda: None
+    return Definition(loss=partial(loss_fn, cfg=cfg, constrain=ctx.constrain), source=lambda _, i: (batches(i), {}),
+                      weight=tokens, start=start, evaluate=evaluate, data_iterator=iterator)
 
 
-OBJECTIVE = loop.Objective("pretrain", validate, task)
+OBJECTIVE = Objective("pretrain", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
+                      flops_per_token=lm_flops, parts={"lm": ()}, sequences=lambda cfg: 1)

@@ -11,11 +11,14 @@ from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import lora
 from llmjax.sharding import AXES, make_mesh, mesh_shape
-from llmjax.train import dpo, loop, ppo, pretrain, reward
+from llmjax.train import common, dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
 
-OBJECTIVES: dict[str, loop.Objective] = {o.name: o for o in (pretrain.OBJECTIVE, reward.OBJECTIVE, dpo.OBJECTIVE,
-                                                              ppo.OBJECTIVE)}
+OBJECTIVES: dict[str, common.Objective] = {o.name: o for o in (pretrain.OBJECTIVE, reward.OBJECTIVE, dpo.OBJECTIVE,
+                                                                ppo.OBJECTIVE)}
+
+# What a run's parameters mean, whatever its objective: a run in a workdir holding other values is refused.
+MEANING = ("trainer", "model", "data.tokenizer")
 
 CHOICES = {
     "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
@@ -54,7 +57,7 @@ RANGES = {
 }
 
 
-def get(cfg) -> loop.Objective:
+def get(cfg) -> common.Objective:
     if cfg.trainer not in OBJECTIVES:
         raise LlmjaxError(f"trainer={cfg.trainer!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[cfg.trainer]
@@ -131,7 +134,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
         raise LlmjaxError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
     tasks.check_names("data.tasks", cfg.data.tasks)
-    answers = cfg.trainer == "ppo" or (cfg.trainer != "reward" and cfg.data.source == "synthetic")
+    answers = "lm" in objective.parts and (objective.prompts or cfg.data.source == "synthetic")
     if cfg.eval_samples > 1 and not answers:
         raise LlmjaxError(f"eval_samples={cfg.eval_samples}: pass@k samples answers to the synthetic tasks or an RL "
                           "run's prompts, and this run's evaluation answers none; set --config.eval_samples=1")
@@ -147,10 +150,15 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def meaning(cfg) -> tuple[str, ...]:
+    """The config keys whose values a run resumed in a workdir must share with the run there."""
+    return (*MEANING, *get(cfg).meaning(cfg))
+
+
 def task(cfg, workdir: str, mesh=None) -> loop.Task:
     """The validated config's objective as the loop's Task (on `mesh`, default the config's)."""
     validate(cfg, len(mesh.devices.flat) if mesh is not None else jax.device_count())
-    return get(cfg).task(cfg, workdir, mesh or make_mesh(cfg.mesh))
+    return common.build(get(cfg), cfg, workdir, mesh or make_mesh(cfg.mesh))._replace(meaning=meaning(cfg))
 
 
 def train(cfg, workdir: str, mesh=None) -> TrainState:

@@ -23,18 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax import checkpoint, losses, optim
+from llmjax import losses, runs
 from llmjax.config import check_ranges
 from llmjax.data import preference, sources, tasks
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import HELD_OUT
-from llmjax.models import heads, lora, moe
-from llmjax.sharding import Constrain, batch_sharding, make_constrain
-from llmjax.train import loop, state
-from llmjax.train.pretrain import flops_per_token, reads_lm
-from llmjax.train.step import make_step
+from llmjax.models import heads, moe
+from llmjax.sharding import Constrain
+from llmjax.train.common import Context, Definition, Objective, lm_flops
 
-PARTS = {"scorer": ()}  # the whole of the parameters: {"trunk": a language model, "head"}
 logger = logging.getLogger(__name__)
 
 
@@ -53,23 +50,11 @@ class Mixture:
         return cls(**{f.name: cfg.reward[f.name] for f in dataclasses.fields(cls) if f.name in cfg.reward})
 
 
-def scores(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> jax.Array:
-    """The reward of every sequence of rows [B, C, T] (or [B, T]): scores_BC (scores_B)."""
-    return _scored(params, rows, cfg, constrain)[0]
-
-
-def _scored(params, rows: dict[str, jax.Array], cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
-    lead = rows["inputs"].shape[:-1]
-    flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), rows)
-    values_BT, stats = heads.values(params, flat, cfg.model, constrain)
-    return heads.at_last(values_BT, flat["loss_mask"]).reshape(lead), stats
-
-
 def loss_fn(params, batch: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dict]:
     """Bradley-Terry over every ranked pair (i better than j), margin reward.margin per rank apart, plus the
     trunk's MoE router losses."""
     rows = batch["responses"]
-    r_BC, stats = _scored(params, rows, cfg, constrain)
+    r_BC, stats = heads.scores(params, rows, cfg.model, constrain)
     valid_BC = jnp.any(rows["loss_mask"] > 0, axis=-1).astype(jnp.float32)
     n_B = jnp.sum(valid_BC, axis=-1)
     pairs = list(itertools.combinations(range(r_BC.shape[1]), 2))
@@ -161,33 +146,27 @@ def held_out(cfg, k: int) -> dict[str, tuple[preference.Ranked, float, int]]:
     return out
 
 
-def reads_scorer(cfg, workdir: str, mesh, reader: str) -> Callable[[], dict]:
+def reads_scorer(ctx: Context, run: str, reader: str) -> Callable[[], dict]:
     """A reward model from another run when called: the whole of a reward run's, else a language model's
     trunk (the head starts fresh). Checked now, read later."""
-    if "scorer" in checkpoint.run_parts(workdir):
-        checkpoint.check_part(workdir, "scorer", cfg.model, cfg.data.tokenizer, reader)
-        return lambda: checkpoint.load_params(workdir, mesh, "scorer")
-    lm = reads_lm(cfg, workdir, mesh, reader)
+    if "scorer" in runs.run_parts(run):
+        return ctx.read(run, "scorer", reader)
+    lm = ctx.read(run, "lm", reader)
     return lambda: {"trunk": lm()}
 
 
-def task(cfg, workdir: str, mesh) -> loop.Task:
-    del workdir
-    specs = lora.apply(heads.specs(cfg.model), cfg)
-    tx = optim.make(cfg, specs)
-    constrain = make_constrain(mesh, cfg.rules)
-    sharding = batch_sharding(mesh, cfg.rules)
+def define(ctx: Context) -> Definition:
+    cfg, sharding = ctx.cfg, ctx.sharding
     k, eos = cfg.reward.responses, cfg.reward.read == "eos"
     get = preference.batches(cfg, sharding, training(cfg, k), layout="ranked", k=k, eos_input=eos)
-    step = make_step(partial(loss_fn, cfg=cfg, constrain=constrain), tx, optim.schedule(cfg), cfg.optim.grad_accum,
-                     pairs, state.trainable(specs), cfg.seed)
+    loss = partial(loss_fn, cfg=cfg, constrain=ctx.constrain)
     evaluate = None
     if cfg.eval_every:
         kinds = {}
         for name, (ranked, share, n) in held_out(cfg, k).items():
             get_eval = preference.batches(cfg, sharding, ranked, layout="ranked", k=k, eos_input=eos)
             kinds[name] = ([get_eval(i) for i in range(n)], share)
-        metrics_fn = jax.jit(lambda params, batch: loss_fn(params, batch, cfg, constrain))
+        metrics_fn = jax.jit(loss)
 
         def evaluate(params) -> dict[str, float]:
             """The training mixture's metrics (each kind's weighted by its share), and each kind's accuracy."""
@@ -200,10 +179,9 @@ def task(cfg, workdir: str, mesh) -> loop.Task:
                      for m in next(iter(means.values()))}  # the shares sum to 1
             return mixed | {f"accuracy/{name}": metrics["accuracy"] for name, metrics in means.items()}
 
-    given = reads_scorer(cfg, cfg.init_from, mesh, "a reward model") if cfg.init_from else lambda: None
-    return loop.Task(step, lambda _, i: (get(i), {}), sharding, lambda: state.create(specs, cfg, mesh, tx, given()),
-                     state.abstract(specs, cfg, mesh, tx), PARTS, flops_per_token(cfg), evaluate,
-                     trainable=state.trainable(specs))
+    start = reads_scorer(ctx, cfg.init_from, "a reward model") if cfg.init_from else lambda: None
+    return Definition(loss=loss, source=lambda _, i: (get(i), {}), weight=pairs, start=start, evaluate=evaluate)
 
 
-OBJECTIVE = loop.Objective("reward", validate, task)
+OBJECTIVE = Objective("reward", define, validate, layout=lambda cfg: heads.specs(cfg.model), flops_per_token=lm_flops,
+                      parts={"scorer": ()}, at_eos=lambda cfg: cfg.reward.read == "eos")

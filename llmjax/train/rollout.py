@@ -1,13 +1,15 @@
-"""PPO's and GRPO's batch source: the current policy answers a batch of prompt records, the rewards score the
-answers, and the experience (reference log-probs, values, advantages) is computed for the update.
+"""The batch source of objectives that learn from the policy's own answers (PPO, GRPO, on-policy distillation): the
+current policy answers a batch of prompt records, the rewards score the answers, and the experience (reference
+log-probs, values, advantages) is computed for the update.
 
-Stages a benchmark can time apart: `sample` (KV-cache generation over prompts left-padded to ppo.max_prompt_len,
-one shape whatever the prompts' lengths, so the sampler compiles once), `score` (ppo.reward's terms on the decoded
+Stages a benchmark can time apart: `sample` (KV-cache generation over prompts left-padded to max_prompt_len, one
+shape whatever the prompts' lengths, so the sampler compiles once), `score` (the reward's terms on the decoded
 answers, on the host; a reward model's term on the devices) and `experience`. Calling the Rollout runs all three on
 step's prompts: the loop's batch source, (state, step) -> (batch, metrics).
 """
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -16,14 +18,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from llmjax import checkpoint, losses, rewards, sampling
+from llmjax import losses, rewards, runs, sampling
 from llmjax.data import prompts
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import check
-from llmjax.models import lora
+from llmjax.models import heads, lora
 from llmjax.sharding import batch_sharding, make_constrain
-from llmjax.train import reward
 
 
 def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
@@ -51,7 +52,7 @@ def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
 
 class Sampled(NamedTuple):
     """One rollout's answers: the training rows and reward-model rows on the devices, and on the host the decoded
-    responses, their lengths in tokens and whether each ended (eos) within ppo.max_new_tokens."""
+    responses, their lengths in tokens and whether each ended (eos) within max_new_tokens."""
 
     rows: dict
     scored: dict
@@ -61,35 +62,40 @@ class Sampled(NamedTuple):
 
 
 class Rollout:
-    """Experience from the current policy on ppo's prompt source, scored by ppo.reward (see the module docstring).
-    `experience_fn(params, reference, rows, scores, kl_coef)` is the objective's (reference log-probs, values and
-    advantages; llmjax.train.ppo.experience)."""
+    """Experience from the current policy on the run's prompt source, scored by the reward (see the module
+    docstring). `section` names the objective's config section, which holds tasks, reward, temperature,
+    max_new_tokens, max_prompt_len and overlong_buffer; `group` answers per prompt; `at_eos(reward_cfg)` whether
+    a reward model run reads its score at the eos token. `experience_fn(params, reference, rows, scores, kl_coef)`
+    is the objective's (reference log-probs, values and advantages)."""
 
-    def __init__(self, cfg, mesh: Mesh, reference, experience_fn):
-        p = cfg.ppo
+    def __init__(self, cfg, mesh: Mesh, section: str, reference, group: int, experience_fn,
+                 at_eos: Callable[[object], bool] = lambda reward_cfg: False):
+        p = self.settings = cfg[section]
+        self.section = section
         self.cfg, self.reference = cfg, reference
-        self.prompts = prompts.source(cfg)
+        self.prompts = prompts.source(cfg, group, p.tasks)
         self.terms = rewards.parse(p.reward)
         self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
         if cfg.data.source != "synthetic":  # refuse a prompt too long for the sampler before the run starts
             for split in ("train", "validation") if cfg.eval_every else ("train",):
                 found = prompts.records(cfg, split)
-                prompts.ids(tok, [found[i]["prompt"] for i in range(len(found))], p.max_prompt_len)
+                prompts.ids(tok, [found[i]["prompt"] for i in range(len(found))], p.max_prompt_len,
+                           f"{section}.max_prompt_len")
         self.sharding = batch_sharding(mesh, cfg.rules)
         constrain = make_constrain(mesh, cfg.rules)
         run = next((t.run for t in self.terms if t.run), None)
         if run and not os.path.exists(os.path.join(run, "config.json")):
-            raise LlmjaxError(f"ppo.reward={p.reward!r}: {run!r} is neither a reward (tasks, math, exact, "
+            raise LlmjaxError(f"{section}.reward={p.reward!r}: {run!r} is neither a reward (tasks, math, exact, "
                               "format:REGEX, module.path:function) nor a reward model run's workdir")
-        self.reward_model = run and checkpoint.load_params(run, mesh, "scorer", cfg.model, cfg.data.tokenizer,
-                                                           reader="ppo.reward")
-        reward_cfg = run and checkpoint.run_config(run)
-        read_eos = bool(reward_cfg) and reward_cfg.reward.read == "eos"
+        self.reward_model = run and runs.load_params(run, mesh, "scorer", cfg.model, cfg.data.tokenizer,
+                                                     reader=f"{section}.reward")
+        reward_cfg = run and runs.run_config(run)
+        read_eos = bool(reward_cfg) and at_eos(reward_cfg)
         self._generate = sampling.sampler(cfg.model, max_new_tokens=p.max_new_tokens, eos_id=tok.eos_id,
                                           pad_id=tok.pad_id, temperature=p.temperature, vocab_size=tok.vocab_size,
                                           constrain=constrain)
         self._rows = jax.jit(lambda ids, lengths, out: rows_of(ids, lengths, out, tok.eos_id, read_eos))
-        self._score = jax.jit(lambda rm, rows: reward.scores(rm, rows, reward_cfg, constrain))
+        self._score = jax.jit(lambda rm, rows: heads.scores(rm, rows, reward_cfg.model, constrain)[0])
         # A LoRA policy's reference is its own base with the adapters off (reference=None): no second copy.
         self._experience = jax.jit(lambda params, rows, scores, kl_coef: experience_fn(
             params, lora.strip(params["policy"]) if reference is None else reference, rows, scores, kl_coef),
@@ -99,9 +105,9 @@ class Rollout:
         return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
 
     def encode(self, records: list[dict]) -> tuple[jax.Array, jax.Array]:
-        """(prompts_BP, lengths_B): the records' prompts left-padded to P = ppo.max_prompt_len."""
-        width = self.cfg.ppo.max_prompt_len
-        ids = prompts.ids(self.tokenizer, [r["prompt"] for r in records], width)
+        """(prompts_BP, lengths_B): the records' prompts left-padded to P = max_prompt_len."""
+        width = self.settings.max_prompt_len
+        ids = prompts.ids(self.tokenizer, [r["prompt"] for r in records], width, f"{self.section}.max_prompt_len")
         return tuple(self._put(x) for x in sampling.left_pad(ids, self.tokenizer.pad_id, multiple=width))
 
     def sample(self, params, records: list[dict], step: int) -> Sampled:
@@ -115,7 +121,7 @@ class Rollout:
         return Sampled(rows, scored, [tok.decode(t[:m]) for t, m in zip(tokens, n, strict=True)], n, ended)
 
     def score(self, records: list[dict], sampled: Sampled) -> tuple[jax.Array, dict[str, float]]:
-        """(each answer's reward: ppo.reward's weighted terms, plus the overlong penalty; what they were)."""
+        """(each answer's reward: the reward's weighted terms, plus the overlong penalty; what they were)."""
         model = None if self.reward_model is None else multihost_utils.process_allgather(
             self._score(self.reward_model, sampled.scored), tiled=True)
         return self.combine(records, sampled, model)
@@ -123,7 +129,7 @@ class Rollout:
     def combine(self, records: list[dict], sampled: Sampled,
                 model: np.ndarray | None) -> tuple[jax.Array, dict[str, float]]:
         """`score` on the host, given the reward model's scores (if one scores)."""
-        p = self.cfg.ppo
+        p = self.settings
         total, terms = rewards.score(self.terms, [r["prompt"] for r in records], sampled.responses, records, model)
         metrics = {f"reward/{name}": float(np.mean(v)) for name, v in terms.items()} if len(terms) > 1 else {}
         if p.overlong_buffer:

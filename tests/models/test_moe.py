@@ -12,7 +12,7 @@ from helpers import tiny_config
 from llmjax import config, optim, sharding
 from llmjax.data import synthetic
 from llmjax.models import layers, moe, transformer
-from llmjax.train import pretrain, state, step
+from llmjax.train import common, pretrain, state, step
 
 E, D, F = 4, 16, 8
 
@@ -156,7 +156,7 @@ def loss_and_grads(cfg, devices):
     params = state.create(specs, cfg, mesh, optim.make(cfg, specs)).params
     batch = synthetic.batches(cfg, sharding.batch_sharding(mesh, cfg.rules))(0)
     loss_fn = partial(pretrain.loss_fn, cfg=cfg, constrain=sharding.make_constrain(mesh, cfg.rules))
-    return jax.device_get(jax.jit(step.grads(loss_fn, 1, pretrain.tokens))(params, batch))
+    return jax.device_get(jax.jit(step.grads(loss_fn, 1, common.tokens))(params, batch))
 
 
 def test_sharded_equals_single_device():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import dpo_config, metric_rows, one_device
 
-from llmjax import checkpoint, config, sharding
+from llmjax import config, runs, sharding
 from llmjax.data import preference
 from llmjax.train import dpo, loop, registry
 
@@ -54,7 +54,7 @@ def test_sharded_equals_single_device(sft_dir):
         cfg = dpo_config(sft_dir)
         cfg.mesh = mesh_cfg
         mesh = sharding.make_mesh(cfg.mesh, devices)
-        reference = checkpoint.load_params(sft_dir, mesh)
+        reference = runs.load_params(sft_dir, mesh)
         policy = jax.tree.map(lambda x: x * 1.01, reference)
         batch = preference.batches(cfg, sharding.batch_sharding(mesh, cfg.rules), preference.source(cfg))(0)
         constrain = sharding.make_constrain(mesh, cfg.rules)

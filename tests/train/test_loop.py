@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import losses, metric_rows, one_device, tiny_config
 
-from llmjax import checkpoint, sharding
+from llmjax import checkpoint, runs, sharding
 from llmjax.train import loop, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +32,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     mngr.close()
     rows = losses(str(tmp_path))
     assert all(np.isfinite(rows[s]) for s in range(1, 8)) and not np.isfinite(rows[8])
-    restored = checkpoint.load_params(str(tmp_path), sharding.make_mesh(cfg.mesh))
+    restored = runs.load_params(str(tmp_path), sharding.make_mesh(cfg.mesh))
     cfg.steps = 5
     at_5 = loop.run(cfg, str(tmp_path / "five"), task).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(at_5))

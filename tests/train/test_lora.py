@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import dpo_config, losses, metric_rows, one_device, ppo_config, reward_config, saved_run, tiny_config
 
-from llmjax import checkpoint, generate
+from llmjax import generate, runs
 from llmjax.errors import LlmjaxError
 from llmjax.models import lora, transformer
 from llmjax.sharding import make_mesh
@@ -59,7 +59,7 @@ TOKENS = np.random.default_rng(0).integers(7, 300, (2, 16))
 @ON_BASE
 def test_step_0_is_the_base_model_and_only_adapters_train(base_dir, lora_run):
     cfg = lora_config(base_dir, steps=8)
-    base = checkpoint.load_params(base_dir, one_device())
+    base = runs.load_params(base_dir, one_device())
     start = registry.task(cfg, "", one_device()).start()
     np.testing.assert_array_equal(forward(start.params, cfg, TOKENS), forward(base, cfg, TOKENS))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(start.params), base)
@@ -83,7 +83,7 @@ def test_merged_equals_unmerged_and_a_lora_run_reads_back_merged(base_dir, lora_
     run, trained = lora_run
     merged = lora.merge(trained.params)
     np.testing.assert_allclose(forward(merged, cfg, TOKENS), forward(trained.params, cfg, TOKENS), atol=1e-4, rtol=0)
-    read = checkpoint.load_params(run, make_mesh(cfg.mesh))
+    read = runs.load_params(run, make_mesh(cfg.mesh))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), read, merged)
     # The checkpoint holds the adapters only: the base is read from init_from.
     saved = ocp.PyTreeCheckpointer().metadata(os.path.join(run, "checkpoints", "8", "state"))
@@ -102,7 +102,7 @@ def test_resume_restores_the_adapters_onto_the_base(base_dir, tmp_path):
     np.testing.assert_allclose(list(losses(split).values()), list(losses(straight).values()), rtol=1e-6)
     assert sorted(losses(split)) == list(range(1, 11))
     mesh = make_mesh(lora_config(base_dir).mesh)
-    jax.tree.map(np.testing.assert_array_equal, lora.strip(resumed.params), checkpoint.load_params(base_dir, mesh))
+    jax.tree.map(np.testing.assert_array_equal, lora.strip(resumed.params), runs.load_params(base_dir, mesh))
 
 
 @ON_BASE
@@ -133,7 +133,7 @@ def test_dpo_reference_is_the_base_with_adapters_off(base_dir, tmp_path):
     cfg, mesh = dpo_config(base_dir, **LORA), one_device()
     task = registry.task(cfg, str(tmp_path / "dpo"), mesh)
     assert task.frozen == ()  # no second copy of the model
-    copy = jax.tree.map(jnp.copy, checkpoint.load_params(base_dir, mesh))
+    copy = jax.tree.map(jnp.copy, runs.load_params(base_dir, mesh))
     explicit = jax.jit(state_step(cfg, mesh, copy))
     ours = task.jit_step(jax.tree.map(lambda x: x.sharding, task.start()))
     a, b = task.start(), task.start()
@@ -166,7 +166,7 @@ def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
     task = registry.task(cfg, str(tmp_path / "rl"), one_device())
     assert task.source.reference is None  # the reference is the policy's base, adapters off
     trained = registry.train(cfg, str(tmp_path / "rl"), one_device())
-    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
+    base = runs.load_params(base_dir, make_mesh(cfg.mesh))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["policy"], base)
     # the value model: a LoRA trunk on the same base, and its own trained head
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["value"]["trunk"], base)
@@ -178,10 +178,10 @@ def test_ppo_trains_adapters_against_its_base(base_dir, tmp_path):
 def test_reward_model_trains_its_head_and_adapters(base_dir, tmp_path):
     cfg = reward_config(base_dir, steps=6, **LORA)
     trained = registry.train(cfg, str(tmp_path / "rm"), one_device())
-    base = checkpoint.load_params(base_dir, make_mesh(cfg.mesh))
+    base = runs.load_params(base_dir, make_mesh(cfg.mesh))
     jax.tree.map(np.testing.assert_array_equal, lora.strip(trained.params)["trunk"], base)
     assert np.abs(np.asarray(trained.params["head"]["w"])).max() > 0
-    scorer = checkpoint.load_params(str(tmp_path / "rm"), make_mesh(cfg.mesh), "scorer")
+    scorer = runs.load_params(str(tmp_path / "rm"), make_mesh(cfg.mesh), "scorer")
     np.testing.assert_allclose(scorer["head"]["w"], trained.params["head"]["w"])
 
 
@@ -210,7 +210,7 @@ def test_a_lora_run_whose_base_is_gone_says_so(base_dir, tmp_path):
     registry.train(lora_config(base, steps=2), run, one_device())
     shutil.rmtree(base)
     with pytest.raises(LlmjaxError, match="is a LoRA run, whose checkpoints hold only adapters; its base"):
-        checkpoint.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
+        runs.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1)))
     assert metric_rows(run)
 
 
@@ -239,9 +239,9 @@ def test_merge_writes_a_plain_run_with_the_same_model(base_dir, lora_run, tmp_pa
 
     (run, trained), merged = lora_run, str(tmp_path / "merged")
     lora_runs.merge(run, merged)
-    assert checkpoint.run_config(merged).lora.targets == ""
+    assert runs.run_config(merged).lora.targets == ""
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
-                 checkpoint.load_params(merged, make_mesh(lora_config(base_dir).mesh)), lora.merge(trained.params))
+                 runs.load_params(merged, make_mesh(lora_config(base_dir).mesh)), lora.merge(trained.params))
     with pytest.raises(LlmjaxError, match="is not a LoRA run"):
         lora_runs.merge(merged, str(tmp_path / "again"))
 
@@ -258,7 +258,7 @@ def test_lora_sft_learns_over_its_base(tmp_path):
     mesh = one_device()
     from llmjax.evaluate import make_evaluator
 
-    before = make_evaluator(cfg, mesh, n=32)(checkpoint.load_params(base, mesh))["accuracy"]
+    before = make_evaluator(cfg, mesh, n=32)(runs.load_params(base, mesh))["accuracy"]
     registry.train(cfg, run, one_device())
     after = [r for r in metric_rows(run) if "eval/accuracy" in r][-1]["eval/accuracy"]
     assert before < 0.1 and after > before + 0.25, (before, after)

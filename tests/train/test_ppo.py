@@ -140,22 +140,23 @@ def test_a_misspelt_reward_is_refused_naming_the_kinds(sft_dir, tmp_path):
 def test_prompts_come_from_ppo_tasks_in_groups():
     cfg = ppo_config("unused", "grpo")
     cfg.ppo.tasks = "lookup,add"
-    records = prompts.source(cfg)(0)
+    records = prompts.source(cfg, cfg.ppo.group_size, cfg.ppo.tasks)(0)
     assert len(records) == cfg.batch_size and {r["task"] for r in records} == {"lookup", "add"}
     groups = [records[i:i + cfg.ppo.group_size] for i in range(0, len(records), cfg.ppo.group_size)]
     assert all(len({r["prompt"] for r in group}) == 1 for group in groups)
     cfg.ppo.tasks = ""
-    assert {r["task"] for r in prompts.source(cfg)(0)} == {"sort"}
+    assert {r["task"] for r in prompts.source(cfg, cfg.ppo.group_size, cfg.ppo.tasks)(0)} == {"sort"}
 
 
 def test_files_prompts_come_in_a_seeded_shuffle_of_every_record_per_epoch(tmp_path):
     cfg = ppo_config("unused", "grpo", batch_size=16)
     cfg.data.update(source=prompts_file(tmp_path / "p.jsonl", n=40), data_dir=str(tmp_path / "tfds"), validation=0.2)
-    get, train = prompts.source(cfg), prompts.records(cfg, "train")
+    get, train = prompts.source(cfg, cfg.ppo.group_size, cfg.ppo.tasks), prompts.records(cfg, "train")
     steps = -(-len(train) // (cfg.batch_size // cfg.ppo.group_size))
     seen = [r["id"] for step in range(steps) for r in get(step)[::cfg.ppo.group_size]][:len(train)]
     assert sorted(seen) == sorted(r["id"] for r in train)  # each record once per epoch
-    assert get(3) == prompts.source(cfg)(3) and get(0) != get(steps)  # a pure function of the step
+    again = prompts.source(cfg, cfg.ppo.group_size, cfg.ppo.tasks)
+    assert get(3) == again(3) and get(0) != get(steps)  # a pure function of the step
     held = prompts.held_out(cfg, 100)["p"]
     assert held and not {r["id"] for r in held} & set(seen)
 

@@ -12,7 +12,7 @@ from helpers import losses, one_device, tiny_config
 from llmjax import optim, sharding
 from llmjax.data import synthetic
 from llmjax.models import transformer
-from llmjax.train import pretrain, registry, state, step
+from llmjax.train import common, pretrain, registry, state, step
 
 MESHES = {
     "fsdp8": dict(data=1, fsdp=8, tensor=1),
@@ -30,7 +30,7 @@ def loss_and_grads(cfg, devices):
     batch = synthetic.batches(cfg, batch_sh)(0)
     constrain = sharding.make_constrain(mesh, cfg.rules)
     loss_fn = partial(pretrain.loss_fn, cfg=cfg, constrain=constrain)
-    fn = jax.jit(lambda p, b: step.grads(loss_fn, cfg.optim.grad_accum, pretrain.tokens)(p, b))
+    fn = jax.jit(lambda p, b: step.grads(loss_fn, cfg.optim.grad_accum, common.tokens)(p, b))
     return jax.device_get(fn(params, batch))
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import reward_config, saved_run, tiny_config
 
-from llmjax import checkpoint, config, sharding
+from llmjax import config, sharding
+from llmjax import runs as run_lib
 from llmjax.models import transformer
 from llmjax.train import registry
 
@@ -46,8 +47,8 @@ def logits(params, cfg):
 
 def test_sft_and_dpo_from_a_ppo_run_take_its_policy(runs):
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    policy = jax.device_get(checkpoint.load_params(runs["ppo"], mesh))
-    lm = jax.device_get(checkpoint.load_params(runs["lm"], mesh))
+    policy = jax.device_get(run_lib.load_params(runs["ppo"], mesh))
+    lm = jax.device_get(run_lib.load_params(runs["lm"], mesh))
     assert not np.allclose(policy["embed"], lm["embed"])  # the PPO run moved off its start
     sft = tiny_config(**CHAT, init_from=runs["ppo"])
     start = jax.device_get(registry.task(sft, "").start().params)
@@ -62,14 +63,14 @@ def test_reward_model_from_a_ppo_run_takes_its_policy_as_trunk(runs):
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
     start = registry.task(reward_config(runs["ppo"]), "").start()
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(start.params["trunk"]),
-                 jax.device_get(checkpoint.load_params(runs["ppo"], mesh)))
+                 jax.device_get(run_lib.load_params(runs["ppo"], mesh)))
 
 
 def test_ppo_value_model_reads_the_reward_run(runs):
     cfg = ppo_config(runs["lm"])
     cfg.ppo.reward = runs["reward"]
     start = registry.task(cfg, "").start()
-    saved = checkpoint.load_params(runs["reward"], sharding.make_mesh(cfg.mesh), "scorer")
+    saved = run_lib.load_params(runs["reward"], sharding.make_mesh(cfg.mesh), "scorer")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(start.params["value"]), jax.device_get(saved))
 
 

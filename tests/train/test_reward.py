@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import metric_rows, one_device, reward_config
 
-from llmjax import checkpoint, sharding
+from llmjax import runs, sharding
 from llmjax.data import preference, tasks
 from llmjax.data.tokenizer import ByteTokenizer, get_tokenizer
 from llmjax.errors import LlmjaxError
@@ -43,11 +43,11 @@ def test_ranked_loss_equals_numpy_pairs():
         batch["responses"][key][2, 2] = 0  # row 2 ranks only two responses
     params = init_tree(heads.specs(cfg.model), jax.random.key(1), "float32")
     loss, aux = reward.loss_fn(params, batch, cfg, sharding.no_constrain)
-    r_BK = np.asarray(reward.scores(params, batch["responses"], cfg, sharding.no_constrain))
+    r_BK = np.asarray(heads.scores(params, batch["responses"], cfg.model, sharding.no_constrain)[0])
     valid = np.ones((8, 3))
     valid[2, 2] = 0
     np.testing.assert_allclose(loss, numpy_ranked_loss(r_BK, valid, 0.25), rtol=1e-5)
-    one = reward.scores(params, {k: v[:, 1] for k, v in batch["responses"].items()}, cfg, sharding.no_constrain)
+    one = heads.scores(params, {k: v[:, 1] for k, v in batch["responses"].items()}, cfg.model, sharding.no_constrain)[0]
     np.testing.assert_allclose(r_BK[:, 1], one, rtol=1e-5, atol=1e-6)  # [B, K, T] scores row by row
     np.testing.assert_allclose(aux["reward_mean"], r_BK[valid > 0].mean(), rtol=1e-5)
 
@@ -83,7 +83,7 @@ def test_reward_model_learns_held_out_preferences(rm_dir):
 def test_starts_from_the_sft_trunk_with_a_fresh_head(sft_dir, tmp_path):
     cfg = reward_config(sft_dir)
     mesh = sharding.make_mesh(cfg.mesh)
-    sft = checkpoint.load_params(sft_dir, mesh)
+    sft = runs.load_params(sft_dir, mesh)
     start = registry.task(cfg, str(tmp_path), mesh).start()
     jax.tree.map(np.testing.assert_array_equal, start.params["trunk"], sft)
     assert float(np.abs(start.params["head"]["w"]).sum()) > 0

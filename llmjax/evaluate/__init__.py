@@ -2,28 +2,24 @@
 synthetic tasks with their checkers, an RL run's prompt records (files: or tfds:) against their "answer" as the
 `math` reward reads it. Greedy accuracy, and with `samples` > 1 also pass@k over that many answers sampled at
 `temperature` per prompt (Chen et al. 2021's unbiased estimator). Used inside the training loop (cfg.eval_every,
-eval_samples, eval_temperature) and standalone:
+eval_samples, eval_temperature) and standalone (llmjax/evaluate/__main__.py):
 
   python -m llmjax.evaluate --workdir=runs/demo [--format=chat] [--n=100] [--samples=16 --temperature=1.0]
 """
 
-import json
 import math
-import os
 from collections.abc import Callable
 
 import jax
 import numpy as np
-from absl import flags
 
-from llmjax import checkpoint, losses, rewards, sampling
-from llmjax.cli import run_main
+from llmjax import losses, rewards, sampling
 from llmjax.data import chat, pipeline, prompts, synthetic, tasks
 from llmjax.data.prompts import HELD_OUT
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
-from llmjax.sharding import Constrain, batch_sharding, make_constrain, make_mesh, no_constrain
+from llmjax.sharding import Constrain, batch_sharding, no_constrain
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
@@ -54,13 +50,13 @@ def ks(samples: int) -> list[int]:
     return sorted({2 ** i for i in range(samples.bit_length()) if 2 ** i < samples} | {samples})
 
 
-def _held_out_rows(cfg, sharding, batches: int, fmt: str) -> list[dict] | None:
+def _held_out_rows(cfg, sharding, batches: int, fmt: str, on_prompts: bool) -> list[dict] | None:
     """Rows whose perplexity is reported: held-out synthetic documents, or a files or tfds source's validation
-    split; none for an RL run's prompt records (there is nothing to predict)."""
+    split; none for a source of prompt records (there is nothing to predict)."""
     if cfg.data.source == "synthetic":
         get = synthetic.batches(cfg, sharding, seed=cfg.seed + HELD_OUT, format=fmt)
         return [get(i) for i in range(batches)]
-    if cfg.trainer == "ppo":
+    if on_prompts:
         return None
     try:
         return pipeline.validation_batches(cfg, sharding, batches)
@@ -72,24 +68,25 @@ def _held_out_rows(cfg, sharding, batches: int, fmt: str) -> list[dict] | None:
 
 
 def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, batches: int = 4,
-                   fmt: str | None = None, samples: int | None = None,
-                   temperature: float | None = None) -> Callable[[transformer.Params], dict[str, float]]:
+                   fmt: str | None = None, samples: int | None = None, temperature: float | None = None,
+                   on_prompts: bool = False) -> Callable[[transformer.Params], dict[str, float]]:
     """fn(params) -> {perplexity, accuracy, accuracy/<set>, pass@k, pass@k/<set>} on held-out data, compiled once.
-    Sets: each synthetic task (for synthetic sources and RL runs) and an RL run's own prompt source. A files or
-    tfds source outside RL: the perplexity of its validation split alone (the checkers only know the tasks)."""
+    Sets: each synthetic task (for synthetic sources and objectives whose data are prompts, `on_prompts`: RL) and
+    such an objective's own prompt source. Another files or tfds source: the perplexity of its validation split
+    alone (the checkers only know the tasks)."""
     fmt = fmt or cfg.data.format
     samples = cfg.eval_samples if samples is None else samples
     temperature = cfg.eval_temperature if temperature is None else temperature
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     sharding = batch_sharding(mesh, cfg.rules)
-    rows = _held_out_rows(cfg, sharding, batches, fmt)
+    rows = _held_out_rows(cfg, sharding, batches, fmt, on_prompts)
 
     def summed_ce(params, b):
         logits = transformer.forward(params, b["inputs"], b["positions"], b["segment_ids"], cfg.model, constrain)[0]
         return losses.cross_entropy(logits, b["targets"], b["loss_mask"], normalizer=1.0)[0]
 
     loss = jax.jit(summed_ce)
-    sets = prompts.held_out(cfg, n) if cfg.data.source == "synthetic" or cfg.trainer == "ppo" else {}
+    sets = prompts.held_out(cfg, n) if cfg.data.source == "synthetic" or on_prompts else {}
     examples = [(name, record) for name, records in sets.items() for record in records]
     ids, lengths = sampling.left_pad([prompt_ids(tokenizer, r["prompt"], fmt) for _, r in examples] or [[0]])
     settings = dict(max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
@@ -133,26 +130,3 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
         return metrics
 
     return evaluate
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    f = flags.FLAGS
-    cfg = checkpoint.run_config(f.workdir)
-    mesh = make_mesh(cfg.mesh)
-    params = checkpoint.load_params(f.workdir, mesh, reader="evaluate")
-    result = make_evaluator(cfg, mesh, make_constrain(mesh, cfg.rules), n=f.n, fmt=f.format, samples=f.samples,
-                            temperature=f.temperature)(params)
-    suffix = f"_pass{f.samples}" if f.samples > 1 else ""
-    with open(os.path.join(f.workdir, f"eval_{f.format or cfg.data.format}{suffix}.json"), "w") as file:
-        json.dump(result, file, indent=2)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":  # flags only for the command line: the trainers import this module
-    flags.DEFINE_string("workdir", None, "A run's workdir; its latest checkpoint is evaluated.", required=True)
-    flags.DEFINE_enum("format", None, ["text", "chat"], "Prompt format (default: the run's data.format).")
-    flags.DEFINE_integer("n", 100, "Prompts per task (and of an RL run's own held-out prompts).")
-    flags.DEFINE_integer("samples", 1, "Answers sampled per prompt for pass@k (1: greedy accuracy only).")
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the pass@k answers.")
-    run_main(main)
