@@ -28,7 +28,7 @@ from helpers import saved_run
 from llmjax import config, losses
 from llmjax.data import tasks
 from llmjax.errors import LlmjaxError
-from llmjax.train import registry
+from llmjax.train import distill, registry
 from llmjax.train.rollout import Rollout, Sampled
 
 # Keys whose effect a few-step run's fingerprint cannot see, and what each does.
@@ -59,6 +59,7 @@ CASES = {
     "dpo": ("configs/dpo.py", "own"),
     "ppo": ("configs/ppo.py", "own"),
     "grpo": ("configs/ppo.py:algorithm=grpo", "ppo"),  # what GRPO sets; the other keys: the ppo case
+    "distill": ("configs/distill.py", "own"),
     # One package of the standard library, not all 32 MB of it; validation=0.2 so that its 29 files hold some out.
     "stdlib": ("configs/stdlib.py:subdir=email,validation=0.2", "own"),
 }
@@ -92,6 +93,8 @@ CONTEXT = {
     "lora.targets": {"init_from": "lm"},  # LoRA adapts a trained model
     **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init", "lora.dropout"), {"lora.targets": "all",
                                                                                  "init_from": "lm"}),
+    "distill.beta": {"distill.divergence": "jsd"},
+    **dict.fromkeys(("distill.tasks", "distill.max_prompt_len", "distill.max_new_tokens"), {"distill.on_policy": True}),
 }
 
 # Alternatives, tried in order, for keys whose type gives no sensible change ("files", "lm", "rm": see `resolve`).
@@ -119,6 +122,9 @@ ALTERNATIVES = {
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "ppo.loss_agg": losses.AGGREGATIONS,
     "ppo.baseline": losses.BASELINES,
+    "distill.teacher": ("lm", "rm"),
+    "distill.divergence": losses.DIVERGENCES,
+    "distill.tasks": ("sort", "reverse"),
     "lora.targets": ("all", "wq,wv"),
     "lora.init": ("kaiming", "gaussian"),
     # Each rule moved so that it places something on the 2x2x2 mesh (an axis an earlier dimension took is skipped).
@@ -176,6 +182,8 @@ def load(case: str, runs: dict):
         cfg.init_from = runs["lm"]
     if "ppo" in cfg:
         cfg.ppo.reward = runs["rm"]
+    if "distill" in cfg:
+        cfg.distill.teacher = runs["lm"]
     return cfg
 
 
@@ -276,6 +284,17 @@ def rollout(task):
     return batch
 
 
+def on_policy(task):
+    """On-policy distillation's batch source, traced stage by stage as `rollout` is: the prompts, sampling, rows."""
+    r, params = task.source, task.abstract.params
+    records = r.prompts(0)
+    yield "prompts", digest([repr(x) for x in records])
+    ids, lengths = r.encode(records)
+    out = yield from stage("sample", r._generate, params, ids, lengths, jax.random.key(0))
+    rows = yield from stage("rows", r._rows, ids, lengths, out)
+    return {k: v for k, v in rows.items() if k != "old_logp"}
+
+
 def start(cfg, task) -> str:
     """The start state: its traced initialisation, or its values for a run started from another's parameters (its
     start reads them from the checkpoint, which cannot be traced; and its init compiles to almost nothing); and
@@ -293,6 +312,8 @@ def fingerprint(cfg, workdir: str):
         yield "evaluation", captured(task.evaluate)
         if isinstance(task.source, Rollout):
             batch = yield from rollout(task)
+        elif isinstance(task.source, distill.OnPolicy):
+            batch = yield from on_policy(task)
         else:
             batch, made = task.source(task.abstract, 0)
             yield "batch", digest((batch, made))

@@ -35,17 +35,17 @@ class Context(NamedTuple):
     sharding: NamedSharding
     abstract: bool = False
 
-    def read(self, run: str, part: str = "lm", reader: str = "this run") -> Callable[[], dict]:
+    def read(self, run: str, part: str = "lm", reader: str = "this run", model=None) -> Callable[[], dict]:
         """`part` of another run's parameters when called (checked now: one line before anything compiles, if
-        the run lacks it or holds another model or tokenizer)."""
-        cfg = self.cfg
+        the run lacks it or holds another `model`, default this run's, or reads another tokenizer)."""
+        cfg, model = self.cfg, model or self.cfg.model
         if self.abstract:
-            specs = runs.PARTS[part][1](cfg.model)
-            shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype),
+            specs = runs.PARTS[part][1](model)
+            shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(model.param_dtype),
                                                                      sharding=sh),
                                   specs, tree_shardings(specs, cfg.rules, self.mesh), is_leaf=transformer.is_spec)
             return lambda: shapes
-        runs.check_part(run, part, cfg.model, cfg.data.tokenizer, reader)
+        runs.check_part(run, part, model, cfg.data.tokenizer, reader)
         return lambda: runs.load_params(run, self.mesh, part, reader=reader)
 
 

@@ -11,11 +11,11 @@ from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import lora
 from llmjax.sharding import AXES, make_mesh, mesh_shape
-from llmjax.train import common, dpo, loop, ppo, pretrain, reward
+from llmjax.train import common, distill, dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
 
 OBJECTIVES: dict[str, common.Objective] = {o.name: o for o in (pretrain.OBJECTIVE, reward.OBJECTIVE, dpo.OBJECTIVE,
-                                                                ppo.OBJECTIVE)}
+                                                                ppo.OBJECTIVE, distill.OBJECTIVE)}
 
 # What a run's parameters mean, whatever its objective: a run in a workdir holding other values is refused.
 MEANING = ("trainer", "model", "data.tokenizer")
