@@ -206,7 +206,7 @@ def _term(text: str, key: str) -> Term:
     return Term(name, weight, None, name)
 
 
-def parse(spec: str | Sequence[str], key: str = "ppo.reward") -> list[Term]:
+def parse(spec: str | Sequence[str], key: str = "reward") -> list[Term]:
     """The terms of a reward spec (see the module docstring); `key` names the config key in errors."""
     split = isinstance(spec, str)
     pieces = spec.split(",") if split else list(spec) if isinstance(spec, list | tuple) else [spec]

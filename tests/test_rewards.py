@@ -84,7 +84,7 @@ def test_each_form_parses_with_its_name_and_weight(tmp_path):
 ])
 def test_bad_specs_are_one_config_error_naming_the_key(spec, message):
     with pytest.raises(LlmjaxError, match=message) as e:
-        rewards.parse(spec)
+        rewards.parse(spec, "ppo.reward")
     assert "ppo.reward" in str(e.value) and "\n" not in str(e.value)
 
 

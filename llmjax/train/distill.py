@@ -39,8 +39,8 @@ def loss_fn(params, batch: Batch, teacher, cfg, teacher_model, constrain: Constr
     teacher_BTV = sampling.limit_vocab(transformer.forward(teacher, *args, teacher_model, constrain).logits_BTV, vocab)
     loss, aux = losses.distill(student_BTV, teacher_BTV, batch["loss_mask"], d.divergence, d.beta, d.temperature)
     if d.ce_weight:
-        ce, ce_aux = losses.cross_entropy(out.logits_BTV, batch["targets"], batch["loss_mask"])
-        loss, aux = loss + d.ce_weight * ce, aux | {"ce": ce, "accuracy": ce_aux["accuracy"]}
+        ce = losses.cross_entropy(out.logits_BTV, batch["targets"], batch["loss_mask"])[0]
+        loss, aux = loss + d.ce_weight * ce, aux | {"ce": ce}
     router_loss, router = moe.loss(out.moe, cfg.model)
     return loss + router_loss, aux | router
 

@@ -194,7 +194,8 @@ def flops_per_token(cfg) -> float:
     model's forward (when one scores), and for PPO the value model's forward and updates (a separate one) or the
     policy's forward again for its hidden states (a shared head)."""
     p, train, forward = cfg.ppo, lm_flops(cfg), lm_flops(cfg, forward=True)
-    total = 2 * forward + p.epochs * train + (forward if any(t.run for t in rewards.parse(p.reward)) else 0)
+    scored_by_model = any(t.run for t in rewards.parse(p.reward, "ppo.reward"))
+    total = 2 * forward + p.epochs * train + (forward if scored_by_model else 0)
     if "value" in specs(cfg):
         total += forward + p.epochs * train
     elif "value_head" in specs(cfg):
@@ -237,7 +238,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     check_ranges(cfg, RANGES)
     if not cfg.init_from:
         raise LlmjaxError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
-    terms = rewards.parse(p.reward)
+    terms = rewards.parse(p.reward, "ppo.reward")
     if cfg.data.source != "synthetic" and any(t.name == "tasks" for t in terms):
         raise LlmjaxError(f"ppo.reward={p.reward!r}: the tasks' checkers score the synthetic tasks, and data.source="
                           f"{cfg.data.source!r} holds other prompts; reward their answers with math, exact, "

@@ -74,7 +74,7 @@ class Rollout:
         self.section = section
         self.cfg, self.reference = cfg, reference
         self.prompts = prompts.source(cfg, group, p.tasks)
-        self.terms = rewards.parse(p.reward)
+        self.terms = rewards.parse(p.reward, f"{section}.reward")
         self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
         if cfg.data.source != "synthetic":  # refuse a prompt too long for the sampler before the run starts
             for split in ("train", "validation") if cfg.eval_every else ("train",):

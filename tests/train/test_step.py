@@ -32,6 +32,9 @@ def objective_config(name: str, lm_dir: str):
     if name == "dpo":
         cfg.dpo = config.load("configs/dpo.py:model=tiny").dpo
         cfg.seq_len = 96
+    elif name == "distill":
+        cfg.distill = config.load(f"configs/distill.py:model=tiny,teacher={lm_dir}").distill
+        cfg.distill.divergence, cfg.init_from = "jsd", ""
     else:
         cfg.ppo = config.load("configs/ppo.py:model=tiny").ppo
         cfg.ppo.update(reward="tasks", max_new_tokens=6, epochs=2, minibatches=2)
@@ -58,9 +61,9 @@ def moe_lm_dir(tmp_path_factory) -> str:
 
 # Each group runs in one worker (pytest-xdist --dist loadgroup): its module fixture is made once, and its objectives
 # share compiled steps through the worker's compilation cache (sft's are pretraining's).
-@pytest.mark.slow  # ten compiles of whole objectives; the fast subset keeps test_microbatches_weigh_by_their_units
+@pytest.mark.slow  # twelve compiles of whole objectives; the fast subset keeps test_microbatches_weigh_by_their_units
 @pytest.mark.xdist_group("step_lm")
-@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "ppo", "distill"])
 def test_grad_accumulation_equals_one_batch(name, lm_dir, tmp_path):
     """optim.grad_accum=4 takes the same step as 1: the same loss and metrics, the same updated parameters."""
     results, batch = [], None
