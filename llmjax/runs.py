@@ -28,7 +28,6 @@ from llmjax.errors import LlmjaxError
 from llmjax.hf import weights as hf_weights
 from llmjax.models import heads, lora, transformer
 from llmjax.sharding import tree_shardings
-from llmjax.train import state as state_lib
 
 # What a run's parameters hold, by name, at which path of its parameter tree. An objective lists its parts;
 # a run that starts from another reads the part it needs, wherever that run keeps it.
@@ -249,14 +248,13 @@ def saved_params(workdir: str, mesh: Mesh, part: str = "lm") -> tuple[transforme
     if workdir.startswith("hf:"):
         return hf_weights.load(hf_weights.Reader(workdir[3:]), cfg.model, cfg.rules, mesh), False
     specs = lora.apply(PARTS[part][1](cfg.model), cfg) if "lora" in cfg else PARTS[part][1](cfg.model)
-    mask = state_lib.trainable(specs)
-    shardings = tree_shardings(specs, cfg.rules, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.model.param_dtype), sharding=sh),
-                          specs, shardings, is_leaf=transformer.is_spec)
-    target = state_lib.split(target, mask)[0]
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh) if s.trainable else None,
+                          specs, tree_shardings(specs, cfg.rules, mesh), is_leaf=transformer.is_spec)
+    adapted = not all(s.trainable for s in jax.tree.leaves(specs, is_leaf=transformer.is_spec))
     for key in reversed(parts[part]):
         target = {key: target}
     params = checkpoint.restore_params(workdir, target)
     for key in parts[part]:
         params = params[key]
-    return params, mask is not None
+    return params, adapted

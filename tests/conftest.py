@@ -56,3 +56,25 @@ def pipeline_dir(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("pipeline"))
     run.run(workdir, "tiny", 0.002, jax.devices()[:1])
     return workdir
+
+
+@pytest.fixture(scope="module")
+def step5_run(tmp_path_factory):
+    """A workdir claimed by the tiny model, holding its state at step 5, written on an fsdp=8 mesh (checkpoint and
+    runs tests). Its users run in one worker (xdist_group "checkpoint_run"), which writes it once a module."""
+    from llmjax import checkpoint, optim, runs
+    from llmjax.models import transformer
+    from llmjax.sharding import make_mesh
+    from llmjax.train import state as state_lib
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    cfg = tiny_config(seed=7)
+    tx = optim.make(cfg, transformer.specs(cfg.model))
+    state = state_lib.create(transformer.specs(cfg.model), cfg, make_mesh(cfg.mesh), tx)
+    state = state.replace(step=jax.numpy.full_like(state.step, 5))
+    runs.claim_workdir(workdir, cfg, {"lm": ()}, "pretrain", registry.meaning(cfg))
+    mngr = checkpoint.manager(workdir, cfg)
+    assert checkpoint.save(mngr, 5, state)
+    mngr.wait_until_finished()
+    mngr.close()
+    return workdir, cfg, tx, state

@@ -116,3 +116,21 @@ def saved_run(cfg, workdir: str, scale: float = 1.0, state=None):
     mngr.wait_until_finished()
     mngr.close()
     return state
+
+
+def file_bytes(root) -> dict[str, bytes]:
+    """Every file under root, by relative path: what a refused run must leave as it was."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def assert_same_values(a, b):
+    import jax
+    import numpy as np
+
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))

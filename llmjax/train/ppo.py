@@ -113,6 +113,25 @@ def _critic(cfg) -> dict:
         "value_head": heads.specs(cfg.model)["head"]}
 
 
+def _no_groups(p) -> None:
+    """PPO's advantages come from its value model: the keys that shape group advantages must stay at default."""
+    grouped = {"ppo.scale_rewards": p.scale_rewards is not True, "ppo.baseline": p.baseline != "mean",
+               "ppo.dynamic_sampling": p.dynamic_sampling}
+    changed = [key for key, differs in grouped.items() if differs]
+    if changed:
+        raise LlmjaxError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
+                          "--config.ppo.algorithm=grpo or leave it at its default")
+
+
+def _groups(p) -> None:
+    """GRPO normalises within groups, and its KL is a loss term of fixed weight."""
+    if p.group_size < 2:
+        raise LlmjaxError(f"ppo.group_size={p.group_size}: GRPO normalises over K >= 2 samples per prompt")
+    if p.target_kl:
+        raise LlmjaxError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
+                          "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
+
+
 class Algorithm(NamedTuple):
     """What PPO and GRPO do differently: everything else in this file is theirs alike."""
 
@@ -121,11 +140,12 @@ class Algorithm(NamedTuple):
     layout: Callable[[object], dict]  # parameters beside the policy
     group: Callable[[object], int]  # answers per prompt
     meaning: tuple[str, ...]  # keys beside ppo.algorithm that change what the parameters mean
+    check: Callable[[object], None]  # refuses (cfg.ppo) settings that mean nothing under this algorithm
 
 
 ALGORITHMS = {
-    "ppo": Algorithm(_gae, _value_term, _critic, lambda cfg: 1, ("ppo.value",)),
-    "grpo": Algorithm(_grouped, _kl_term, lambda cfg: {}, lambda cfg: cfg.ppo.group_size, ()),
+    "ppo": Algorithm(_gae, _value_term, _critic, lambda cfg: 1, ("ppo.value",), _no_groups),
+    "grpo": Algorithm(_grouped, _kl_term, lambda cfg: {}, lambda cfg: cfg.ppo.group_size, (), _groups),
 }
 
 
@@ -251,25 +271,15 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     if p.overlong_buffer > p.max_new_tokens:
         raise LlmjaxError(f"ppo.overlong_buffer={p.overlong_buffer} is longer than ppo.max_new_tokens="
                           f"{p.max_new_tokens}; the penalty grows over the budget's last tokens")
-    grouped = {"ppo.scale_rewards": p.scale_rewards is not True, "ppo.baseline": p.baseline != "mean",
-               "ppo.dynamic_sampling": p.dynamic_sampling}
-    changed = [key for key, differs in grouped.items() if differs]
-    if p.algorithm == "ppo" and changed:
-        raise LlmjaxError(f"{changed[0]} shapes GRPO's group advantages; PPO's come from its value model: set "
-                          "--config.ppo.algorithm=grpo or leave it at its default")
+    ALGORITHMS[p.algorithm].check(p)
     dp, k = sizes["data"] * sizes["expert"] * sizes["fsdp"], cfg.optim.grad_accum
     group = ALGORITHMS[p.algorithm].group(cfg)
-    if p.algorithm == "grpo" and group < 2:
-        raise LlmjaxError(f"ppo.group_size={group}: GRPO normalises over K >= 2 samples per prompt")
     if cfg.batch_size % (p.minibatches * group) or cfg.batch_size // p.minibatches % (dp * k):
         raise LlmjaxError(f"batch_size={cfg.batch_size} must split into ppo.minibatches={p.minibatches} minibatches "
                           f"that divide over data*expert*fsdp*grad_accum={dp}*{k} (and whole groups of ppo.group_size="
                           f"{group})")
     if cfg.loss.z_loss:
         raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
-    if p.algorithm == "grpo" and p.target_kl:
-        raise LlmjaxError("ppo.target_kl adapts PPO's KL penalty on the reward; GRPO's KL term in the loss has the "
-                          "fixed weight ppo.kl_coef: set --config.ppo.target_kl=0")
 
 
 def define(ctx: Context) -> Definition:
