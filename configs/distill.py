@@ -18,6 +18,7 @@ def get_config(arg: str = ""):
     cfg.steps = args.steps
     cfg.seq_len = 64  # one prompt and answer through the chat template
     cfg.data.format = "chat"
+    cfg.optim.lr = 1e-3  # configs/sft.py's: a half-width student of `small` learnt best at it (experiments/distill)
     cfg.optim.warmup_steps = max(1, args.steps // 15)
     cfg.distill = dict(
         teacher=args.teacher,  # a run's workdir or hf:DIR holding a language model of the same tokenizer

@@ -1,8 +1,10 @@
 """Distillation against fine-tuning alone: a student of half the teacher's width learns the synthetic tasks (as chat)
-from the SFT run's distributions (configs/distill.py, forward KL, then GKD's on-policy JSD), against the same
-student fine-tuned on the same data for the same steps. Every student starts fresh and sees the same batches; each
-is evaluated alike: greedy accuracy on held-out prompts of every task, held-out perplexity, and the divergence
-from the teacher on held-out rows. Writes results.md and results.json into --workdir.
+from the SFT run's distributions (configs/distill.py: forward KL, with or without the data's cross-entropy), against
+the same student fine-tuned on the same data for the same steps at the same learning rate; then 100 steps more of
+each, the distilled student either off-policy or on-policy (GKD's JSD on its own answers, at a lower learning rate).
+Every student starts fresh and sees the same batches; each is evaluated alike: greedy accuracy on 128 held-out
+prompts of every task, held-out perplexity, and the divergence from the teacher on held-out rows. Writes results.md
+and results.json into --workdir.
 
   python -m experiments.distill.run --workdir=runs/distill_exp                 # small teacher, CPU
   python -m experiments.distill.run --workdir=/tmp/d --model=tiny --scale=0.2   # a quick look
@@ -44,21 +46,24 @@ def stages(root: str, model: str, scale: float) -> list[tuple[str, object]]:
     sft = cfg("configs/sft.py", 150, init_from=path("pretrain"))
     student = half_width(sft.model)
     same = {"seq_len": 64, "eval_every": 0, **student}  # the batches configs/distill.py reads
-    kd = cfg("configs/distill.py", 300, **same)
-    kd.distill.teacher = path("sft")
     alone = cfg("configs/sft.py", 300, init_from="", **same)
-    gkd = cfg("configs/distill.py", 100, init_from=path("distill"), **same)
-    gkd.distill.update(teacher=path("sft"), on_policy=True, divergence="jsd")
-    more = cfg("configs/sft.py", 100, init_from=path("sft_alone"), **same)
-    return [("pretrain", pretrain), ("sft", sft), ("distill", kd), ("sft_alone", alone),
-            ("distill_gkd", gkd), ("sft_alone_more", more)]
+    kd = cfg("configs/distill.py", 300, **same)
+    kd_ce = cfg("configs/distill.py", 300, **same, **{"distill.ce_weight": 1.0})
+    alone_more = cfg("configs/sft.py", 100, init_from=path("sft_alone"), **same)
+    kd_more = cfg("configs/distill.py", 100, init_from=path("distill"), **same)
+    gkd = cfg("configs/distill.py", 100, init_from=path("distill"), **same, **{"optim.lr": 3e-4})
+    gkd.distill.update(on_policy=True, divergence="jsd")
+    for student in (kd, kd_ce, kd_more, gkd):
+        student.distill.teacher = path("sft")
+    return [("pretrain", pretrain), ("sft", sft), ("sft_alone", alone), ("distill", kd), ("distill_ce", kd_ce),
+            ("sft_alone_more", alone_more), ("distill_more", kd_more), ("distill_gkd", gkd)]
 
 
 def evaluate(stage_cfg, workdir: str, teacher: str, mesh) -> dict:
     """One evaluator for every model: the distillation task's (accuracy, perplexity, divergence from the
     teacher), on the parameters the run holds."""
     cfg = load(f"{ROOT}/configs/distill.py:model={stage_cfg.model.name}", **{
-        "seq_len": 64, "eval_every": 1, "eval_prompts": 64, "init_from": workdir})
+        "seq_len": 64, "eval_every": 1, "eval_prompts": 128, "init_from": workdir})
     cfg.model = stage_cfg.model
     cfg.distill.teacher = teacher
     task = registry.task(cfg, "", mesh)

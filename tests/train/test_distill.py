@@ -179,29 +179,28 @@ def test_on_policy_rows_are_the_students_answers(teacher):
 
 
 def final_evaluation(workdir: str) -> dict:
-    return [row for row in metric_rows(workdir) if "eval/divergence_to_teacher" in row][-1]
+    row = [row for row in metric_rows(workdir) if "eval/divergence_to_teacher" in row][-1]
+    return {k.removeprefix("eval/"): v for k, v in row.items()}
 
 
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_a_student_learns_from_its_teacher(sft_dir, tmp_path, on_policy):
     """A fresh tiny student distilled from the SFT run: its held-out divergence to the teacher falls and its task
-    accuracy rises toward the teacher's. On-policy starts where GKD does, from a student that was distilled
-    off-policy first (a fresh student's own answers are noise)."""
+    accuracy moves toward the teacher's (measured on 64 held-out sort prompts: off-policy 5.11 -> 0.043 nats,
+    accuracy 0% -> 28.1%; then on-policy 0.043 -> 0.0057 nats, 28.1% -> 29.7%). On-policy starts where GKD does,
+    from a student distilled off-policy first (a fresh student's own answers are noise)."""
     mesh, off = one_device(), str(tmp_path / "off")
     cfg = distill_config(sft_dir, steps=OFF_STEPS, eval_every=OFF_STEPS, eval_prompts=64, **{"optim.lr": 3e-3})
     fresh = registry.task(cfg, off, mesh)
     before = fresh.evaluate(fresh.start().params)
+    teacher = fresh.evaluate(runs.load_params(sft_dir, mesh))["accuracy"]  # the same prompts, through the teacher
     registry.train(cfg, off, mesh)
     after = final_evaluation(off)
-    print("off-policy", before, after)
     if on_policy:
         cfg = distill_config(sft_dir, steps=ON_STEPS, eval_every=ON_STEPS, eval_prompts=64, init_from=off,
                              **{"distill.on_policy": True, "distill.divergence": "jsd", "optim.lr": 1e-3})
-        before = {f"eval/{k}": v for k, v in before.items()} if False else after
+        before = after
         registry.train(cfg, str(tmp_path / "on"), mesh)
         after = final_evaluation(str(tmp_path / "on"))
-        print("on-policy", before, after)
-    else:
-        before = {f"eval/{k}": v for k, v in before.items()}
-    assert after["eval/divergence_to_teacher"] < 0.7 * before["eval/divergence_to_teacher"], (before, after)
-    assert after["eval/accuracy"] > before["eval/accuracy"], (before, after)
+    assert after["divergence_to_teacher"] < 0.5 * before["divergence_to_teacher"], (before, after)
+    assert abs(after["accuracy"] - teacher) < abs(before["accuracy"] - teacher), (before, after, teacher)
