@@ -67,6 +67,8 @@ def validate(cfg, sizes: dict[str, int]) -> None:
         raise LlmjaxError("a distill run needs the distill section; start from configs/distill.py")
     d = cfg.distill
     check_ranges(cfg, RANGES)
+    if cfg.loss.z_loss:
+        raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
     if d.divergence not in losses.DIVERGENCES:
         raise LlmjaxError(f"distill.divergence={d.divergence!r}: choose one of {', '.join(losses.DIVERGENCES)}")
     teacher = teacher_config(cfg)
