@@ -13,7 +13,7 @@ from llmjax import config, runs, sharding
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
-from llmjax.train import distill, registry
+from llmjax.train import common, distill, registry
 
 CHAT = {"data.format": "chat", "data.tasks": "sort"}
 OFF_STEPS, ON_STEPS = 150, 100
@@ -204,3 +204,16 @@ def test_a_student_learns_from_its_teacher(sft_dir, tmp_path, on_policy):
         after = final_evaluation(str(tmp_path / "on"))
     assert after["divergence_to_teacher"] < 0.5 * before["divergence_to_teacher"], (before, after)
     assert abs(after["accuracy"] - teacher) < abs(before["accuracy"] - teacher), (before, after, teacher)
+
+
+def test_flops_count_the_teachers_forward(teacher):
+    """Per token: the student's training FLOPs, the teacher's forward (a third of its training FLOPs at this
+    sequence length), and on-policy the student's sampling forward."""
+    cfg = distill_config(teacher)
+    teacher_cfg = distill.teacher_config(cfg)
+    teacher_cfg.seq_len = cfg.seq_len
+    teacher_forward = common.lm_flops(teacher_cfg, forward=True)
+    assert teacher_forward > common.lm_flops(cfg, forward=True)  # the larger model's
+    assert registry.task(cfg, "", one_device()).flops_per_token == pytest.approx(common.lm_flops(cfg) + teacher_forward)
+    cfg.distill.on_policy = True
+    assert distill.flops_per_token(cfg) == pytest.approx(common.lm_flops(cfg) * 4 / 3 + teacher_forward)
