@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmjax import config
+from llmjax import config, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 fake devices and the tests' compilation cache (see conftest.py) in every subprocess.
@@ -33,8 +33,8 @@ CLI_CASES = {
 
 
 # Bad input, whatever the entry point: name -> (module, arguments, fragments stderr must contain). {in} is a folder
-# of inputs (see `bad_inputs`), {lm} and {rm} workdirs holding only the config.json of a language model and of a
-# reward model run. Runs that were accepted before these checks are 2 tiny steps, so that they fail fast.
+# of inputs (see `bad_inputs`), {lm} and {rm} workdirs holding only the config.json and parts.json of a language
+# model and of a reward model run. Runs that were accepted before these checks are 2 tiny steps, so that they fail fast.
 DPO = "--config=configs/dpo.py:model=tiny"
 TINY = f"{PRETRAIN}:model=tiny,steps=2"
 FILES = [f"{PRETRAIN}:model=tiny", "--config.data.data_dir={in}/tfds"]
@@ -114,9 +114,10 @@ def bad_inputs(tmp_path_factory):
     (root / "bad.jsonl").write_text('{"text": "unclosed\n{text: "unquoted key"}\n')
     (root / "keys.jsonl").write_text('{"id": 1, "colour": "red"}\n{"id": 2}\n')
     (root / "pairs.jsonl").write_text('{"prompt": "sort 21 = ", "response": "12"}\n{"prompt": "sort 21 = "\n')
-    for name, cfg in (("lm", config.base("tiny")), ("rm", config.load(f"{ROOT}/configs/reward.py:model=tiny"))):
-        (root / name).mkdir()
-        (root / name / "config.json").write_text(cfg.to_json_best_effort())
+    reward_cfg = config.load(f"{ROOT}/configs/reward.py:model=tiny")
+    for name, cfg, parts, made in (("lm", config.base("tiny"), {"lm": ()}, "pretrain"),
+                                   ("rm", reward_cfg, {"scorer": ()}, "reward")):
+        runs.claim_workdir(str(root / name), cfg, parts, made)
     procs = {}
     for name, (module, args, _) in INPUT_CASES.items():
         args = [a.replace("{in}", str(root)).replace("{lm}", str(root / "lm")).replace("{rm}", str(root / "rm"))

@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 
 from experiments.rl import word_problems
+from llmjax import runs
 from llmjax.cli import run_main
 from llmjax.config import load
 from llmjax.data import prompts
@@ -178,17 +179,18 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
         configs[name] = cfg
     rl = next(cfg for cfg in configs.values() if cfg.trainer == "ppo")
     focus = (rl.ppo.tasks or rl.data.tasks).split(",")
-    results, runs = [], {}
+    results, logged = [], {}
     for name, cfg in configs.items():
         print(f"== {name}: {cfg.trainer} from {cfg.init_from or 'scratch'} -> {paths[name]}", flush=True)
         t = time.perf_counter()
         mesh = make_mesh(cfg.mesh, devices)
         registry.train(cfg, paths[name], mesh)
-        runs[name] = read_metrics(paths[name])
-        results.append(summarise(name, runs[name], time.perf_counter() - t))
+        logged[name] = read_metrics(paths[name])
+        results.append(summarise(name, logged[name], time.perf_counter() - t))
         if cfg.trainer == "ppo":  # the start, on the same held-out prompts: what RL changed
-            start = make_evaluator(cfg, mesh, n=cfg.eval_prompts)(runs.load_params(cfg.init_from, mesh))
-            results[-1] |= own_accuracy(cfg, start, "start") | own_accuracy(cfg, runs[name], "end")
+            start = make_evaluator(cfg, mesh, n=cfg.eval_prompts, on_prompts=registry.get(cfg).prompts)(
+                runs.load_params(cfg.init_from, mesh))
+            results[-1] |= own_accuracy(cfg, start, "start") | own_accuracy(cfg, logged[name], "end")
         print(table(results[-1:], focus), flush=True)
     out = {"model": model, "scale": scale, "focus": focus, "stages": results}
     if jax.process_index() == 0:
@@ -196,7 +198,7 @@ def run(root: str, model: str, scale: float, devices: list | None = None) -> dic
             json.dump(out, f, indent=2)
         with open(os.path.join(root, "results.md"), "w") as f:
             f.write(table(results, focus))
-        plot(results, runs, focus, os.path.join(root, "pipeline.png"))
+        plot(results, logged, focus, os.path.join(root, "pipeline.png"))
     return out
 
 
