@@ -101,6 +101,7 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
         pass
 
 
+@pytest.mark.slow  # two LoRA runs' starts compiled and saved
 def test_a_lora_run_of_a_lora_run_folds_both_adapters(tmp_path):
     """A LoRA run started from another LoRA run: its base is the first run's adapters folded into theirs, found by
     walking init_from down to the run with whole weights."""

@@ -16,6 +16,7 @@ from llmjax.models import transformer
 from llmjax.train import common, distill, registry
 
 CHAT = {"data.format": "chat", "data.tasks": "sort"}
+WHOLE_STEPS = pytest.mark.slow  # these compile whole steps (and sample, or train a run): out of the inner loop
 LARGER = {"model.d_model": 96, "model.n_layers": 3, "model.d_ff": 192}  # a teacher the student is not
 
 
@@ -88,6 +89,7 @@ def test_loss_is_the_divergence_between_the_two_models(teacher, kind, beta, temp
     assert float(aux["divergence"]) > 0.01  # the models differ: the check is not 0 == 0
 
 
+@WHOLE_STEPS
 def test_sharded_equals_single_device(teacher):
     results = []
     for mesh_cfg, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
@@ -106,6 +108,7 @@ def test_sharded_equals_single_device(teacher):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), params_s, params)
 
 
+@WHOLE_STEPS
 def test_the_teacher_is_never_updated(teacher, tmp_path):
     """Three steps train the student; the teacher, a frozen argument of the step, is what its run holds, before and
     after, and no part of the student's checkpoint."""
@@ -146,6 +149,7 @@ def test_a_teacher_without_a_language_model_is_refused(tmp_path):
         registry.task(distill_config(str(tmp_path / "rm")), "", one_device())
 
 
+@WHOLE_STEPS
 def test_a_lora_student_trains_its_adapters_alone(teacher, tmp_path):
     saved_run(tiny_config(**CHAT), str(tmp_path / "lm"), scale=2.0)
     cfg = distill_config(teacher, init_from=str(tmp_path / "lm"), **{"lora.targets": "all", "optim.warmup_steps": 0})
@@ -162,6 +166,7 @@ def test_a_lora_student_trains_its_adapters_alone(teacher, tmp_path):
     np.testing.assert_array_equal(after["embed"], before["embed"])
 
 
+@WHOLE_STEPS
 def test_on_policy_rows_are_the_students_answers(teacher):
     cfg = distill_config(teacher, **{"distill.on_policy": True})
     task = registry.task(cfg, "", one_device())
