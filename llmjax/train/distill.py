@@ -141,18 +141,22 @@ def define(ctx: Context) -> Definition:
         source = lambda _, i: (batches(i), {})  # noqa: E731
     evaluate = None
     if cfg.eval_every:
+        on_prompts = cfg.distill.on_policy and cfg.data.source != "synthetic"  # prompt records: no text to score
         if cfg.data.source == "synthetic":
             get = synthetic.batches(cfg, ctx.sharding, seed=cfg.seed + HELD_OUT)
             held_out = [get(i) for i in range(4)]
         else:
-            held_out = pipeline.validation_batches(cfg, ctx.sharding, 4)
+            held_out = [] if on_prompts else pipeline.validation_batches(cfg, ctx.sharding, 4)
         divergence = jax.jit(lambda params, b: loss(params, b, teacher)[1]["divergence"])
-        evaluate_lm = make_evaluator(cfg, ctx.mesh, ctx.constrain, n=cfg.eval_prompts)
+        evaluate_lm = make_evaluator(cfg, ctx.mesh, ctx.constrain, n=cfg.eval_prompts, on_prompts=on_prompts)
 
         def evaluate(params) -> dict[str, float]:
-            """The student's evaluation, and its divergence from the teacher on held-out data."""
-            gap = float(np.mean(jax.device_get([divergence(params, b) for b in held_out])))
-            return evaluate_lm(params) | {"divergence_to_teacher": gap}
+            """The student's evaluation, and its divergence from the teacher on held-out rows (where the data has
+            any: a source of prompt records has answers to check instead)."""
+            out = evaluate_lm(params)
+            if held_out:
+                out["divergence_to_teacher"] = float(np.mean(jax.device_get([divergence(params, b) for b in held_out])))
+            return out
 
     start = ctx.read(cfg.init_from, "lm", "distillation's student") if cfg.init_from else lambda: None
     return Definition(loss=loss, source=source, weight=tokens, start=start, frozen=(teacher,), evaluate=evaluate,

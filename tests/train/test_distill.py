@@ -7,7 +7,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from helpers import metric_rows, one_device, reward_config, saved_run, tiny_config
+from helpers import metric_rows, one_device, prompts_file, reward_config, saved_run, tiny_config
 
 from llmjax import config, runs, sharding
 from llmjax.data.tokenizer import get_tokenizer
@@ -180,6 +180,17 @@ def test_on_policy_rows_are_the_students_answers(teacher):
     np.testing.assert_allclose(mask.sum(1).mean(), float(made["response_length"]))
     new, m = task.jit_step(jax.tree.map(lambda x: x.sharding, state))(state, batch, *task.frozen)
     assert float(m["nonfinite"]) == 0 and float(m["loss"]) > 0
+
+
+def test_on_policy_reads_a_files_source_of_prompts(teacher, tmp_path):
+    """On-policy, a files: source's records are the prompts answered, and evaluation checks the held-out ones'
+    answers (there are no text rows to score)."""
+    cfg = distill_config(teacher, eval_every=10, **{"distill.on_policy": True, "distill.tasks": ""})
+    cfg.data.update(source=prompts_file(tmp_path / "p.jsonl", n=40), data_dir=str(tmp_path / "tfds"), validation=0.2)
+    task = registry.task(cfg, "", one_device())
+    records = task.source.prompts(0)
+    assert len(records) == cfg.batch_size and all("answer" in r and "id" in r for r in records)
+    assert task.evaluate is not None
 
 
 def final_evaluation(workdir: str) -> dict:
