@@ -27,7 +27,7 @@ from llmjax.evaluate import make_evaluator
 from llmjax.models import moe, transformer
 from llmjax.sharding import Constrain
 from llmjax.train.common import Batch, Context, Definition, Objective, lm_flops, tokens
-from llmjax.train.rollout import rows_of
+from llmjax.train.rollout import encode, rows_of
 
 
 def loss_fn(params, batch: Batch, teacher, cfg, teacher_model, constrain: Constrain) -> tuple[jax.Array, dict]:
@@ -115,11 +115,8 @@ class OnPolicy:
                              out_shardings=ctx.sharding)
 
     def encode(self, records: list[dict]) -> tuple[jax.Array, jax.Array]:
-        """(prompts_BP, lengths_B) on the batch sharding; every process holds the whole (small) arrays."""
-        tok, width = self.tokenizer, self.cfg.distill.max_prompt_len
-        ids = prompts.ids(tok, [r["prompt"] for r in records], width, "distill.max_prompt_len")
-        return tuple(jax.make_array_from_callback(x.shape, self.sharding, lambda index, x=x: x[index])
-                     for x in sampling.left_pad(ids, tok.pad_id, multiple=width))
+        return encode(self.tokenizer, records, self.cfg.distill.max_prompt_len, "distill.max_prompt_len",
+                      self.sharding)
 
     def __call__(self, state, step: int) -> tuple[dict, dict]:
         ids, lengths = self.encode(self.prompts(step))

@@ -87,7 +87,7 @@ def _grouped(params, rows: dict, scores_B: jax.Array, kl_BT: jax.Array, kl_coef:
     return rows, jnp.zeros_like(mask), advantages, advantages, metrics
 
 
-def _value_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, cfg,
+def _value_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, entropy: jax.Array, cfg,
                 constrain: Constrain) -> tuple[jax.Array, dict]:
     """PPO's loss beside the clipped policy loss: the clipped value loss and the entropy bonus (and the separate
     value model's router losses)."""
@@ -96,11 +96,10 @@ def _value_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, c
     value_loss, aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, p.value_clip_eps, agg)
     aux |= {"value_loss": value_loss,
             "explained_variance": losses.explained_variance(mb["old_values"], mb["returns"], mask)}
-    entropy = losses.entropy(out.logits_BTV, mask, agg)
     return p.vf_coef * value_loss - p.entropy_coef * entropy + moe.loss(value_stats, cfg.model)[0], aux
 
 
-def _kl_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, cfg,
+def _kl_term(params, mb: dict, logp_BT: jax.Array, out: transformer.Output, entropy: jax.Array, cfg,
              constrain: Constrain) -> tuple[jax.Array, dict]:
     """GRPO's loss beside the clipped policy loss: the KL to the reference, estimated as ppo.kl_estimator says."""
     kl = aggregate(cfg)(losses.kl_estimate(logp_BT, mb["ref_logp"], cfg.ppo.kl_estimator), mb["loss_mask"])
@@ -136,7 +135,7 @@ class Algorithm(NamedTuple):
     """What PPO and GRPO do differently: everything else in this file is theirs alike."""
 
     advantages: Callable  # experience: (params, rows, scores_B, kl_BT, kl_coef, cfg, constrain) -> rows, values, ...
-    term: Callable  # the loss beside the clipped policy loss: (params, mb, logp, out, cfg, constrain) -> (loss, aux)
+    term: Callable  # the loss beside the clipped policy loss: (params, mb, logp, out, entropy, cfg, constrain) -> ...
     layout: Callable[[object], dict]  # parameters beside the policy
     group: Callable[[object], int]  # answers per prompt
     meaning: tuple[str, ...]  # keys beside ppo.algorithm that change what the parameters mean
@@ -173,7 +172,7 @@ def loss_fn(params, mb: dict, cfg, constrain: Constrain) -> tuple[jax.Array, dic
     aux["entropy"] = losses.entropy(out.logits_BTV, mask, agg)
     aux["policy_loss"] = loss
     router_loss, router = moe.loss(out.moe, cfg.model)
-    term, term_aux = ALGORITHMS[p.algorithm].term(params, mb, logp, out, cfg, constrain)
+    term, term_aux = ALGORITHMS[p.algorithm].term(params, mb, logp, out, aux["entropy"], cfg, constrain)
     return loss + term + router_loss, aux | router | term_aux
 
 

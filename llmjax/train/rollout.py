@@ -50,6 +50,18 @@ def rows_of(prompts_BP: jax.Array, lengths_B: jax.Array, out: dict, eos_id: int,
     return rows, scored
 
 
+def put(x: np.ndarray, sharding) -> jax.Array:
+    """A small host array on the batch sharding; every process holds the whole of it."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def encode(tokenizer, records: list[dict], width: int, key: str, sharding) -> tuple[jax.Array, jax.Array]:
+    """(prompts_BP, lengths_B): the records' prompts through the chat template, left-padded to P = width (one shape,
+    so the sampler compiles once); a prompt longer than that refused in one line naming `key`."""
+    ids = prompts.ids(tokenizer, [r["prompt"] for r in records], width, key)
+    return tuple(put(x, sharding) for x in sampling.left_pad(ids, tokenizer.pad_id, multiple=width))
+
+
 class Sampled(NamedTuple):
     """One rollout's answers: the training rows and reward-model rows on the devices, and on the host the decoded
     responses, their lengths in tokens and whether each ended (eos) within max_new_tokens."""
@@ -101,14 +113,9 @@ class Rollout:
             params, lora.strip(params["policy"]) if reference is None else reference, rows, scores, kl_coef),
             out_shardings=(self.sharding, None))
 
-    def _put(self, x: np.ndarray) -> jax.Array:  # every process holds the whole (small) array
-        return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
-
     def encode(self, records: list[dict]) -> tuple[jax.Array, jax.Array]:
-        """(prompts_BP, lengths_B): the records' prompts left-padded to P = max_prompt_len."""
-        width = self.settings.max_prompt_len
-        ids = prompts.ids(self.tokenizer, [r["prompt"] for r in records], width, f"{self.section}.max_prompt_len")
-        return tuple(self._put(x) for x in sampling.left_pad(ids, self.tokenizer.pad_id, multiple=width))
+        return encode(self.tokenizer, records, self.settings.max_prompt_len, f"{self.section}.max_prompt_len",
+                      self.sharding)
 
     def sample(self, params, records: list[dict], step: int) -> Sampled:
         tok = self.tokenizer
@@ -141,7 +148,7 @@ class Rollout:
         if None not in marks:
             metrics["accuracy"] = float(np.mean(marks))
         metrics["truncated"] = float(1 - sampled.ended.mean())
-        return self._put(np.asarray(total, np.float32)), metrics
+        return put(np.asarray(total, np.float32), self.sharding), metrics
 
     def experience(self, params, rows: dict, scores: jax.Array, kl_coef: jax.Array) -> tuple[dict, dict]:
         return self._experience(params, rows, scores, kl_coef)
