@@ -124,7 +124,10 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.model = model_config(model)
     c.data = dict(
-        source="synthetic",  # synthetic (the built-in tasks) | files:PATH (txt/jsonl/py) | tfds:NAME (in data_dir)
+        # synthetic (the built-in tasks) | files:PATH (txt/jsonl/py) | tfds:NAME (in data_dir) | mixture: the
+        # sources of `mixture` (name -> dict(source, format, epochs)) drawn by `weights`, "a=0.8, b=0.2" or in
+        # stages "0: a=0.8, b=0.2; 90%: a=1" (llmjax.data.mixture)
+        source="synthetic", mixture={}, weights="",
         data_dir="~/tensorflow_datasets", validation=0.01,  # files: the fraction held out for evaluation
         tasks="reverse,add,sort,copy,lookup",
         # byte | synthetic (sentencepiece, trained on the tasks; see llmjax/data/tokenizer.py) | PATH.model | hf:DIR
@@ -135,7 +138,8 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     )
     c.init_from = ""         # a workdir (or hf:DIR) whose latest parameters start this run (fresh optimizer)
     c.optim = dict(
-        lr=3e-3, warmup_steps=30, schedule="cosine",  # cosine | linear | constant (after warmup)
+        lr=3e-3, warmup_steps=30, schedule="cosine",  # cosine | linear | constant (after warmup) | wsd
+        decay_fraction=0.2,  # wsd: the share of the run (its end) over which lr decays to lr * min_lr_ratio
         min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
         grad_accum=1,  # microbatches per step; the batch is split, gradients summed, one update
         max_nonfinite=5,  # a step with a non-finite loss or gradients is skipped; this many in a row stop the run

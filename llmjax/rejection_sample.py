@@ -1,18 +1,23 @@
 """Rejection sampling (best-of-N, the Llama 2 / Llama 3 recipe): N responses per prompt from a policy, each scored by
-a reward model or by the synthetic tasks' checkers, the best kept and written as SFT records, so that fine-tuning on
-them distils the policy's own best answers back into it:
+a reward model, the synthetic tasks' checkers or any reward llmjax.rewards reads, the best kept and written as SFT
+records, so that fine-tuning on them distils the policy's own best answers back into it:
 
   python -m llmjax.rejection_sample --policy=runs/sft --reward=runs/rm --n=8 --num_prompts=256 --out=best.jsonl
   python -m llmjax.rejection_sample --policy=runs/sft --reward=tasks --prompts=prompts.jsonl --min_score=1 \\
       --out=best.jsonl
+  python -m llmjax.rejection_sample --policy=runs/sft_math --reward=math --prompts=problems.jsonl --min_score=1 \\
+      --out=best.jsonl
   python -m llmjax.main --config=configs/sft.py --config.init_from=runs/sft --config.data.source=files:best.jsonl \\
       --workdir=runs/sft_rs
 
-Prompts are `synthetic` (drawn from the policy run's data.tasks) or a .jsonl file of {"prompt"} lines; they go
-through the chat template. Each output line is {"prompt", "response", "score"}. A response the policy did not end
-with eos within --max_new_tokens (it would teach the model to stop mid-answer) is never kept. The summary (mean
-score of one sample against the best of N; with task prompts, the accuracy of one sample, of the chosen one and of
-the best possible choice) is printed and written to OUT.summary.json (best.summary.json for --out=best.jsonl).
+Prompts are `synthetic` (drawn from the policy run's data.tasks) or a .jsonl file of {"prompt", ...} records whose
+other fields the reward reads (a word problem's "answer" for `math`); they go through the chat template. --reward is
+a reward model run or a spec of llmjax.rewards (tasks, math, exact, format:REGEX, module:function, weighted sums
+such as 'math,format:^\\d+$:0.1'). Each output line is {"prompt", "response", "score"}. A response the policy
+did not end with eos within --max_new_tokens (it would teach the model to stop mid-answer) is never kept. The summary
+(mean score of one sample against the best of N; with task prompts, the accuracy of one sample, of the chosen one and
+of the best possible choice) is printed and written to OUT.summary.json (best.summary.json for --out=best.jsonl),
+last: the files are each written whole (a temporary name, then renamed), so a summary means all of them are there.
 """
 
 import dataclasses
@@ -27,9 +32,10 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from llmjax import runs, sampling
+from llmjax import rewards, runs, sampling
 from llmjax.cli import run_main
 from llmjax.data import chat, tasks
+from llmjax.data import prompts as prompt_records
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
@@ -66,33 +72,35 @@ def check_tasks(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     return out
 
 
-def synthetic_prompts(task_names: str, num: int, seed: int = 0) -> list[str]:
-    """`num` prompts of the comma-separated tasks, fresh for every seed."""
+def synthetic_records(task_names: str, num: int, seed: int = 0) -> list[dict]:
+    """`num` prompt records {"prompt", "answer", "task"} of the comma-separated tasks, fresh for every seed."""
     rng = np.random.default_rng([seed, PROMPT_STREAM])
-    return [tasks.sample(rng, task_names.split(",")).prompt for _ in range(num)]
+    return [prompt_records.synthetic(tasks.sample(rng, task_names.split(","))) for _ in range(num)]
 
 
-def read_prompts(path: str) -> list[str]:
-    """The "prompt" of every line of a .jsonl file (the prompts record kind of llmjax.data.sources)."""
+def read_records(path: str) -> list[dict]:
+    """Every line of a .jsonl file of prompt records (the prompts record kind of llmjax.data.sources): a "prompt"
+    and any fields a reward reads."""
     if not os.path.isfile(path):
         raise LlmjaxError(f"--prompts={path!r} does not exist; pass a .jsonl file of {{\"prompt\": ...}} lines, or "
                           "--prompts=synthetic")
-    prompts = []
+    records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                prompt = json.loads(line)["prompt"]
+                record = json.loads(line)
+                prompt = record["prompt"]
             except (json.JSONDecodeError, TypeError, KeyError):
                 raise LlmjaxError(f"{path}:{n}: not a JSON object with a \"prompt\" field; write one "
                                   "{\"prompt\": ...} object per line") from None
             if not isinstance(prompt, str) or not prompt:
                 raise LlmjaxError(f"{path}:{n}: the prompt is not a non-empty string")
-            prompts.append(prompt)
-    if not prompts:
+            records.append(record)
+    if not records:
         raise LlmjaxError(f"{path} holds no prompts; write one {{\"prompt\": ...}} JSON object per line")
-    return prompts
+    return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,20 +193,58 @@ def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, s
                    valid=np.concatenate(valid)[:m].reshape(-1, n))
 
 
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
+def _write(path: str, text: str) -> None:
+    """The file whole or not at all: a kill mid-write leaves the old one (or none), never half of it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
-def make_scorer(reward: str) -> ScoreFn:
-    """--reward: "tasks" (the checkers) or a reward run's workdir."""
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+    _write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def summary_path(out: str) -> str:
+    """Where the summary of --out=OUT.jsonl goes: OUT.summary.json."""
+    return os.path.splitext(out)[0] + ".summary.json"
+
+
+def make_scorer(reward: str, records: Sequence[dict] = ()) -> ScoreFn:
+    """--reward: "tasks" (the checkers, reading the task from each prompt), or any spec llmjax.rewards parses (a
+    reward model run among its terms), each response scored with its prompt's record: `records` holds them, and
+    the verifying terms (tasks, math, exact) are checked on every one before anything samples."""
+    prompts = [r["prompt"] for r in records]
     if reward == "tasks":
+        check_tasks(prompts, [""] * len(prompts))  # every prompt is a task's
         return check_tasks
-    if not os.path.exists(os.path.join(reward, "config.json")):
-        raise LlmjaxError(f"--reward={reward!r} is neither 'tasks' nor a run's workdir (no config.json); pass a "
-                          "reward model run trained with configs/reward.py, or --reward=tasks")
-    return Scorer(reward)
+    terms = rewards.parse(reward, "--reward")
+    model = next((t.run for t in terms if t.run), None)
+    if model and not os.path.exists(os.path.join(model, "config.json")):
+        raise LlmjaxError(f"--reward={reward!r}: {model!r} is neither 'tasks' nor a run's workdir (no config.json) nor "
+                          "a reward kind; pass a reward model run trained with configs/reward.py, or a spec such as "
+                          "tasks, math, exact, format:REGEX, module.path:function")
+    scorer = Scorer(model) if model else None
+    by_prompt = {}
+    for record in records:
+        if by_prompt.setdefault(record["prompt"], record) != record:
+            raise LlmjaxError(f"prompt {record['prompt'][:60]!r} is given twice with different fields; a reward "
+                              "reads one record a prompt: drop or merge the duplicates")
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        try:
+            return rewards.score(terms, prompts, responses, [by_prompt.get(p, {"prompt": p}) for p in prompts],
+                                 scorer(prompts, responses) if scorer else None)[0]
+        except rewards.RewardError as e:
+            raise LlmjaxError(f"--reward={reward!r}: {e}") from None
+
+    checked = [t for t in terms if t.name in rewards.CHECKERS]
+    if checked and records:  # a missing "answer" or "task" is told now, not after sampling
+        try:
+            rewards.score(checked, prompts, [""] * len(prompts), records)
+        except rewards.RewardError as e:
+            raise LlmjaxError(f"--reward={reward!r}: {e}") from None
+    return score
 
 
 def policy_config(workdir: str) -> ml_collections.ConfigDict:
@@ -210,47 +256,58 @@ def policy_config(workdir: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+def sample_to_files(policy: str, reward: str, records: Sequence[dict], out: str, pairs_out: str | None = None, *,
+                    n: int = 8, seed: int = 0, min_score: float | None = None, batch_size: int = 256,
+                    max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    mesh=None, progress: bool = True) -> dict:
+    """What the CLI does, for scripts that have no command line: best-of-n from the policy run on the prompt
+    records, the best written to `out` (and best/worst pairs to `pairs_out`), then the summary; returns it."""
+    if not out.endswith(".jsonl"):
+        raise LlmjaxError(f"--out={out!r}: name it FILE.jsonl, the suffix llmjax.data.sources reads records from")
+    cfg = policy_config(policy)
+    score_fn = make_scorer(reward, records)
+    mesh = mesh or make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    params = runs.load_params(policy, mesh, reader="rejection sampling")
+    samples = best_of_n(params, cfg, [r["prompt"] for r in records], n, score_fn, jax.random.key(seed),
+                        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, constrain=make_constrain(mesh, cfg.rules), progress=progress)
+    kept = samples.best(min_score)
+    if not kept:
+        logger.warning("no response was kept; lower --min_score or raise --n, --max_new_tokens")
+    write_jsonl(out, kept)
+    if pairs_out:
+        write_jsonl(pairs_out, samples.pairs())
+    summary = samples.summary(min_score) | {"policy": policy, "reward": reward, "min_score": min_score}
+    _write(summary_path(out), json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    if not f.out.endswith(".jsonl"):
-        raise LlmjaxError(f"--out={f.out!r}: name it FILE.jsonl, the suffix llmjax.data.sources reads records from")
-    cfg = policy_config(f.policy)
-    score_fn = make_scorer(f.reward)
     if f.prompts == "synthetic":
-        prompts = synthetic_prompts(cfg.data.tasks, f.num_prompts, f.seed)
+        records = synthetic_records(policy_config(f.policy).data.tasks, f.num_prompts, f.seed)
     else:
-        prompts = read_prompts(f.prompts)
-    if f.reward == "tasks":
-        check_tasks(prompts, [""] * len(prompts))  # every prompt is a task's, checked before any sampling
-    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
-    params = runs.load_params(f.policy, mesh, reader="rejection sampling")
-    samples = best_of_n(params, cfg, prompts, f.n, score_fn, jax.random.key(f.seed), batch_size=f.batch_size,
-                        max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                        constrain=make_constrain(mesh, cfg.rules))
-    records = samples.best(f.min_score)
-    if not records:
-        logger.warning("no response was kept; lower --min_score or raise --n, --max_new_tokens")
-    write_jsonl(f.out, records)
-    if f.pairs_out:
-        write_jsonl(f.pairs_out, samples.pairs())
-    summary = samples.summary(f.min_score) | {"policy": f.policy, "reward": f.reward, "min_score": f.min_score}
-    with open(os.path.splitext(f.out)[0] + ".summary.json", "w") as file:
-        json.dump(summary, file, indent=2)
+        records = read_records(f.prompts)
+    summary = sample_to_files(f.policy, f.reward, records, f.out, f.pairs_out, n=f.n, seed=f.seed,
+                              min_score=f.min_score, batch_size=f.batch_size, max_new_tokens=f.max_new_tokens,
+                              temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":  # flags only for the command line: the pipeline experiment imports this module
     flags.DEFINE_string("policy", None, "The policy run's workdir (e.g. runs/sft); its latest checkpoint samples.",
                         required=True)
-    flags.DEFINE_string("reward", None, "A reward model run's workdir, or 'tasks' for the synthetic tasks' checkers.",
+    flags.DEFINE_string("reward", None, "A reward model run's workdir, 'tasks' for the synthetic tasks' checkers, or "
+                        "a reward spec of llmjax.rewards (math, exact, format:REGEX, module:function, sums).",
                         required=True)
     flags.DEFINE_string("out", None, "Where to write the best responses as {prompt, response, score} lines.",
                         required=True)
     flags.DEFINE_string("pairs_out", None, "Also write each prompt's best and worst responses as preference records "
                         "{prompt, chosen, rejected} (on-policy pairs for DPO).")
     flags.DEFINE_integer("n", 8, "Responses sampled per prompt.")
-    flags.DEFINE_string("prompts", "synthetic", "'synthetic' (the policy's data.tasks) or a .jsonl of {prompt} lines.")
+    flags.DEFINE_string("prompts", "synthetic", "'synthetic' (the policy's data.tasks) or a .jsonl of {prompt, ...} "
+                        "records (their other fields, e.g. an answer, are what the reward reads).")
     flags.DEFINE_integer("num_prompts", 256, "Prompts drawn with --prompts=synthetic.")
     flags.DEFINE_float("min_score", None, "Keep a prompt's best response only if its score reaches this.")
     flags.DEFINE_integer("batch_size", 256, "Sequences generated and scored per call (prompts x n in all).")

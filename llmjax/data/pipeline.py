@@ -73,8 +73,9 @@ class _Flatten(grain.experimental.FlatMapTransform):
         return element
 
 
-def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed rows of seq_len + 1 tokens -> make_batch's layout: the targets are the inputs shifted by one."""
+def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed rows of seq_len + 1 tokens -> make_batch's layout: the targets are the inputs shifted by one (the
+    packing's other fields are dropped)."""
     tokens, weights = packed["tokens"], packed["weights"]
     return {
         "inputs": tokens[:, :-1],
@@ -83,6 +84,46 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "positions": packed["tokens_positions"][:, :-1],
         "loss_mask": weights[:, 1:],
     }
+
+
+def _checked(source: Sequence[Record], format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
+    if not len(source):
+        raise ValueError("the data source holds no records")
+    missing = [k for k in FIELDS[format] if k not in source[0]]
+    if missing:
+        raise LlmjaxError(f"data.format={format!r} reads {', '.join(FIELDS[format])} but the records hold "
+                          f"{', '.join(sorted(source[0]))}; set --config.data.format to match the data")
+
+
+def rows(
+    source: Sequence[Record], *, tokenizer: Tokenizer, seq_len: int, rows: int, process_index: int = 0,
+    process_count: int = 1, seed: int = 0, format: str = "text", epochs: int | None = None, truncate: bool = False,
+    shuffle: bool = True,
+) -> grain.IterDataset:
+    """This process's packed rows of seq_len + 1 tokens, one at a time, `rows` packed together: dicts of "tokens",
+    "weights", "tokens_segment_ids", "tokens_positions" and "epoch" (each token's record's position in the repeated
+    source, in epochs: a record's first token reads 1.25 in the second epoch's first quarter; 0 on padding).
+    `shuffle=False` reads records in order (a source that is random already, as the synthetic tasks are)."""
+    _checked(source, format)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    length, n = seq_len + 1, len(source)
+    records = grain.MapDataset.source(source)
+    records = (records.shuffle(seed=seed) if shuffle else records).repeat(epochs)[process_index::process_count]
+
+    def document(i: int, record: Record) -> list[Document]:
+        doc = render(record, tokenizer, format)
+        progress = (i * process_count + process_index + 1) / n
+        return split(doc | {"epoch": np.full(len(doc["tokens"]), progress, np.float32)}, length, truncate)
+
+    # Tokenizing in grain's reader threads only adds overhead: the tokenizers hold the GIL (measured 2-5x slower).
+    docs = records.map_with_index(document).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return grain.experimental.FirstFitPackIterDataset(
+        grain.experimental.FlatMapIterDataset(docs, _Flatten()),
+        length_struct={"tokens": length, "weights": length, "epoch": length}, num_packing_bins=rows,
+        shuffle_bins=False, padding_struct={"tokens": tokenizer.pad_id, "weights": 0.0, "epoch": 0.0})
 
 
 def make_iterator(
@@ -103,29 +144,13 @@ def make_iterator(
     A batch's rows are packed together first-fit: a document goes into the first row with room for it, and the
     batch is complete when the next document fits in none of them.
     """
-    if format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; valid choices: {list(FORMATS)}")
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    if not len(source):
-        raise ValueError("the data source holds no records")
-    missing = [k for k in FIELDS[format] if k not in source[0]]
-    if missing:
-        raise LlmjaxError(f"data.format={format!r} reads {', '.join(FIELDS[format])} but the records hold "
-                          f"{', '.join(sorted(source[0]))}; set --config.data.format to match the data")
-    rows, length = batch_size // process_count, seq_len + 1
-    records = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)[process_index::process_count]
-    # Tokenizing in grain's reader threads only adds overhead: the tokenizers hold the GIL (measured 2-5x slower).
-    docs = records.map(lambda r: split(render(r, tokenizer, format), length, truncate)).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    packed = grain.experimental.FirstFitPackIterDataset(
-        grain.experimental.FlatMapIterDataset(docs, _Flatten()),
-        length_struct={"tokens": length, "weights": length}, num_packing_bins=rows, shuffle_bins=False,
-        padding_struct={"tokens": tokenizer.pad_id, "weights": 0.0})
+    local = batch_size // process_count
+    packed = rows(source, tokenizer=tokenizer, seq_len=seq_len, rows=local, process_index=process_index,
+                  process_count=process_count, seed=seed, format=format, epochs=epochs, truncate=truncate)
     # No prefetch thread: jax dispatches steps asynchronously, so the next batch is built while the device computes.
-    return iter(packed.batch(rows, drop_remainder=True).map(_to_batch))
+    return iter(packed.batch(local, drop_remainder=True).map(to_batch))
 
 
 def _iterator(cfg, split: str) -> grain.DatasetIterator:

@@ -5,6 +5,7 @@ process of a multi-process run builds only its own rows yet gets the very rows a
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,6 +76,27 @@ def make_batch(
         "positions": positions[:, :-1],
         "loss_mask": weights[:, 1:],
     }
+
+
+MIXED = 3_000_017  # offsets the seed of Records: a mixture's synthetic stream is none of the others
+
+
+class Records(Sequence[dict]):
+    """The tasks as a random-access source of records ("text", or "prompt" and "response" for chat) for the grain
+    pipeline, as a mixture reads its sources: record i is a pure function of (seed, i), and there are more than
+    any run reads (2**40), so the stream never repeats."""
+
+    def __init__(self, seed: int, task_names: str, format: str):
+        self._seed, self._names, self._format = seed, task_names.split(","), format
+
+    def __len__(self) -> int:
+        return 2**40
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = tasks_lib.sample(np.random.default_rng([self._seed, MIXED, index]), self._names)
+        if self._format == "chat":
+            return {"prompt": example.prompt, "response": example.answer}
+        return {"text": example.text}
 
 
 def batches(cfg, sharding: NamedSharding, seed: int | None = None,

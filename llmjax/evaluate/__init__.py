@@ -14,8 +14,7 @@ import jax
 import numpy as np
 
 from llmjax import losses, rewards, sampling
-from llmjax.data import chat, pipeline, prompts, synthetic, tasks
-from llmjax.data.prompts import HELD_OUT
+from llmjax.data import chat, mixture, prompts, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import transformer
@@ -50,16 +49,13 @@ def ks(samples: int) -> list[int]:
     return sorted({2 ** i for i in range(samples.bit_length()) if 2 ** i < samples} | {samples})
 
 
-def _held_out_rows(cfg, sharding, batches: int, fmt: str, on_prompts: bool) -> list[dict] | None:
-    """Rows whose perplexity is reported: held-out synthetic documents, or a files or tfds source's validation
-    split; none for a source of prompt records (there is nothing to predict)."""
-    if cfg.data.source == "synthetic":
-        get = synthetic.batches(cfg, sharding, seed=cfg.seed + HELD_OUT, format=fmt)
-        return [get(i) for i in range(batches)]
-    if on_prompts:
-        return None
+def _held_out_rows(cfg, sharding, batches: int, on_prompts: bool) -> dict[str, list[dict]]:
+    """Rows whose perplexity is reported, by source ("" for a run of one): held-out synthetic documents, or a
+    files or tfds source's validation split; none for a source of prompt records (there is nothing to predict)."""
+    if on_prompts and cfg.data.source != "synthetic":
+        return {}
     try:
-        return pipeline.validation_batches(cfg, sharding, batches)
+        return mixture.held_out(cfg, sharding, batches)
     except LlmjaxError:
         raise
     except ValueError as e:
@@ -74,19 +70,23 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     Sets: each synthetic task (for synthetic sources and objectives whose data are prompts, `on_prompts`: RL) and
     such an objective's own prompt source. Another files or tfds source: the perplexity of its validation split
     alone (the checkers only know the tasks)."""
-    fmt = fmt or cfg.data.format
+    if fmt and fmt != cfg.data.format:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.data.format = fmt
+    fmt = cfg.data.format
     samples = cfg.eval_samples if samples is None else samples
     temperature = cfg.eval_temperature if temperature is None else temperature
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     sharding = batch_sharding(mesh, cfg.rules)
-    rows = _held_out_rows(cfg, sharding, batches, fmt, on_prompts)
+    rows = _held_out_rows(cfg, sharding, batches, on_prompts)
 
     def summed_ce(params, b):
         logits = transformer.forward(params, b["inputs"], b["positions"], b["segment_ids"], cfg.model, constrain)[0]
         return losses.cross_entropy(logits, b["targets"], b["loss_mask"], normalizer=1.0)[0]
 
     loss = jax.jit(summed_ce)
-    sets = prompts.held_out(cfg, n) if cfg.data.source == "synthetic" or on_prompts else {}
+    sets = prompts.held_out(cfg, n) if on_prompts else prompts.held_out(
+        mixture.synthetic_view(cfg), n) if mixture.synthetic_view(cfg) else {}
     examples = [(name, record) for name, records in sets.items() for record in records]
     ids, lengths = sampling.left_pad([prompt_ids(tokenizer, r["prompt"], fmt) for _, r in examples] or [[0]])
     settings = dict(max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
@@ -112,9 +112,11 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
 
     def evaluate(params) -> dict[str, float]:
         metrics = {}
-        if rows is not None:
-            total = sum(float(loss(params, b)) for b in rows)
-            metrics["perplexity"] = math.exp(total / sum(float(b["loss_mask"].sum()) for b in rows))
+        if rows:
+            nats = {name: sum(float(loss(params, b)) for b in batches) for name, batches in rows.items()}
+            counts = {name: sum(float(b["loss_mask"].sum()) for b in batches) for name, batches in rows.items()}
+            metrics["perplexity"] = math.exp(sum(nats.values()) / sum(counts.values()))
+            metrics |= {f"perplexity/{name}": math.exp(nats[name] / counts[name]) for name in rows if name}
         if not examples:
             return metrics
         correct = scored(answers(greedy, params, 1), 1)

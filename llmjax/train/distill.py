@@ -19,8 +19,7 @@ import numpy as np
 
 from llmjax import losses, metrics, runs, sampling
 from llmjax.config import check_ranges
-from llmjax.data import pipeline, prompts, synthetic, tasks
-from llmjax.data.prompts import HELD_OUT
+from llmjax.data import mixture, prompts, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
@@ -133,17 +132,12 @@ def define(ctx: Context) -> Definition:
     if cfg.distill.on_policy:
         iterator, source = None, OnPolicy(ctx)
     else:
-        iterator, batches = (None, synthetic.batches(cfg, ctx.sharding)) if cfg.data.source == "synthetic" else \
-            pipeline.batches(cfg, ctx.sharding)
-        source = lambda _, i: (batches(i), {})  # noqa: E731
+        iterator, batches = mixture.batches(cfg, ctx.sharding)
+        source = lambda _, i: batches(i)  # noqa: E731
     evaluate = None
     if cfg.eval_every:
         on_prompts = cfg.distill.on_policy and cfg.data.source != "synthetic"  # prompt records: no text to score
-        if cfg.data.source == "synthetic":
-            get = synthetic.batches(cfg, ctx.sharding, seed=cfg.seed + HELD_OUT)
-            held_out = [get(i) for i in range(4)]
-        else:
-            held_out = [] if on_prompts else pipeline.validation_batches(cfg, ctx.sharding, 4)
+        held_out = [] if on_prompts else [b for rows in mixture.held_out(cfg, ctx.sharding, 4).values() for b in rows]
         divergence = jax.jit(lambda params, b: loss(params, b, teacher)[1]["divergence"])
         evaluate_lm = make_evaluator(cfg, ctx.mesh, ctx.constrain, n=cfg.eval_prompts, on_prompts=on_prompts)
 
@@ -161,4 +155,4 @@ def define(ctx: Context) -> Definition:
 
 
 OBJECTIVE = Objective("distill", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
-                      flops_per_token=flops_per_token, parts={"lm": ()})
+                      flops_per_token=flops_per_token, parts={"lm": ()}, mixes=lambda cfg: not cfg.distill.on_policy)

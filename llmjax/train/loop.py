@@ -112,9 +112,10 @@ def _start(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
 
 def _row(fetched: list[dict], seconds: float, compiled: bool, tokens: int, flops_per_token: float,
          peak: float) -> dict[str, float]:
-    """One log row: the mean of each metric over the steps since the last row, and their speed (the first step
-    after a start compiles, so it reports the compile time instead)."""
-    row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    """One log row: the mean of each metric over the steps since the last row (of a `data/` one, running totals
+    of the data read, the last), and their speed (the first step after a start compiles, so it reports the
+    compile time instead)."""
+    row = {k: float(fetched[-1][k] if k.startswith("data/") else np.mean([m[k] for m in fetched])) for k in fetched[0]}
     if compiled:
         return row | {"compile_s": seconds}
     tokens_per_s = tokens * len(fetched) / seconds
@@ -156,7 +157,11 @@ def _train(cfg, workdir: str, task: Task, mngr) -> state_lib.TrainState:
             if preempted(step):
                 log.warning("preempted at step %d: saving and stopping", step)
                 break
-            batch, made = task.source(state, step)
+            try:
+                batch, made = task.source(state, step)
+            except StopIteration as e:  # a source with a finite number of epochs
+                log.warning("the data ran out at step %d: saving and stopping (%s)", step, e)
+                break
             state, m = step_fn(state, batch, *task.frozen)
             if last is not None:  # the previous step's verdict, read while this one runs
                 _check_finite(last, cfg, step)

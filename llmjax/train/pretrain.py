@@ -9,7 +9,7 @@ from functools import partial
 import jax
 
 from llmjax import losses
-from llmjax.data import pipeline, synthetic
+from llmjax.data import mixture
 from llmjax.evaluate import make_evaluator
 from llmjax.models import moe, transformer
 from llmjax.sharding import Constrain
@@ -30,15 +30,12 @@ def validate(cfg, sizes: dict[str, int]) -> None:
 
 def define(ctx: Context) -> Definition:
     cfg = ctx.cfg
-    if cfg.data.source == "synthetic":
-        iterator, batches = None, synthetic.batches(cfg, ctx.sharding)
-    else:
-        iterator, batches = pipeline.batches(cfg, ctx.sharding)
+    iterator, batches = mixture.batches(cfg, ctx.sharding)
     evaluate = make_evaluator(cfg, ctx.mesh, ctx.constrain, n=cfg.eval_prompts) if cfg.eval_every else None
     start = ctx.read(cfg.init_from, "lm", "pretraining/SFT") if cfg.init_from else lambda: None
-    return Definition(loss=partial(loss_fn, cfg=cfg, constrain=ctx.constrain), source=lambda _, i: (batches(i), {}),
+    return Definition(loss=partial(loss_fn, cfg=cfg, constrain=ctx.constrain), source=lambda _, i: batches(i),
                       weight=tokens, start=start, evaluate=evaluate, data_iterator=iterator)
 
 
 OBJECTIVE = Objective("pretrain", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
-                      flops_per_token=lm_flops, parts={"lm": ()}, sequences=lambda cfg: 1)
+                      flops_per_token=lm_flops, parts={"lm": ()}, sequences=lambda cfg: 1, mixes=lambda cfg: True)

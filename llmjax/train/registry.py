@@ -5,8 +5,9 @@ come through here, so no run trains on a config that has not been checked."""
 import jax
 import ml_collections
 
+from llmjax import optim
 from llmjax.config import check_choices, check_ranges, lookup
-from llmjax.data import tasks
+from llmjax.data import mixture, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.models import lora
@@ -24,7 +25,7 @@ CHOICES = {
     "model.norm": ("rms", "layer"), "model.pos": ("rope", "learned"), "model.mlp": ("swiglu", "gelu"),
     "model.bias": ("none", "qkv", "all"),
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant"),
+    "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "data.format": ("text", "chat"), "model.moe_dispatch": ("dropless", "capacity"),
 }
 
@@ -33,6 +34,7 @@ CHOICES = {
 RANGES = {
     "optim.lr": ("(0, inf)", "the peak learning rate: 0 trains nothing, below 0 is gradient ascent"),
     "optim.min_lr_ratio": ("[0, 1]", "the fraction of optim.lr the schedule decays to"),
+    "optim.decay_fraction": ("(0, 1]", "the share of the run a wsd schedule decays over"),
     "optim.b1": ("[0, 1)", "Adam's first-moment decay"),
     "optim.b2": ("[0, 1)", "Adam's second-moment decay"),
     "optim.eps": ("(0, inf)", "Adam divides by sqrt(v) + eps"),
@@ -130,11 +132,20 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         raise LlmjaxError(f"steps={cfg.steps}, optim.warmup_steps={cfg.optim.warmup_steps}: need "
                           "0 <= warmup_steps <= steps; set --config.optim.warmup_steps")
     check_ranges(cfg, RANGES)
+    if cfg.optim.schedule == "wsd" and optim.wsd_decay_steps(cfg) > cfg.steps - cfg.optim.warmup_steps:
+        raise LlmjaxError(f"optim.schedule=wsd decays over {optim.wsd_decay_steps(cfg)} steps (optim.decay_fraction="
+                          f"{cfg.optim.decay_fraction}), more than the {cfg.steps - cfg.optim.warmup_steps} after "
+                          "warmup; lower --config.optim.decay_fraction or --config.optim.warmup_steps")
     scheme, _, rest = cfg.data.source.partition(":")
-    if cfg.data.source != "synthetic" and not (scheme in ("files", "tfds") and rest):
-        raise LlmjaxError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH or tfds:NAME")
+    if cfg.data.source not in ("synthetic", "mixture") and not (scheme in ("files", "tfds") and rest):
+        raise LlmjaxError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH, tfds:NAME or mixture")
+    if cfg.data.source == "mixture" and not objective.mixes(cfg):
+        raise LlmjaxError(f"data.source=mixture: trainer={cfg.trainer} here reads its own kind of records from one "
+                          "source, and a mixture mixes text or chat rows (pretraining, SFT, distillation from data); "
+                          "set --config.data.source to one source")
+    mixture.validate(cfg)
     tasks.check_names("data.tasks", cfg.data.tasks)
-    answers = "lm" in objective.parts and (objective.prompts or cfg.data.source == "synthetic")
+    answers = "lm" in objective.parts and (objective.prompts or mixture.synthetic_view(cfg) is not None)
     if cfg.eval_samples > 1 and not answers:
         raise LlmjaxError(f"eval_samples={cfg.eval_samples}: pass@k samples answers to the synthetic tasks or an RL "
                           "run's prompts, and this run's evaluation answers none; set --config.eval_samples=1")

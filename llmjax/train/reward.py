@@ -26,8 +26,8 @@ import numpy as np
 from llmjax import losses, runs
 from llmjax.config import check_ranges
 from llmjax.data import preference, sources, tasks
+from llmjax.data.prompts import HELD_OUT
 from llmjax.errors import LlmjaxError
-from llmjax.evaluate import HELD_OUT
 from llmjax.models import heads, moe
 from llmjax.sharding import Constrain
 from llmjax.train.common import Context, Definition, Objective, lm_flops
