@@ -44,6 +44,7 @@ ALLOW = {
     "distributed": "read by llmjax.main before any run: jax.distributed.initialize()",
     "model.name": "a label: the preset's name in logs, bench and estimate output, and error messages",
     "data.data_dir": "where a files: source's prepared copy is cached (a tfds: one found): the same records",
+    "data.mixture.stdlib.epochs": "when a source's last pass ends the run; a few steps never reach it",
 }
 
 # Read by the model, sharding and optimizer code the same way for every objective: walked on the pretrain config
@@ -62,6 +63,7 @@ CASES = {
     "distill": ("configs/distill.py", "own"),
     # One package of the standard library, not all 32 MB of it; validation=0.2 so that its 29 files hold some out.
     "stdlib": ("configs/stdlib.py:subdir=email,validation=0.2", "own"),
+    "mixture": ("configs/mixture.py:subdir=email,validation=0.2", "stdlib"),  # what a mixture sets
 }
 
 # key -> the setting in which it matters: {other key: value}, or cfg -> that ("files": a files: source of the
@@ -94,6 +96,7 @@ CONTEXT = {
     **dict.fromkeys(("lora.rank", "lora.alpha", "lora.init", "lora.dropout"), {"lora.targets": "all",
                                                                                  "init_from": "lm"}),
     "distill.beta": {"distill.divergence": "jsd"},
+    "optim.decay_fraction": {"optim.schedule": "wsd"},
     **dict.fromkeys(("distill.tasks", "distill.max_prompt_len", "distill.max_new_tokens"), {"distill.on_policy": True}),
 }
 
@@ -108,6 +111,11 @@ ALTERNATIVES = {
     "data.tokenizer": ("synthetic", "byte"),
     "data.tasks": ("sort", "reverse"),
     "data.validation": (0.5, 0.25),  # halving a small share may hold out the very same files
+    "data.weights": ("tasks=0.5, stdlib=0.5", "a=1"),
+    "data.mixture.tasks.source": ("synthetic:sort",),
+    "data.mixture.stdlib.source": ("files",),
+    **dict.fromkeys(("data.mixture.tasks.format", "data.mixture.stdlib.format"), ("text", "chat")),
+    "optim.decay_fraction": (0.5,),  # on 4 steps, 0.1 and 0.2 both decay over one
     "init_from": ("", "lm"),
     "reward.read": ("last", "eos"),
     "reward.negatives": ("corrupt", "corrupt,permute,neighbour"),

@@ -26,6 +26,18 @@ def test_schedule(kind, quarter, end):
                                rtol=1e-5)
 
 
+def test_wsd_equals_its_formula():
+    """Warmup-stable-decay: linear warmup over W steps, lr until the last D = decay_fraction * steps, then linear
+    to lr * min_lr_ratio at the last step (MiniCPM, Hu et al. 2024)."""
+    steps, w, ratio = 50, 5, 0.1
+    cfg = tiny_config(steps=steps, **{"optim.warmup_steps": w, "optim.schedule": "wsd", "optim.decay_fraction": 0.2,
+                                      "optim.min_lr_ratio": ratio})
+    d = 10
+    expected = [LR * t / w if t < w else LR if t < steps - d else LR * (1 - (1 - ratio) * (t - (steps - d)) / d)
+                for t in range(steps + 1)]
+    np.testing.assert_allclose([optim.schedule(cfg)(t) for t in range(steps + 1)], expected, rtol=1e-5, atol=1e-9)
+
+
 def test_decay_mask_matrices_only():
     llama = optim.decay_mask(transformer.specs(tiny_config().model))
     assert llama["embed"] and llama["unembed"] and llama["layers"]["wq"] and llama["layers"]["w_gate"]
