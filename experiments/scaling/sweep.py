@@ -25,7 +25,7 @@ from absl import flags
 from experiments.scaling import plot
 from llmjax import cli, config
 from llmjax.data import synthetic
-from llmjax.data.prompts import HELD_OUT
+from llmjax.data.synthetic import HELD_OUT
 from llmjax.models import presets, transformer
 from llmjax.sharding import batch_sharding, make_mesh, no_constrain
 from llmjax.train import common, pretrain, registry

@@ -24,6 +24,7 @@ import logging
 import re
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import grain
 import jax
@@ -32,7 +33,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from llmjax.data import pipeline, sources, synthetic
-from llmjax.data.prompts import HELD_OUT
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch
@@ -234,6 +234,31 @@ class Mixture(grain.DatasetIterator):
         self._mix = None
 
 
+def indexed(cfg, per_step: int, items: Callable[[ml_collections.ConfigDict], Callable[[int], Any]]
+            ) -> Callable[[int], Any]:
+    """Item g of the run (row g % per_step of step g // per_step), drawn from the source that grain's
+    MapDataset.mix picks at g under the weights of its step's stage; `items(view)` gives a source's i-th item.
+    Each source's items come in order, a source resuming across stages where it stopped. For the objectives whose
+    rows are pure functions of their place in the run (preference pairs, RL prompts), which need no iterator."""
+    get = {n: items(view(cfg, n)) for n in cfg.data.mixture}
+    schedule, mixes, offsets, drawn = stages(cfg), [], [], dict.fromkeys(cfg.data.mixture, 0)
+    ends = [start for start, _ in schedule[1:]] + [cfg.steps]
+    for (start, weights), end in zip(schedule, ends, strict=True):
+        tagged = [grain.MapDataset.range(2**40).map(partial(lambda n, i: (n, i), n)) for n in weights]
+        mixes.append(grain.MapDataset.mix(tagged, list(weights.values())))
+        offsets.append(dict(drawn))
+        if end < cfg.steps:  # what this stage draws of each source, where the next one starts it
+            for k in range((end - start) * per_step):
+                drawn[mixes[-1][k][0]] += 1
+
+    def item(g: int) -> Any:
+        stage = max(i for i, (start, _) in enumerate(schedule) if start * per_step <= g)
+        name, i = mixes[stage][g - schedule[stage][0] * per_step]
+        return get[name](offsets[stage][name] + i)
+
+    return item
+
+
 def _records(view_cfg) -> list | sources.Records:
     if view_cfg.data.source == "synthetic":
         return synthetic.Records(view_cfg.seed, view_cfg.data.tasks, view_cfg.data.format)
@@ -284,6 +309,6 @@ def held_out(cfg, sharding: NamedSharding, n: int) -> dict[str, list[dict[str, j
     if cfg.data.source == "mixture":
         return {name: held_out(view(cfg, name), sharding, n)[""] for name in cfg.data.mixture}
     if cfg.data.source == "synthetic":
-        get = synthetic.batches(cfg, sharding, seed=cfg.seed + HELD_OUT)
+        get = synthetic.batches(cfg, sharding, seed=cfg.seed + synthetic.HELD_OUT)
         return {"": [get(i) for i in range(n)]}
     return {"": pipeline.validation_batches(cfg, sharding, n)}

@@ -13,11 +13,12 @@ Layouts, every sequence through the chat template with its loss mask on the resp
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llmjax.data import chat, sources, tasks
+from llmjax.data import chat, mixture, sources, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch, process_rows
@@ -128,9 +129,14 @@ def make(ranked: Ranked, *, step: int, rows: range, seq_len: int, tokenizer, lay
 
 def source(cfg, split: str = "train", seed_offset: int = 0, k: int = 2, negatives: Sequence[str] = ("corrupt",)
            ) -> Ranked:
-    """cfg.data.source's ranked responses: the synthetic tasks (wrong answers of the kinds `negatives`), or a
-    files/tfds source's preference records (its `split`: train, or validation for held-out metrics)."""
+    """cfg.data.source's ranked responses: the synthetic tasks (wrong answers of the kinds `negatives`), a
+    files/tfds source's preference records (its `split`: train, or validation for held-out metrics), or a mixture
+    of them (llmjax.data.mixture.indexed: row r of step s is the mix's item s * batch_size + r)."""
     seed = cfg.seed + seed_offset
+    if cfg.data.source == "mixture":
+        item = mixture.indexed(cfg, cfg.batch_size, lambda view: partial(source(view, split, seed_offset, k,
+                                                                                 negatives), 0))
+        return lambda step, r: item(step * cfg.batch_size + r)
     if cfg.data.source == "synthetic":
         return synthetic(seed, cfg.data.tasks.split(","), k, negatives)
     records = sources.for_run(cfg, split, kind="preference")

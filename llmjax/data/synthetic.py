@@ -78,7 +78,8 @@ def make_batch(
     }
 
 
-MIXED = 3_000_017  # offsets the seed of Records: a mixture's synthetic stream is none of the others
+HELD_OUT = 1_000_003  # offsets the seed so evaluation never sees a training example's random stream
+MIXED = 3_000_017  # offsets the seed of a mixture's synthetic streams, which are then none of the others
 
 
 class Records(Sequence[dict]):

@@ -78,7 +78,6 @@ class Objective(NamedTuple):
     reference: Callable[[object], bool] = lambda cfg: False  # the step holds a frozen language model
     sequences: Callable[[object], int] | None = None  # forwards per batch row, where a step is one pass over it
     at_eos: Callable[[object], bool] = lambda cfg: False  # its scorer reads a score at an eos fed as input
-    mixes: Callable[[object], bool] = lambda cfg: False  # it reads text or chat rows, so data.source may be a mixture
 
 
 def build(objective: Objective, cfg, workdir: str, mesh: Mesh, abstract: bool = False) -> loop.Task:

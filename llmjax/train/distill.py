@@ -155,4 +155,4 @@ def define(ctx: Context) -> Definition:
 
 
 OBJECTIVE = Objective("distill", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
-                      flops_per_token=flops_per_token, parts={"lm": ()}, mixes=lambda cfg: not cfg.distill.on_policy)
+                      flops_per_token=flops_per_token, parts={"lm": ()})

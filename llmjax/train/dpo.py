@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from llmjax import losses
 from llmjax.config import check_ranges
-from llmjax.data import preference
+from llmjax.data import mixture, preference
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
 from llmjax.losses import DPO_LOSSES
@@ -119,7 +119,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
         raise LlmjaxError("DPO starts from an SFT run: set --config.init_from=WORKDIR")
     if cfg.loss.z_loss:
         raise LlmjaxError("loss.z_loss applies to next-token training only; set --config.loss.z_loss=0")
-    if cfg.eval_every and cfg.data.source != "synthetic":
+    if cfg.eval_every and mixture.synthetic_view(cfg) is None:
         raise LlmjaxError(f"DPO evaluates on the synthetic tasks' held-out prompts, not data.source="
                           f"{cfg.data.source!r}; set --config.eval_every=0")
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from llmjax import losses, rewards, sampling
 from llmjax.config import check_choices, check_ranges
-from llmjax.data import tasks
+from llmjax.data import prompts, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import make_evaluator
@@ -258,7 +258,7 @@ def validate(cfg, sizes: dict[str, int]) -> None:
     if not cfg.init_from:
         raise LlmjaxError("PPO starts from an SFT run (the policy and its frozen reference): set --config.init_from")
     terms = rewards.parse(p.reward, "ppo.reward")
-    if cfg.data.source != "synthetic" and any(t.name == "tasks" for t in terms):
+    if prompts.record_sources(cfg) and any(t.name == "tasks" for t in terms):
         raise LlmjaxError(f"ppo.reward={p.reward!r}: the tasks' checkers score the synthetic tasks, and data.source="
                           f"{cfg.data.source!r} holds other prompts; reward their answers with math, exact, "
                           "format:REGEX or module.path:function")

@@ -38,4 +38,4 @@ def define(ctx: Context) -> Definition:
 
 
 OBJECTIVE = Objective("pretrain", define, validate, layout=lambda cfg: transformer.specs(cfg.model),
-                      flops_per_token=lm_flops, parts={"lm": ()}, sequences=lambda cfg: 1, mixes=lambda cfg: True)
+                      flops_per_token=lm_flops, parts={"lm": ()}, sequences=lambda cfg: 1)

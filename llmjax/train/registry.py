@@ -139,10 +139,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     scheme, _, rest = cfg.data.source.partition(":")
     if cfg.data.source not in ("synthetic", "mixture") and not (scheme in ("files", "tfds") and rest):
         raise LlmjaxError(f"data.source={cfg.data.source!r}: use synthetic, files:PATH, tfds:NAME or mixture")
-    if cfg.data.source == "mixture" and not objective.mixes(cfg):
-        raise LlmjaxError(f"data.source=mixture: trainer={cfg.trainer} here reads its own kind of records from one "
-                          "source, and a mixture mixes text or chat rows (pretraining, SFT, distillation from data); "
-                          "set --config.data.source to one source")
     mixture.validate(cfg)
     tasks.check_names("data.tasks", cfg.data.tasks)
     answers = "lm" in objective.parts and (objective.prompts or mixture.synthetic_view(cfg) is not None)

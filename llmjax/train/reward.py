@@ -26,7 +26,7 @@ import numpy as np
 from llmjax import losses, runs
 from llmjax.config import check_ranges
 from llmjax.data import preference, sources, tasks
-from llmjax.data.prompts import HELD_OUT
+from llmjax.data.synthetic import HELD_OUT
 from llmjax.errors import LlmjaxError
 from llmjax.models import heads, moe
 from llmjax.sharding import Constrain

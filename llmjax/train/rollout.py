@@ -88,11 +88,11 @@ class Rollout:
         self.prompts = prompts.source(cfg, group, p.tasks)
         self.terms = rewards.parse(p.reward, f"{section}.reward")
         self.tokenizer = tok = get_tokenizer(cfg.data.tokenizer)
-        if cfg.data.source != "synthetic":  # refuse a prompt too long for the sampler before the run starts
+        for view in prompts.record_sources(cfg).values():  # refuse a prompt too long for the sampler now
             for split in ("train", "validation") if cfg.eval_every else ("train",):
-                found = prompts.records(cfg, split)
+                found = prompts.records(view, split)
                 prompts.ids(tok, [found[i]["prompt"] for i in range(len(found))], p.max_prompt_len,
-                           f"{section}.max_prompt_len")
+                            f"{section}.max_prompt_len")
         self.sharding = batch_sharding(mesh, cfg.rules)
         constrain = make_constrain(mesh, cfg.rules)
         run = next((t.run for t in self.terms if t.run), None)

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import pytest
-from helpers import metric_rows, one_device, tiny_config
+from helpers import dpo_config, metric_rows, one_device, ppo_config, prompts_file, tiny_config
 
 from llmjax import checkpoint, runs
-from llmjax.data import mixture
+from llmjax.data import mixture, preference, prompts
 from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.sharding import batch_sharding
@@ -144,10 +144,6 @@ def test_bad_sources_are_refused_in_one_line(two, tmp_path):
     one = tiny_config(**{"data.weights": "a=1"})
     with pytest.raises(LlmjaxError, match="set --config.data.source=mixture"):
         registry.validate(one, 1)
-    dpo = two.copy_and_resolve_references()
-    dpo.trainer = "dpo"
-    with pytest.raises(LlmjaxError, match="data.source=mixture: trainer=dpo"):
-        registry.validate(dpo, 1)
 
 
 def test_a_run_on_a_mixture_logs_each_source_and_stops_when_one_runs_out(two, tmp_path, caplog):
@@ -171,3 +167,47 @@ def test_a_run_on_a_mixture_logs_each_source_and_stops_when_one_runs_out(two, tm
     evals = [r for r in rows if "eval/perplexity/b" in r]
     assert evals and {"eval/perplexity/tasks", "eval/accuracy/sort", "eval/perplexity"} <= set(evals[-1])
     assert runs.run_config(workdir).data.mixture.b.epochs == 1
+
+
+def test_rl_prompts_mix_by_weight_in_stages_and_are_evaluated_per_source(tmp_path):
+    """GRPO's prompts from the synthetic tasks and a prompts file: the file's share per stage, its records in a
+    seeded order that goes on across stages, the same prompts for a step whenever asked (a resumed run), and
+    evaluation sets for the tasks and for the file under its mixture name."""
+    cfg = ppo_config("runs/sft", algorithm="grpo", **{"data.data_dir": str(tmp_path / "tfds"), "data.validation": 0.2,
+                                             "data.source": "mixture", "steps": 8})
+    cfg.data.mixture = dict(tasks=dict(source="synthetic:reverse"),
+                            file=dict(source=prompts_file(tmp_path / "p.jsonl", 200)))
+    cfg.data.weights = "0: tasks=0.5, file=0.5; 4: tasks=1; 6: file=1"
+    cfg.ppo.reward = "math"
+    registry.validate(cfg, 1)
+    draw = prompts.source(cfg, k=4)  # 4 prompts a step, each 4 times
+    steps = [draw(s)[::4] for s in range(8)]
+    from_file = [["id" in r for r in step] for step in steps]
+    assert [sum(f) for f in from_file] == [2, 2, 2, 2, 0, 0, 4, 4]
+    assert all(r["prompt"].startswith("reverse") for step in steps for r in step if "id" not in r)
+    ids = [r["id"] for step in steps for r in step if "id" in r]
+    assert len(set(ids)) == len(ids) == 16  # the file goes on where it stopped: no record twice in one pass
+    assert steps == [prompts.source(cfg, k=4)(s)[::4] for s in range(8)]
+    sets = prompts.held_out(cfg, 3)
+    assert set(sets) == {"reverse", "file"} and all("id" in r for r in sets["file"])
+    cfg.ppo.reward = "tasks"  # the file's records have no task
+    with pytest.raises(LlmjaxError, match="tasks' checkers score the synthetic tasks"):
+        registry.validate(cfg, 1)
+
+
+def test_preference_pairs_mix_by_weight(tmp_path):
+    """DPO's pairs from the synthetic tasks and a file of preference records, by weight."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    with open(pairs / "pairs.jsonl", "w") as f:
+        for i in range(100):
+            f.write(json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n")
+    cfg = dpo_config("runs/sft", **{"data.data_dir": str(tmp_path / "tfds"), "data.source": "mixture", "eval_every": 0})
+    cfg.data.mixture = dict(tasks=dict(source="synthetic"), file=dict(source=f"files:{pairs}"))
+    cfg.data.weights = "tasks=0.25, file=0.75"
+    registry.validate(cfg, 1)
+    ranked = preference.source(cfg)
+    rows = [ranked(step, r) for step in range(4) for r in range(cfg.batch_size)]
+    from_file = [p for p, _ in rows if p.startswith("q")]
+    assert len(from_file) == 24 and len(set(from_file)) == 24
+    assert all(p.startswith("sort") for p, _ in rows if not p.startswith("q"))
