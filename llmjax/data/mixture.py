@@ -1,4 +1,4 @@
-"""Training rows from several sources at once, sampled by weight, the weights changing over the run: the data
+"""Training data from several sources at once, sampled by weight, the weights changing over the run: the data
 tables of GPT-3 and LLaMA (a share of the tokens per source), and Llama 3's annealing on high-quality data.
 
     cfg.data.source = "mixture"
@@ -17,6 +17,9 @@ Every step logs `data/<source>/tokens` (tokens read from it so far; in a multi-p
 times the processes) and `data/<source>/epochs` (how far through its records, 1.5 = halfway through the second
 pass; not for the endless synthetic tasks); a source starting another pass says so. All of it, with the stage
 and every source's place, is the iterator's state, which each checkpoint saves.
+
+Preference pairs and RL prompts are not packed: their rows are pure functions of the step, and `indexed` mixes
+them with grain's MapDataset.mix by their place in the run, under the same weights and stages.
 """
 
 import copy
@@ -32,7 +35,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llmjax.data import pipeline, sources, synthetic
+from llmjax.data import pipeline, sources, synthetic, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch
@@ -49,10 +52,11 @@ def view(cfg, name: str) -> ml_collections.ConfigDict:
     """The run's config as if source `name` of its mixture were its only data.source, so that code reading one
     source (the held-out rows, the records) reads this one."""
     s, out = cfg.data.mixture[name], copy.deepcopy(cfg)
-    scheme, _, tasks = s.source.partition(":")
+    scheme, _, names = s.source.partition(":")
     out.data.source = "synthetic" if scheme == "synthetic" else s.source
-    out.data.tasks = tasks if scheme == "synthetic" and tasks else cfg.data.tasks
+    out.data.tasks = names if scheme == "synthetic" and names else cfg.data.tasks
     out.data.format = s.get("format") or cfg.data.format
+    out.data.mixture, out.data.weights = {}, ""
     return out
 
 
@@ -143,6 +147,8 @@ def validate(cfg) -> None:
         if scheme not in ("synthetic", "files", "tfds") or (scheme != "synthetic" and not rest):
             raise LlmjaxError(f"data.mixture.{name}.source={s.source!r}: use synthetic[:TASKS], files:PATH or "
                               "tfds:NAME")
+        if scheme == "synthetic" and rest:
+            tasks.check_names(f"data.mixture.{name}.source", rest)
         if s.get("format", "") not in ("", *pipeline.FORMATS):
             raise LlmjaxError(f"data.mixture.{name}.format={s.format!r} is not one of {pipeline.FORMATS}")
         epochs = s.get("epochs", 0)
