@@ -3,6 +3,7 @@ and a run that reads one end to end."""
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -211,3 +212,24 @@ def test_preference_pairs_mix_by_weight(tmp_path):
     from_file = [p for p, _ in rows if p.startswith("q")]
     assert len(from_file) == 24 and len(set(from_file)) == 24
     assert all(p.startswith("sort") for p, _ in rows if not p.startswith("q"))
+
+
+@pytest.mark.slow
+def test_a_run_resumed_across_a_stage_boundary_equals_one_never_stopped(two, tmp_path):
+    """Killed after its step-3 checkpoint, a run whose stage changes at step 4 resumes to the same losses and data
+    counts as a run that never stopped: the mixture's place is in the checkpoint."""
+    cfg = two.copy_and_resolve_references()
+    cfg.steps, cfg.log_every, cfg.checkpoint.every = 6, 1, 3
+    cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 0
+    cfg.data.weights = "0: a=0.5, b=0.5; 4: a=0.25, b=0.75"
+    straight, split = str(tmp_path / "straight"), tmp_path / "split"
+    registry.train(cfg, straight, one_device())
+    registry.train(cfg, str(split), one_device())
+    shutil.rmtree(split / "checkpoints" / "6")  # as if killed before the last save
+    registry.train(cfg, str(split), one_device())
+    last = {row["step"]: row for row in metric_rows(straight)}
+    again = {row["step"]: row for row in metric_rows(split)}  # the resumed steps' rows come last
+    for step in (4, 5, 6):
+        assert again[step]["loss"] == last[step]["loss"]
+        assert {k: v for k, v in again[step].items() if k.startswith("data/")} == {
+            k: v for k, v in last[step].items() if k.startswith("data/")}
