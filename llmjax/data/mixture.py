@@ -246,7 +246,7 @@ def indexed(cfg, per_step: int, items: Callable[[ml_collections.ConfigDict], Cal
     MapDataset.mix picks at g under the weights of its step's stage; `items(view)` gives a source's i-th item.
     Each source's items come in order, a source resuming across stages where it stopped. For the objectives whose
     rows are pure functions of their place in the run (preference pairs, RL prompts), which need no iterator."""
-    get = {n: items(view(cfg, n)) for n in cfg.data.mixture}
+    get = {n: _named(n, items, view(cfg, n)) for n in cfg.data.mixture}
     schedule, mixes, offsets, drawn = stages(cfg), [], [], dict.fromkeys(cfg.data.mixture, 0)
     ends = [start for start, _ in schedule[1:]] + [cfg.steps]
     for (start, weights), end in zip(schedule, ends, strict=True):
@@ -265,6 +265,14 @@ def indexed(cfg, per_step: int, items: Callable[[ml_collections.ConfigDict], Cal
     return item
 
 
+def _named(name: str, read: Callable, view_cfg) -> Any:
+    """read(view_cfg), a problem with the source refused in one line that names it as the mixture does."""
+    try:
+        return read(view_cfg)
+    except (LlmjaxError, ValueError) as e:
+        raise LlmjaxError(f"data.mixture.{name}: {str(e).removeprefix('data.source=')}") from None
+
+
 def _records(view_cfg) -> list | sources.Records:
     if view_cfg.data.source == "synthetic":
         return synthetic.Records(view_cfg.seed, view_cfg.data.tasks, view_cfg.data.format)
@@ -274,19 +282,20 @@ def _records(view_cfg) -> list | sources.Records:
 def _mixture(cfg, sharding: NamedSharding) -> tuple[Mixture, Batches]:
     tokenizer, processes = get_tokenizer(cfg.data.tokenizer), jax.process_count()
     local = cfg.batch_size // processes
+
+    def packed(view_cfg, epochs: int) -> grain.IterDataset:
+        return pipeline.rows(_records(view_cfg), tokenizer=tokenizer, seq_len=cfg.seq_len, rows=local,
+                             process_index=jax.process_index(), process_count=processes, seed=cfg.seed,
+                             format=view_cfg.data.format, epochs=epochs or None,
+                             shuffle=view_cfg.data.source != "synthetic")
+
     rows, endless = {}, set()
     for name in cfg.data.mixture:
         v = view(cfg, name)
         if v.data.source == "synthetic":
             endless.add(name)
-        try:
-            packed = pipeline.rows(_records(v), tokenizer=tokenizer, seq_len=cfg.seq_len, rows=local,
-                                   process_index=jax.process_index(), process_count=processes, seed=cfg.seed,
-                                   format=v.data.format, epochs=cfg.data.mixture[name].get("epochs") or None,
-                                   shuffle=name not in endless)
-        except (LlmjaxError, ValueError) as e:
-            raise LlmjaxError(f"data.mixture.{name}: {str(e).removeprefix('data.source=')}") from None
-        rows[name] = packed.map(lambda row, name=name: row | {"source": name})
+        source = _named(name, partial(packed, epochs=cfg.data.mixture[name].get("epochs")), v)
+        rows[name] = source.map(partial(lambda name, row: row | {"source": name}, name))
     it = Mixture(rows, stages(cfg), local, endless, processes)
 
     def get(step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
