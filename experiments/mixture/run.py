@@ -1,8 +1,8 @@
 """Pretraining on a mixture of the synthetic tasks and the Python standard library (configs/mixture.py), with and
 without an annealing stage: the same run, warmup-stable-decay to 0 over its last 20%, either reading the same
-mixture to the end (`steady`) or the tasks alone while the learning rate decays (`annealed`, Llama 3's recipe of
-annealing on high-quality data). Each is evaluated on every source's held-out bytes and on the tasks' held-out
-prompts. Writes results.md, results.json and mixture.png into --workdir.
+mixture to the end (`steady`), or while the learning rate decays the tasks alone (`annealed`) or upweighted to 95%
+(`upweighted`): Llama 3's recipe of annealing on high-quality data. Each is evaluated on every source's held-out
+bytes and on the tasks' held-out prompts. Writes results.md, results.json and mixture.png into --workdir.
 
   python -m experiments.mixture.run --workdir=runs/mixture_exp                           # small, CPU
   python -m experiments.mixture.run --workdir=/tmp/m --model=tiny --steps=40 --subdir=email --validation=0.2
@@ -22,7 +22,7 @@ from llmjax.sharding import make_mesh
 from llmjax.train import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VARIANTS = {"steady": "anneal_tasks=0", "annealed": "anneal_tasks=1"}
+VARIANTS = {"steady": "anneal_tasks=0", "annealed": "anneal_tasks=1", "upweighted": "anneal_tasks=0.95"}
 
 
 def run(root: str, model: str, steps: int, subdir: str = "", validation: float = 0.02) -> list[dict]:
@@ -65,7 +65,7 @@ def plot(root: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, style in zip(VARIANTS, ("-", "--"), strict=True):
+    for name, style in zip(VARIANTS, ("-", "--", ":"), strict=True):
         evals = [r for r in read_metrics(os.path.join(root, name)) if "eval/perplexity" in r]
         steps = [r["step"] for r in evals]
         for ax, key in zip(axes, ("perplexity/tasks", "perplexity/stdlib", "accuracy"), strict=True):
