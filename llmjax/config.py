@@ -90,12 +90,14 @@ def check_choices(cfg: ml_collections.ConfigDict, choices: dict[str, tuple]) -> 
 
 
 def saved(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its workdir."""
+    """The resolved config a run wrote into its workdir (with the model keys added since, as it ran)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise LlmjaxError(f"{workdir!r} holds no run (no config.json); point at a workdir written by llmjax.main")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        cfg = ml_collections.ConfigDict(json.load(f))
+    cfg.model = presets.complete(cfg.model)
+    return cfg
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

@@ -45,11 +45,9 @@ def _meaning(run: dict, keys: Sequence[str]) -> dict:
 def check_workdir(workdir: str, cfg, meaning: Sequence[str]) -> None:
     """Refuses, writing nothing, a workdir holding a run whose parameters would mean something else to this one:
     another value of one of the `meaning` keys (the objective, model, tokenizer, parameter layout)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, "config.json")):
         return
-    with open(path) as f:
-        old = _meaning(hf_weights.flat(json.load(f)), meaning)
+    old = _meaning(hf_weights.flat(json.loads(config.saved(workdir).to_json_best_effort())), meaning)
     new = _meaning(hf_weights.flat(json.loads(cfg.to_json_best_effort())), meaning)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:

@@ -71,8 +71,15 @@ CASES = {
 CONTEXT = {
     "model.max_seq_len": {"model.pos": "learned"},  # the learned position table; RoPE has none
     "mesh.fsdp": {"mesh.data": -1, "mesh.fsdp": 2},  # with fsdp=-1 and the rest 1, its only valid value is 8
-    **{f"model.rope_{k}": {"model.rope_scaling": 8.0}  # Llama 3.1's frequency scaling
-       for k in ("low_freq_factor", "high_freq_factor", "original_max_len")},
+    # RoPE scaling: its factor and type on a scaled model; each type's own parameters under that type
+    **dict.fromkeys(("model.rope_scaling", "model.rope_type"),
+                    {"model.rope_type": "linear", "model.rope_scaling": 4.0}),
+    **{f"model.rope_{k}": {"model.rope_type": "llama3", "model.rope_scaling": 8.0}  # Llama 3.1's
+       for k in ("low_freq_factor", "high_freq_factor")},
+    # YaRN rounds its correction dimensions (8192: 3.2 and 6.2 of tiny's 8) to whole ones: at 14000 (3.7, 6.7),
+    # halving a beta or doubling the length moves them (by 0.6) to others
+    **{f"model.rope_{k}": {"model.rope_type": "yarn", "model.rope_scaling": 8.0, "model.rope_original_max_len": 14000}
+       for k in ("original_max_len", "beta_fast", "beta_slow", "attn_factor")},
     **{f"rules.{k}": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}  # a rule naming a size-1 axis places nothing
        for k in config.base().rules},
     # The held-out share of a files: source; the synthetic tasks, which a files: source neither trains nor

@@ -8,12 +8,13 @@ import shutil
 
 import helpers
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from llmjax import config, runs, sampling
 from llmjax.errors import LlmjaxError
-from llmjax.hf import convert, weights
+from llmjax.hf import convert, families, weights
 from llmjax.models import transformer
 from llmjax.sharding import make_mesh
 
@@ -34,6 +35,11 @@ def logits(params, model, ids_BT: np.ndarray) -> np.ndarray:
     B, T = ids_BT.shape
     out = transformer.forward(params, ids_BT, np.broadcast_to(np.arange(T), (B, T)), np.ones((B, T), np.int32), model)
     return np.asarray(out.logits_BTV)
+
+
+def reference_config(name: str) -> dict:
+    with open(os.path.join(fixture(name), "config.json")) as f:
+        return json.load(f)
 
 
 def stored(folder: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -145,7 +151,9 @@ def test_a_config_names_a_folder_or_an_imported_run_as_its_model_and_trains_from
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "falcon"}, "model_type='falcon'"),
     ({"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "'longrope' is not implemented"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope scaling of type 'linear' lacks factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": False}}, "YaRN with truncate=False"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_hidden_layers": 3}, "lacks model.layers.2"),
     ({"intermediate_size": 96}, "has shape (64, 32), its config.json implies (96, 32)"),
@@ -251,3 +259,88 @@ def export_loads_live(name: str, tmp_path) -> None:
     convert.export_run(run, out)
     live_transformers_check(out, runs.load_params(run, make_mesh(dict(data=1, fsdp=-1, tensor=1))),
                             runs.run_config(run).model)
+
+
+# RoPE scalings beside llama3, made by tests/fixtures/hf/make_rope_fixtures.py (no tokenizer: they borrow llama3's)
+ROPE = ("llama_linear", "llama_dynamic", "qwen2_yarn")
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_scalings_equal_transformers(name):
+    """transformers' float32 logits on 32 tokens, past the length the scaling starts from, and on their first 12
+    alone (where dynamic NTK, reading the length it is given, is unscaled). The script checks that transformers'
+    unscaled logits differ from both: the scaling matters on these inputs."""
+    source = f"hf:{fixture(name)}"
+    model, ref = runs.run_config(source).model, reference(name)
+    params = runs.load_params(source, helpers.one_device())
+    ids = ref["input_ids"]
+    np.testing.assert_allclose(logits(params, model, ids), ref["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits(params, model, ids[:, :12]), ref["short_logits"], atol=1e-4, rtol=0)
+
+
+def rope_round_trip(name: str, tmp_path) -> tuple[str, str, str]:
+    """The fixture with llama3's tokenizer beside it, imported into a run, and that run exported."""
+    folder, run, out = (str(tmp_path / d) for d in (name, "run", "out"))
+    shutil.copytree(fixture(name), folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(fixture("llama3"), f), folder)
+    convert.import_run(folder, run)
+    convert.export_run(run, out)
+    return folder, run, out
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_scalings_import_and_export(name, tmp_path):
+    """import -> export writes the type and its parameters as transformers reads them: the exported folder is
+    the same llmjax model (RoPE keys and length), with the same tensors."""
+    folder, run, out = rope_round_trip(name, tmp_path)
+    rope = lambda m: {k: v for k, v in m.items() if k.startswith("rope_") or k == "max_seq_len"}  # noqa: E731
+    imported, exported = runs.run_config(run).model, runs.run_config(f"hf:{out}").model
+    assert rope(exported) == rope(imported) and imported.rope_type == name.split("_")[1]
+    assert stored(out) == stored(folder)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["rope_scaling"]["rope_type"] == imported.rope_type
+
+
+@pytest.mark.parametrize("rope, keys", [
+    (None, dict(rope_type="default")),
+    (dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_position_embeddings=64), dict(rope_type="llama3", rope_scaling=8.0, rope_original_max_len=64)),
+    (dict(type="linear", factor=2.0), dict(rope_type="linear", rope_scaling=2.0, max_seq_len=256)),
+    (dict(rope_type="dynamic", factor=4.0), dict(rope_type="dynamic", rope_original_max_len=256, max_seq_len=1024)),
+    (dict(type="yarn", factor=4.0, original_max_position_embeddings=256),  # Qwen2.5's model card
+     dict(rope_type="yarn", rope_original_max_len=256, max_seq_len=1024, rope_beta_fast=32.0, rope_attn_factor=0.0)),
+    (dict(rope_type="yarn", factor=None, original_max_position_embeddings=64, beta_fast=16, beta_slow=2,
+          mscale=1.0, mscale_all_dim=0.5),  # DeepSeek's: the factor from the lengths, mscale as a ratio
+     dict(rope_scaling=4.0, rope_original_max_len=64, max_seq_len=256, rope_beta_fast=16.0, rope_beta_slow=2.0,
+          rope_attn_factor=(0.1 * np.log(4.0) + 1) / (0.05 * np.log(4.0) + 1))),
+])
+@pytest.mark.parametrize("layout", ["v4", "v5"])
+def test_rope_scaling_configs_read_and_write_every_type(rope, keys, layout):
+    """transformers 4's rope_theta + rope_scaling and 5's rope_parameters read alike; what export writes reads back
+    as the same model."""
+    hf = reference_config("qwen2")
+    hf = hf | dict(rope_scaling=rope) if layout == "v4" else {
+        k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")} | dict(
+        rope_parameters=dict(rope or dict(rope_type="default"), rope_theta=hf["rope_theta"]))
+    model = families.model_config(hf, "qwen2")
+    assert model["rope_theta"] == 1_000_000.0 and {k: model[k] for k in keys} == pytest.approx(keys)
+    written = families.hf_config(ml_collections.ConfigDict(model), "float32", None, 1, 2)
+    assert families.model_config(written, "again") | dict(name="") == model | dict(name="")
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_scalings_equal_transformers_live(name, tmp_path):
+    """The same comparison against transformers itself, where it is installed, on the fixture and on its import
+    exported again; each pass on a fresh load (transformers' dynamic NTK keeps the longest length it has seen)."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    ids = reference(name)["input_ids"]
+    source = f"hf:{fixture(name)}"
+    params, model = runs.load_params(source, helpers.one_device()), runs.run_config(source).model
+    for folder in (fixture(name), rope_round_trip(name, tmp_path)[2]):
+        for part in (ids, ids[:, :12]):
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            with torch.no_grad():
+                expected = theirs(torch.tensor(part)).logits.numpy()
+            np.testing.assert_allclose(logits(params, model, part), expected, atol=1e-4, rtol=0)

@@ -4,9 +4,9 @@ Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 and Qwen3 share one layout of tensor 
 experts Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) and Qwen3-MoE, whose experts are stored one tensor per
 expert, as the Hub's files hold them (transformers 5 fuses them on load and splits them again on save); GPT-2 has
 its own (Conv1D weights stored (in, out), q, k and v fused in one tensor). Anything these families do that our model
-does not (sliding windows, other RoPE scalings, biases elsewhere, experts in other layers than every n-th) is refused
-by name: an import is the same model or none. Pure Python (no JAX), so a config can name a Hugging Face folder as its
-model.
+does not (sliding windows, RoPE scalings but llama3, linear, dynamic and yarn, biases elsewhere, experts in other
+layers than every n-th) is refused by name: an import is the same model or none. Pure Python (no JAX), so a config
+can name a Hugging Face folder as its model.
 """
 
 import json
@@ -35,19 +35,67 @@ def read_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
-def _rope(hf: dict, where: str) -> dict:
-    """Our RoPE keys from transformers 4's `rope_theta` + `rope_scaling` or transformers 5's `rope_parameters`."""
+def _rope(hf: dict, where: str) -> tuple[dict, int]:
+    """Our RoPE keys from transformers 4's `rope_theta` + `rope_scaling` or transformers 5's `rope_parameters`, and
+    the context the model reaches: max_position_embeddings, or the length YaRN and dynamic NTK stretch to."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    out = dict(rope_theta=float(hf.get("rope_theta", params.get("rope_theta", 10_000.0))))
+    out = dict(rope_theta=float(hf.get("rope_theta", params.get("rope_theta", 10_000.0))), rope_type=kind)
+    length = hf["max_position_embeddings"]
     if kind == "default":
-        return out
-    if kind != "llama3":
-        raise LlmjaxError(f"{where}: rope scaling of type {kind!r} is not implemented (llmjax has 'llama3' and none)")
-    return out | dict(rope_scaling=float(scaling["factor"]), rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                      rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+        return out, length
+    if kind not in presets.ROPE_TYPES:
+        raise LlmjaxError(f"{where}: rope scaling of type {kind!r} is not implemented (llmjax has "
+                          f"{', '.join(presets.ROPE_TYPES)})")
+    if kind == "yarn" and scaling.get("factor") is None and "original_max_position_embeddings" in scaling:
+        scaling = dict(scaling, factor=length / scaling["original_max_position_embeddings"])  # as transformers does
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if kind == "llama3" \
+        else ("factor",)
+    missing = [k for k in need if scaling.get(k) is None]
+    if missing:
+        raise LlmjaxError(f"{where}: rope scaling of type {kind!r} lacks {', '.join(missing)}; add "
+                          f"{'them' if len(missing) > 1 else 'it'} to config.json's rope_scaling")
+    out["rope_scaling"] = factor = float(scaling["factor"])
+    if kind == "llama3":
+        return out | dict(rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                          rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                          rope_original_max_len=int(scaling["original_max_position_embeddings"])), length
+    if kind == "dynamic":  # transformers scales past max_position_embeddings, reaching factor times it
+        return out | dict(rope_original_max_len=length), int(factor * length)
+    if kind == "linear":
+        return out, length
+    if scaling.get("truncate", True) is not True:
+        raise LlmjaxError(f"{where}: YaRN with truncate={scaling['truncate']!r} (correction dimensions not rounded) "
+                          "is not supported by llmjax's model")
+    original = int(scaling.get("original_max_position_embeddings") or length)  # transformers 5's default
+    attn = scaling.get("attention_factor")
+    if attn is None and scaling.get("mscale") and scaling.get("mscale_all_dim"):  # DeepSeek's way of writing it
+        mscale = [0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+                  for m in (scaling["mscale"], scaling["mscale_all_dim"])]
+        attn = mscale[0] / mscale[1]
+    return out | dict(rope_original_max_len=original, rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
+                      rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
+                      rope_attn_factor=float(attn or 0.0)), max(length, int(factor * original))
+
+
+def _rope_config(model) -> tuple[dict | None, int]:
+    """config.json's `rope_scaling` for our RoPE keys (None: unscaled), and its max_position_embeddings."""
+    r = presets.rope(model)
+    kind, factor = r["rope_type"], r["rope_scaling"]
+    if kind == "default" or kind == "llama3" and factor == 1.0:  # the latter: a run saved before rope_type
+        return None, model.max_seq_len
+    out = dict(rope_type=kind, factor=factor)
+    if kind == "llama3":
+        out |= dict(low_freq_factor=r["rope_low_freq_factor"], high_freq_factor=r["rope_high_freq_factor"],
+                    original_max_position_embeddings=r["rope_original_max_len"])
+    if kind == "dynamic":
+        return out, r["rope_original_max_len"]
+    if kind == "yarn":
+        out |= dict(original_max_position_embeddings=r["rope_original_max_len"], beta_fast=r["rope_beta_fast"],
+                    beta_slow=r["rope_beta_slow"])
+        out |= dict(attention_factor=r["rope_attn_factor"]) if r["rope_attn_factor"] else {}
+    return out, model.max_seq_len
 
 
 def _refuse(where: str, hf: dict, **unsupported) -> None:
@@ -91,11 +139,11 @@ def model_config(hf: dict, where: str, dtype: str | None = None) -> dict:
             layer_types=(set(layer_types) != {"full_attention"}, "layers other than full attention"),
             use_sliding_window=(not capped and window, "sliding-window attention"))
     D, N = hf["hidden_size"], hf["num_attention_heads"]
-    max_len = hf["max_position_embeddings"]
+    rope, max_len = _rope(hf, where)
     if window and window < max_len:
         max_len = window  # Mistral's window: up to it, full attention is exactly the same model
     qkv = kind == "qwen2" or kind == "qwen2_moe" and hf.get("qkv_bias", True)  # transformers 4 has no qkv_bias
-    out |= dict(presets.LLAMA, **_rope(hf, where), d_model=D, n_layers=hf["num_hidden_layers"], n_heads=N,
+    out |= dict(presets.LLAMA, **rope, d_model=D, n_layers=hf["num_hidden_layers"], n_heads=N,
                 n_kv_heads=hf.get("num_key_value_heads") or N, head_dim=hf.get("head_dim") or D // N,
                 d_ff=hf["intermediate_size"], max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
                 bias="qkv" if qkv else "none", qk_norm=kind in ("qwen3", "qwen3_moe"),
@@ -173,14 +221,10 @@ def hf_config(model, dtype: str, bos_id: int | None, eos_id: int, pad_id: int) -
         return out | dict(n_embd=model.d_model, n_layer=model.n_layers, n_head=model.n_heads, n_inner=model.d_ff,
                           n_positions=model.max_seq_len, n_ctx=model.max_seq_len, activation_function="gelu_new",
                           layer_norm_epsilon=model.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    rope = None
-    if model.rope_scaling != 1.0:
-        rope = dict(rope_type="llama3", factor=model.rope_scaling, low_freq_factor=model.rope_low_freq_factor,
-                    high_freq_factor=model.rope_high_freq_factor,
-                    original_max_position_embeddings=model.rope_original_max_len)
+    rope, max_len = _rope_config(model)
     out |= dict(hidden_size=model.d_model, intermediate_size=model.d_ff, num_hidden_layers=model.n_layers,
                 num_attention_heads=model.n_heads, num_key_value_heads=model.n_kv_heads, head_dim=model.head_dim,
-                hidden_act="silu", max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps,
+                hidden_act="silu", max_position_embeddings=max_len, rms_norm_eps=model.norm_eps,
                 rope_theta=model.rope_theta, rope_scaling=rope, attention_dropout=0.0)
     if kind in ("llama", "qwen3", "qwen3_moe"):
         out |= dict(attention_bias=False, mlp_bias=False) if kind == "llama" else dict(attention_bias=False)

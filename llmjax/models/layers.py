@@ -44,24 +44,81 @@ def layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: flo
     return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: float = 1.0, low_freq_factor: float = 1.0,
-                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> jax.Array:
-    """Inverse frequencies, with Llama 3.1's scaling: long wavelengths slowed by `scaling`, short ones
-    kept, a smooth blend between (the Llama 3 paper's long-context recipe)."""
-    freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if scaling == 1.0:
-        return freq
-    wavelen = 2 * jnp.pi / freq
-    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * freq / scaling + smooth * freq
-    return jnp.where(wavelen < original_max_len / high_freq_factor, freq,
-                     jnp.where(wavelen > original_max_len / low_freq_factor, freq / scaling, blended))
+def rope_frequencies(head_dim: int, theta: float, kind: str = "default", factor: float = 1.0, *,
+                     original_max_len: int = 8192, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0, seq_len: jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies, stretched by `factor` so a model reaches past the length it was trained at; each `kind`
+    is transformers' `rope_type` of that name. `seq_len` (max position + 1 of the batch) is read by dynamic only."""
+    freq_h = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if kind == "default" or factor == 1 and kind != "dynamic":  # dynamic at factor 1 still grows the base
+        return freq_h
+    if kind == "linear":  # Chen et al. 2023, position interpolation: position m is read as m / factor
+        return freq_h / factor
+    if kind == "dynamic":
+        return _dynamic_ntk(head_dim, theta, factor, original_max_len, seq_len)
+    if kind == "yarn":
+        return _yarn(freq_h, theta, factor, original_max_len, beta_fast, beta_slow)
+    if kind == "llama3":
+        return _llama3(freq_h, factor, original_max_len, low_freq_factor, high_freq_factor)
+    raise ValueError(f"rope type {kind!r} is unknown (llmjax.models.presets.ROPE_TYPES)")
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, freq_h: jax.Array) -> jax.Array:
-    """Rotary embedding, rotate-half convention (first and second halves of each head are pairs)."""
+def rope_attention_factor(kind: str, factor: float, attn_factor: float = 0.0) -> float:
+    """What YaRN multiplies cos and sin by (so attention logits by its square): `attn_factor`, or the paper's
+    0.1 ln(factor) + 1 when 0: YaRN's attention temperature (Peng et al. 2023), which keeps the softmax as sharp
+    at long lengths as at trained ones; 1 for every other kind."""
+    if kind != "yarn":
+        return 1.0
+    return attn_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+
+def _llama3(freq_h: jax.Array, factor: float, original_max_len: int, low_freq_factor: float,
+            high_freq_factor: float) -> jax.Array:
+    """Llama 3.1's scaling (the Llama 3 paper's long-context recipe): long wavelengths slowed by `factor`, short
+    ones kept, a smooth blend between."""
+    wavelen_h = 2 * jnp.pi / freq_h
+    smooth_h = (original_max_len / wavelen_h - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended_h = (1 - smooth_h) * freq_h / factor + smooth_h * freq_h
+    return jnp.where(wavelen_h < original_max_len / high_freq_factor, freq_h,
+                     jnp.where(wavelen_h > original_max_len / low_freq_factor, freq_h / factor, blended_h))
+
+
+def _dynamic_ntk(head_dim: int, theta: float, factor: float, original_max_len: int,
+                 seq_len: jax.Array | None) -> jax.Array:
+    """Dynamic NTK-aware scaling (bloc97 and emozilla 2023, as the YaRN paper writes it): up to the trained length
+    the model is unchanged; past it the base grows with the length L seen, dividing the lowest frequency by
+    factor * L / original - (factor - 1) while the highest barely moves: long wavelengths are interpolated to fit
+    the length, short ones keep nearby positions apart."""
+    length = jnp.maximum(jnp.asarray(original_max_len if seq_len is None else seq_len, jnp.float32),
+                         original_max_len)
+    base = theta * (factor * length / original_max_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
+def _yarn(freq_h: jax.Array, theta: float, factor: float, original_max_len: int, beta_fast: float,
+          beta_slow: float) -> jax.Array:
+    """YaRN's "NTK-by-parts" interpolation (Peng et al. 2023): dimensions turning more than beta_fast times over the
+    trained length keep their frequency (they never saw a wavelength longer than it, so need no interpolation),
+    those turning fewer than beta_slow times are interpolated (divided by factor), with a linear ramp in the
+    dimension index between the two correction dimensions, rounded outward, as the paper's code does."""
+    d = 2 * freq_h.shape[0]
+
+    def correction_dim(turns: float) -> float:  # the dimension index whose wavelength fits `turns` times
+        return d * math.log(original_max_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(correction_dim(beta_fast)), 0), min(math.ceil(correction_dim(beta_slow)), d - 1)
+    high = high + 0.001 if high == low else high  # a step, not a division by zero (as transformers)
+    ramp_h = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return freq_h / factor * ramp_h + freq_h * (1 - ramp_h)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, freq_h: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Rotary embedding, rotate-half convention (first and second halves of each head are pairs); `scale`
+    multiplies cos and sin (YaRN's attention factor)."""
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * freq_h
     sin, cos = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
+    if scale != 1.0:
+        sin, cos = scale * sin, scale * cos
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)

@@ -5,6 +5,9 @@ Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 Ro
 12.9B active per token.
 """
 
+from llmjax.errors import LlmjaxError
+
+ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn")  # llmjax.models.layers.rope_frequencies
 LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", bias="none", norm_eps=1e-5, rope_theta=500_000.0)
 GPT2 = dict(norm="layer", pos="learned", mlp="gelu", bias="all", tie_embeddings=True, norm_eps=1e-5)
 
@@ -20,7 +23,8 @@ PRESETS: dict[str, dict] = {
     "gpt2-124m": dict(GPT2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                       head_dim=64, d_ff=3072, max_seq_len=1024),
     "llama-1b": dict(LLAMA, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                     head_dim=64, d_ff=8192, max_seq_len=131072, tie_embeddings=True, rope_scaling=32.0),
+                     head_dim=64, d_ff=8192, max_seq_len=131072, tie_embeddings=True, rope_type="llama3",
+                     rope_scaling=32.0),
     "llama3-8b": dict(LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       head_dim=128, d_ff=14336, max_seq_len=8192),
     "llama3-70b": dict(LLAMA, vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
@@ -49,10 +53,16 @@ DEFAULTS = dict(
     tie_embeddings=False,   # unembedding = embedding^T
     norm_eps=1e-5,
     rope_theta=10_000.0,
-    rope_scaling=1.0,       # Llama 3.1 frequency scaling factor; 1.0 = none
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_len=8192,
+    # RoPE scaling (llmjax.models.layers.rope_frequencies), transformers' rope_type of the same name: default (none)
+    # | llama3 (Llama 3.1) | linear (position interpolation) | dynamic (dynamic NTK) | yarn
+    rope_type="default",
+    rope_scaling=1.0,       # the scaling factor: how many times the context is stretched
+    rope_original_max_len=8192,  # llama3, yarn: the pretraining length; dynamic: the length past which it scales
+    rope_low_freq_factor=1.0,   # llama3: wavelengths above original / low_freq_factor are fully scaled
+    rope_high_freq_factor=4.0,  # llama3: wavelengths below original / high_freq_factor are kept
+    rope_beta_fast=32.0,    # yarn: dimensions turning more often than this over the original length are kept
+    rope_beta_slow=1.0,     # yarn: dimensions turning less often than this are fully interpolated
+    rope_attn_factor=0.0,   # yarn: what cos and sin are multiplied by; 0 = 0.1 * ln(rope_scaling) + 1
     init_std=0.02,
     param_dtype="float32",  # float32 | bfloat16: how parameters are stored
     compute_dtype="float32",  # float32 | bfloat16: matmuls and activations; logits and loss stay float32
@@ -73,6 +83,34 @@ DEFAULTS = dict(
     moe_balance_coef=0.01,  # load-balancing loss E * sum_e f_e P_e (Switch, Mixtral), added to every objective's loss
     moe_z_coef=0.001,       # router z-loss mean(logsumexp(router logits)^2) (ST-MoE)
 )
+
+
+def rope(model) -> dict:
+    """The model's rope_* keys, checked. A config saved before rope_type existed lacks the new keys: they are read
+    as their defaults, and its type as llama3 where it scaled (the one scaling there was), else default."""
+    out = {k: model.get(k, v) for k, v in DEFAULTS.items() if k.startswith("rope_")}
+    if "rope_type" not in model:
+        out["rope_type"] = "default" if out["rope_scaling"] == 1 else "llama3"
+    kind, factor = out["rope_type"], out["rope_scaling"]
+    if kind not in ROPE_TYPES:
+        raise LlmjaxError(f"model.rope_type={kind!r} is not one of {ROPE_TYPES}; set --config.model.rope_type=...")
+    if not factor >= 1:
+        raise LlmjaxError(f"model.rope_scaling={factor} is below 1, which would shrink the context; set "
+                          "--config.model.rope_scaling to 1 or more")
+    if kind == "default" and factor != 1:
+        raise LlmjaxError(f"model.rope_scaling={factor} scales nothing with model.rope_type='default'; set "
+                          f"--config.model.rope_type to one of {ROPE_TYPES[1:]}, or rope_scaling=1")
+    if kind == "yarn" and not 0 < out["rope_beta_slow"] < out["rope_beta_fast"]:
+        raise LlmjaxError(f"model.rope_beta_slow={out['rope_beta_slow']} is not below model.rope_beta_fast="
+                          f"{out['rope_beta_fast']}: YaRN ramps from one to the other; set "
+                          "--config.model.rope_beta_slow between 0 and it (1 and 32 by default)")
+    return out
+
+
+def complete(model) -> dict:
+    """A saved run's model config with every key this version has: one saved before a key existed reads as it
+    ran."""
+    return {**DEFAULTS, **model, **rope(model)}
 
 
 def preset(name: str) -> dict:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from llmjax.models import layers, moe
+from llmjax.models import layers, moe, presets
 from llmjax.sharding import Constrain, no_constrain
 
 Params = dict[str, Any]
@@ -194,6 +194,7 @@ class Context(NamedTuple):
 
     positions_BT: jax.Array
     freq_h: jax.Array  # RoPE inverse frequencies
+    rope_scale: float  # what RoPE multiplies cos and sin by (YaRN's attention factor)
     mask_B1TS: jax.Array
     valid_BT: jax.Array  # real tokens, not padding: the only ones the MoE router's statistics count
     cache_index: jax.Array | None  # the first cache slot the tokens fill; None without a cache
@@ -251,7 +252,7 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
         q_BTNH = layers.rms_norm(q_BTNH, w["q_norm"]["scale"], cfg.norm_eps)
         k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
     if cfg.pos == "rope":
-        q_BTNH, k_BTKH = (layers.rope(a, ctx.positions_BT, ctx.freq_h) for a in (q_BTNH, k_BTKH))
+        q_BTNH, k_BTKH = (layers.rope(a, ctx.positions_BT, ctx.freq_h, ctx.rope_scale) for a in (q_BTNH, k_BTKH))
     if kv_BSKH is None:
         o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, ctx.mask_B1TS, cfg.attn_causal_block)
     else:
@@ -337,9 +338,16 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
     mask_B1TS, kv_segment_BS = attention_mask(segment_ids_BT, cache)
-    freq_h = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_low_freq_factor,
-                                     cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-    ctx = Context(positions_BT, freq_h, mask_B1TS, segment_ids_BT > 0, None if cache is None else cache.index)
+    r = presets.rope(cfg)
+    kind, factor = r["rope_type"], r["rope_scaling"]
+    freq_h = layers.rope_frequencies(
+        cfg.head_dim, cfg.rope_theta, kind, factor, original_max_len=r["rope_original_max_len"],
+        low_freq_factor=r["rope_low_freq_factor"], high_freq_factor=r["rope_high_freq_factor"],
+        beta_fast=r["rope_beta_fast"], beta_slow=r["rope_beta_slow"],
+        seq_len=jnp.max(positions_BT) + 1 if kind == "dynamic" else None)  # transformers' run-time length
+    rope_scale = layers.rope_attention_factor(kind, factor, r["rope_attn_factor"])
+    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, segment_ids_BT > 0,
+                  None if cache is None else cache.index)
     kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
     x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)

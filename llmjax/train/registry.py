@@ -10,7 +10,7 @@ from llmjax.config import check_choices, check_ranges, lookup
 from llmjax.data import mixture, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
-from llmjax.models import lora
+from llmjax.models import lora, presets
 from llmjax.sharding import AXES, make_mesh, mesh_shape
 from llmjax.train import common, distill, dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
@@ -27,6 +27,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "data.format": ("text", "chat"), "model.moe_dispatch": ("dropless", "capacity"),
+    "model.rope_type": presets.ROPE_TYPES,
 }
 
 # The common numeric keys: (the interval the maths allows, what the value means). Each objective checks its own
@@ -44,6 +45,10 @@ RANGES = {
     "data.validation": ("[0, 1)", "the fraction of a files: source held out for evaluation"),
     "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),
     "model.rope_theta": ("(0, inf)", "RoPE's base wavelength"),
+    "model.rope_original_max_len": ("[1, inf)", "the length RoPE scaling stretches from"),
+    "model.rope_beta_fast": ("(0, inf)", "YaRN keeps dimensions turning more often over the original length"),
+    "model.rope_beta_slow": ("(0, inf)", "YaRN fully interpolates dimensions turning less often"),
+    "model.rope_attn_factor": ("[0, inf)", "what YaRN multiplies cos and sin by; 0 takes 0.1 ln(factor) + 1"),
     "model.init_std": ("(0, inf)", "0 starts every weight equal, which no gradient tells apart"),
     "model.moe_experts": ("[0, inf)", "experts per MoE layer; 0 is a dense model"),
     "model.moe_d_ff": ("[0, inf)", "each expert's MLP width; 0 takes model.d_ff"),
@@ -68,6 +73,7 @@ def get(cfg) -> common.Objective:
 def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     check_choices(cfg, CHOICES)
     m = cfg.model
+    presets.rope(m)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
             raise LlmjaxError(f"model.{key}={m[key]} must be positive")

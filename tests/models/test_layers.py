@@ -58,7 +58,7 @@ def test_rope_frequencies_unscaled():
 def test_rope_frequencies_llama31_scaling():
     theta, d = 500_000.0, 128
     base = theta ** (-np.arange(0, d, 2) / d)
-    got = np.asarray(layers.rope_frequencies(d, theta, 8.0, 1.0, 4.0, 8192))
+    got = np.asarray(layers.rope_frequencies(d, theta, "llama3", 8.0, original_max_len=8192))
     wavelen = 2 * np.pi / base
     high, low = wavelen < 2048, wavelen > 8192
     mid = ~high & ~low
@@ -66,6 +66,76 @@ def test_rope_frequencies_llama31_scaling():
     np.testing.assert_allclose(got[high], base[high], rtol=1e-6)
     np.testing.assert_allclose(got[low], base[low] / 8, rtol=1e-6)
     assert np.all(got[mid] < base[mid]) and np.all(got[mid] > base[mid] / 8)
+
+
+# The RoPE scalings written from their papers in float64, apart from llmjax's code: position interpolation (Chen et
+# al. 2023), dynamic NTK (bloc97, emozilla; as the YaRN paper states it) and YaRN (Peng et al. 2023).
+
+def numpy_rope(x, positions, freq, scale=1.0):
+    """Rotate-half RoPE in float64 at (possibly fractional) positions."""
+    angle = positions[..., None].astype(np.float64) * freq
+    cos, sin = scale * np.cos(angle)[:, :, None], scale * np.sin(angle)[:, :, None]
+    x1, x2 = np.split(x.astype(np.float64), 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_linear_scaling_reads_position_m_as_m_over_factor():
+    theta, d, s = 10_000.0, 16, 4.0
+    x, positions = randn(2, 5, 3, d), np.array([[0, 1, 7, 100, 1000], [3, 5, 9, 4000, 16000]])
+    got = layers.rope(jnp.asarray(x), jnp.asarray(positions), layers.rope_frequencies(d, theta, "linear", s))
+    want = numpy_rope(x, positions / s, theta ** (-np.arange(0, d, 2) / d))
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_dynamic_ntk_grows_the_base_with_the_length_seen_past_the_original():
+    """theta' = theta (s L / L0 - (s - 1))^(d / (d - 2)) for L > L0, theta below; L is a traced value."""
+    theta, d, s, L0 = 10_000.0, 16, 4.0, 64
+    freq = jax.jit(lambda L: layers.rope_frequencies(d, theta, "dynamic", s, original_max_len=L0, seq_len=L))
+    for L in (1, 40, 64, 65, 100, 256, 1000):
+        base = theta * ((s * L / L0) - (s - 1)) ** (d / (d - 2)) if L > L0 else theta
+        want = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        np.testing.assert_allclose(freq(jnp.int32(L)), want, rtol=2e-5)
+    # the lowest frequency is divided by exactly s L / L0 - (s - 1): at L = L0 s, by s^2 - s + 1
+    lowest = theta ** (-(d - 2) / d)
+    np.testing.assert_allclose(freq(jnp.int32(L0 * 4))[-1], lowest / 13, rtol=2e-5)
+
+
+def yarn_numpy(d, theta, s, L0, beta_fast, beta_slow):
+    """NTK-by-parts: dimension i turns r_i = L0 / lambda_i times over the original length; kept where r_i >
+    beta_fast, interpolated (theta_i / s) where r_i < beta_slow, and blended on a linear ramp in i between the
+    dimensions where r = beta_fast and r = beta_slow, those bounds rounded outward (floor, ceil)."""
+    freq = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    # r_i = L0 theta^(-2i/d) / (2 pi) = beta  <=>  i = d ln(L0 / (2 pi beta)) / (2 ln theta)
+    low, high = (d * np.log(L0 / (2 * np.pi * beta)) / (2 * np.log(theta)) for beta in (beta_fast, beta_slow))
+    low, high = max(np.floor(low), 0), min(np.ceil(high), d - 1)
+    gamma = np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)  # 0: kept, 1: interpolated
+    return (1 - gamma) * freq + gamma * freq / s, freq
+
+
+@pytest.mark.parametrize("theta, d, s, L0, beta_fast, beta_slow", [
+    (1_000_000.0, 128, 4.0, 32768, 32.0, 1.0),  # Qwen2.5's YaRN
+    (100.0, 16, 4.0, 16, 8.0, 0.5),  # the qwen2_yarn fixture's
+    (10_000.0, 64, 16.0, 4096, 32.0, 1.0),
+])
+def test_yarn_blends_kept_and_interpolated_frequencies(theta, d, s, L0, beta_fast, beta_slow):
+    got = np.asarray(layers.rope_frequencies(d, theta, "yarn", s, original_max_len=L0, beta_fast=beta_fast,
+                                             beta_slow=beta_slow))
+    want, freq = yarn_numpy(d, theta, s, L0, beta_fast, beta_slow)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    turns = L0 * freq / (2 * np.pi)
+    np.testing.assert_allclose(got[turns > beta_fast], freq[turns > beta_fast], rtol=1e-6)
+    np.testing.assert_allclose(got[turns < beta_slow], freq[turns < beta_slow] / s, rtol=1e-6)
+    assert (turns < beta_slow).any() and (~np.isclose(want, freq) & ~np.isclose(want, freq / s)).any()  # blended
+
+
+def test_yarn_attention_factor_scales_cos_and_sin():
+    """sqrt(1/t) = 0.1 ln(s) + 1 (YaRN's temperature) unless given; every other scaling leaves the norm alone."""
+    assert layers.rope_attention_factor("yarn", 4.0) == pytest.approx(0.1 * np.log(4.0) + 1)
+    assert layers.rope_attention_factor("yarn", 4.0, 1.5) == 1.5
+    assert layers.rope_attention_factor("yarn", 1.0) == layers.rope_attention_factor("linear", 4.0) == 1.0
+    x, positions, freq = randn(1, 3, 2, 16), np.array([[0, 5, 50]]), 10_000.0 ** (-np.arange(0, 16, 2) / 16)
+    got = layers.rope(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(freq, jnp.float32), 1.25)
+    np.testing.assert_allclose(got, numpy_rope(x, positions, freq, 1.25), atol=2e-5)
 
 
 def numpy_attention(q, k, v, segments):

@@ -3,10 +3,15 @@ key with its default unless the preset says otherwise; an unknown name lists the
 
 import re
 
+import ml_collections
+import numpy as np
 import pytest
 
 from llmjax import config
-from llmjax.models import presets, transformer
+from llmjax.errors import LlmjaxError
+from llmjax.hf import families
+from llmjax.models import layers, presets, transformer
+from llmjax.train import registry
 
 
 @pytest.mark.parametrize("name, count", [
@@ -42,3 +47,46 @@ def test_unknown_preset_names_the_known_ones():
     assert known.startswith("tiny, small, gpt2-124m")
     with pytest.raises(ValueError, match=re.escape(f"model='nope' is not a preset; choose one of {known}") + "$"):
         presets.preset("nope")
+
+
+NEW_ROPE_KEYS = ("rope_type", "rope_beta_fast", "rope_beta_slow", "rope_attn_factor")
+
+
+def test_a_config_saved_before_rope_types_reads_as_it_ran():
+    """Its one RoPE scaling was Llama 3.1's: rope_scaling != 1 is llama3, and 1 the default (unscaled) frequencies;
+    the keys it lacks take their defaults, and its export writes what it did then."""
+    old = {k: v for k, v in presets.preset("llama-1b").items() if k not in NEW_ROPE_KEYS}
+    assert presets.rope(old) == presets.rope(presets.preset("llama-1b")) | dict(rope_type="llama3")
+    unscaled = {k: v for k, v in presets.preset("tiny").items() if k not in NEW_ROPE_KEYS}
+    assert presets.rope(unscaled)["rope_type"] == "default" and presets.rope(unscaled)["rope_scaling"] == 1.0
+    assert presets.complete(unscaled) == presets.preset("tiny")  # a saved tiny run is the tiny preset
+    np.testing.assert_array_equal(layers.rope_frequencies(16, 10_000.0, "llama3", 1.0),
+                                  layers.rope_frequencies(16, 10_000.0))
+    hf = families.hf_config(ml_collections.ConfigDict(unscaled | dict(vocab_size=320)), "float32", None, 1, 2)
+    assert hf["rope_scaling"] is None and hf["max_position_embeddings"] == unscaled["max_seq_len"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_type="ntk"), "model.rope_type='ntk' is not one of"),
+    (dict(rope_type="linear", rope_scaling=0.5), "model.rope_scaling=0.5 is below 1"),
+    (dict(rope_scaling=4.0), "model.rope_scaling=4.0 scales nothing with model.rope_type='default'"),
+    (dict(rope_type="yarn", rope_scaling=4.0, rope_beta_fast=1.0),
+     "model.rope_beta_slow=1.0 is not below model.rope_beta_fast=1.0"),
+])
+def test_rope_settings_that_mean_nothing_are_refused_in_one_line(change, message):
+    with pytest.raises(LlmjaxError, match="^[^\n]*--config.model.rope_[^\n]*$") as e:
+        presets.rope(presets.preset("tiny") | change)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_type", "ntk", "model.rope_type='ntk' is not one of"),
+    ("rope_scaling", 0.5, "model.rope_scaling=0.5 is below 1"),
+    ("rope_beta_slow", 0.0, "model.rope_beta_slow=0.0 is outside (0, inf)"),
+])
+def test_rope_keys_are_validated_before_a_run(key, value, message):
+    cfg = config.base("tiny")
+    cfg.model[key] = value
+    with pytest.raises(LlmjaxError, match="^[^\n]*$") as e:
+        registry.validate(cfg, 1)
+    assert message in str(e.value)
