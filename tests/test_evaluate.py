@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import prompts_file
 
 from llmjax.evaluate import check, ks, pass_at_k
 
@@ -54,3 +55,17 @@ def test_evaluate_cli(sft_dir):
     assert set(result) == {"perplexity", "accuracy", "accuracy/sort", *passes, *(f"{p}/sort" for p in passes)}
     assert result["pass@1"] <= result["pass@2"] <= result["pass@4"] <= 1
     assert result["pass@4"] > 0  # the SFT model answers some sort prompts
+
+
+def test_evaluate_cli_on_another_source(sft_dir, tmp_path):
+    """--source asks another source's held-out prompts: an SFT run on prompt records it never trained on."""
+    source = prompts_file(tmp_path / "problems.jsonl", 40)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "llmjax.evaluate", f"--workdir={sft_dir}", "--n=4",
+                          f"--source={source}", "--tasks=reverse", "--validation=0.5",
+                          f"--data_dir={tmp_path / 'tfds'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with open(os.path.join(sft_dir, "eval_chat.json")) as f:
+        result = json.load(f)
+    assert set(result) == {"accuracy", "accuracy/reverse", "accuracy/problems"}  # prompts: no perplexity
