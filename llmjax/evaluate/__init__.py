@@ -69,7 +69,8 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     """fn(params) -> {perplexity, accuracy, accuracy/<set>, pass@k, pass@k/<set>} on held-out data, compiled once.
     Sets: each synthetic task (for synthetic sources and objectives whose data are prompts, `on_prompts`: RL) and
     such an objective's own prompt source. Another files or tfds source: the perplexity of its validation split
-    alone (the checkers only know the tasks)."""
+    alone (the checkers only know the tasks). A mixture: the perplexity of each source (perplexity/<source>) and of
+    all of them, and its synthetic sources' tasks."""
     if fmt and fmt != cfg.data.format:
         cfg = cfg.copy_and_resolve_references()
         cfg.data.format = fmt
@@ -85,8 +86,8 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
         return losses.cross_entropy(logits, b["targets"], b["loss_mask"], normalizer=1.0)[0]
 
     loss = jax.jit(summed_ce)
-    sets = prompts.held_out(cfg, n) if on_prompts else prompts.held_out(
-        mixture.synthetic_view(cfg), n) if mixture.synthetic_view(cfg) else {}
+    asked = cfg if on_prompts else mixture.synthetic_view(cfg)
+    sets = prompts.held_out(asked, n) if asked is not None else {}
     examples = [(name, record) for name, records in sets.items() for record in records]
     ids, lengths = sampling.left_pad([prompt_ids(tokenizer, r["prompt"], fmt) for _, r in examples] or [[0]])
     settings = dict(max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
