@@ -168,8 +168,7 @@ class Mixture(grain.DatasetIterator):
     def __init__(self, sources: dict[str, grain.IterDataset], schedule: list[Stage], rows: int,
                  endless: set[str], processes: int):
         super().__init__()
-        self._sources, self._schedule, self._rows = sources, schedule, rows
-        self._endless, self._processes = endless, processes
+        self._sources, self._schedule, self._rows, self._processes = sources, schedule, rows, processes
         self._step, self._stage, self._mix, self._index = 0, -1, None, 0
         self._places = {}  # each source's iterator state where it last stopped
         self._tokens = dict.fromkeys(sources, 0)
