@@ -193,16 +193,8 @@ def best_of_n(params: transformer.Params, cfg, prompts: Sequence[str], n: int, s
                    valid=np.concatenate(valid)[:m].reshape(-1, n))
 
 
-def _write(path: str, text: str) -> None:
-    """The file whole or not at all: a kill mid-write leaves the old one (or none), never half of it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    _write(path, "".join(json.dumps(r) + "\n" for r in records))
+    runs.write_whole(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def summary_path(out: str) -> str:
@@ -278,7 +270,7 @@ def sample_to_files(policy: str, reward: str, records: Sequence[dict], out: str,
     if pairs_out:
         write_jsonl(pairs_out, samples.pairs())
     summary = samples.summary(min_score) | {"policy": policy, "reward": reward, "min_score": min_score}
-    _write(summary_path(out), json.dumps(summary, indent=2))
+    runs.write_whole(summary_path(out), json.dumps(summary, indent=2))
     return summary
 
 

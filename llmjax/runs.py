@@ -100,10 +100,15 @@ def claim_workdir(workdir: str, cfg, parts: dict[str, tuple[str, ...]], made: st
         record = {"made": made, "parts": {name: list(where) for name, where in parts.items()}}
         files = {"config.json": cfg.to_json_best_effort(indent=2), "parts.json": json.dumps(record)}
         for name, text in files.items():
-            path = os.path.join(workdir, name)
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+            write_whole(os.path.join(workdir, name), text)
+
+
+def write_whole(path: str, text: str) -> None:
+    """The file whole or not at all: a kill mid-write leaves the old one (or none), never half of it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def check_new(path: str, what: str) -> None:

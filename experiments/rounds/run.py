@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from experiments.pipeline.run import stage_config
+from experiments.pipeline.run import fmt, stage_config
 from llmjax import checkpoint, config, runs
 from llmjax import rejection_sample as rs
 from llmjax.cli import run_main
@@ -159,18 +159,12 @@ def complete(workdir: str, steps: int) -> bool:
 
 
 def write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+    runs.write_whole(path, json.dumps(value, indent=2))
 
 
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-def pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
 
 
 def table(out: dict) -> str:
@@ -187,8 +181,8 @@ def table(out: dict) -> str:
                 f"GRPO, {row['answers']:,} answers" if "answers" in row else "")
         kept = f"{row['kept']} / {row['prompts']}" if "kept" in row else ""
         lines.append("| " + " | ".join([
-            str(row["round"]), pct(row.get("accuracy")), pct(row.get("pass@1")), pct(row.get(f"pass@{k}")),
-            *(" / ".join(pct(row.get(f"{m}/{s}")) for m in ("accuracy", "pass@1", f"pass@{k}")) for s in sets),
+            str(row["round"]), *(fmt(row.get(m), True) for m in ("accuracy", "pass@1", f"pass@{k}")),
+            *(" / ".join(fmt(row.get(f"{m}/{s}"), True) for m in ("accuracy", "pass@1", f"pass@{k}")) for s in sets),
             data, kept, str(row.get("pairs", "")), f"{row['minutes']:.1f}"]) + " |")
     return "\n".join(lines) + "\n"
 

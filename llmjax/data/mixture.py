@@ -272,10 +272,10 @@ def _named(name: str, read: Callable, view_cfg) -> Any:
         raise LlmjaxError(f"data.mixture.{name}: {str(e).removeprefix('data.source=')}") from None
 
 
-def _records(view_cfg) -> list | sources.Records:
+def _records(view_cfg) -> synthetic.Records | sources.Records:
     if view_cfg.data.source == "synthetic":
         return synthetic.Records(view_cfg.seed, view_cfg.data.tasks, view_cfg.data.format)
-    return sources.for_run(view_cfg, "train")
+    return pipeline.train_records(view_cfg)
 
 
 def _mixture(cfg, sharding: NamedSharding) -> tuple[Mixture, Batches]:
@@ -288,13 +288,10 @@ def _mixture(cfg, sharding: NamedSharding) -> tuple[Mixture, Batches]:
                              format=view_cfg.data.format, epochs=epochs or None,
                              shuffle=view_cfg.data.source != "synthetic")
 
-    rows, endless = {}, set()
-    for name in cfg.data.mixture:
-        v = view(cfg, name)
-        if v.data.source == "synthetic":
-            endless.add(name)
-        source = _named(name, partial(packed, epochs=cfg.data.mixture[name].get("epochs")), v)
-        rows[name] = source.map(partial(lambda name, row: row | {"source": name}, name))
+    views = {name: view(cfg, name) for name in cfg.data.mixture}
+    rows = {name: _named(name, partial(packed, epochs=cfg.data.mixture[name].get("epochs")), v).map(
+        partial(lambda name, row: row | {"source": name}, name)) for name, v in views.items()}
+    endless = {name for name, v in views.items() if v.data.source == "synthetic"}
     it = Mixture(rows, stages(cfg), local, endless, processes)
 
     def get(step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:

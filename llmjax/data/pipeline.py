@@ -153,18 +153,22 @@ def make_iterator(
     return iter(packed.batch(local, drop_remainder=True).map(to_batch))
 
 
-def _iterator(cfg, split: str) -> grain.DatasetIterator:
-    """This process's batches of `split` of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME).
-    Whatever is wrong with the input is one LlmjaxError; SFT records with empty responses are counted (warned,
-    or refused when all are)."""
-    records = sources.for_run(cfg, split)
-    it = make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
-                       batch_size=cfg.batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
-    if split == "train" and cfg.data.format == "chat":
+def train_records(cfg) -> sources.Records:
+    """The train split of cfg.data.source (files:PATH, with its held-out fraction, or tfds:NAME), its SFT records
+    with empty responses counted (warned, or refused when all are)."""
+    records = sources.for_run(cfg, "train")
+    if cfg.data.format == "chat":
         sources.check_degenerate(records, cfg.data.source, "have an empty response (only its eos is learnt)",
                                  "give each prompt a response")
-    return it
+    return records
+
+
+def _iterator(cfg, split: str) -> grain.DatasetIterator:
+    """This process's batches of `split` of cfg.data.source. Whatever is wrong with the input is one LlmjaxError."""
+    records = train_records(cfg) if split == "train" else sources.for_run(cfg, split)
+    return make_iterator(records, tokenizer=get_tokenizer(cfg.data.tokenizer), seq_len=cfg.seq_len,
+                         batch_size=cfg.batch_size, process_index=jax.process_index(),
+                         process_count=jax.process_count(), seed=cfg.seed, format=cfg.data.format)
 
 
 def batches(cfg, sharding: NamedSharding) -> tuple[grain.DatasetIterator, Callable[[int], dict[str, jax.Array]]]:
