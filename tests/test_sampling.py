@@ -49,6 +49,17 @@ def test_greedy_cache_equals_recompute(single):
     np.testing.assert_array_equal(out["lengths"], N_NEW)
 
 
+def test_greedy_cache_equals_recompute_with_sliding_windows():
+    """The cache's slots are compared as the forward pass's positions are: a window shorter than the prompts and
+    answers, on one layer of two, gives the same tokens either way."""
+    cfg = tiny_config(**{"model.sliding_window": 3, "model.layer_types": "sliding,full"})
+    params = transformer.init(cfg.model, jax.random.key(0))
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    for row, prompt in enumerate(PROMPTS):
+        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
+
+
 def test_greedy_sharded_equals_single(single):
     cfg, params, _ = single
     prompts, lengths = sampling.left_pad(PROMPTS + [[1, 7, 8]])  # 4 rows: divisible by fsdp=4

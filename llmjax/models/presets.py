@@ -68,6 +68,11 @@ DEFAULTS = dict(
     compute_dtype="float32",  # float32 | bfloat16: matmuls and activations; logits and loss stay float32
     remat="none",           # none | full | dots | all_dots: what the scanned layer saves for the backward pass
     attn_causal_block=0,    # >0: attention in query blocks that skip the masked upper triangle (CPU); 0: one block
+    # Sliding-window attention (Mistral, Qwen2): on a windowed layer a query sees only the sliding_window most recent
+    # keys, itself included; 0 = none. layer_types: "" windows every layer; else comma-separated full | sliding,
+    # repeated over the layers ("sliding,full" alternates; Qwen2's max_window_layers lists every layer).
+    sliding_window=0,
+    layer_types="",
     # Mixture of experts (llmjax.models.moe): moe_experts > 0 replaces the MLP of every moe_every-th layer (layer i
     # when (i + 1) % moe_every == 0, as Qwen-MoE's decoder_sparse_step) by moe_experts SwiGLU experts of width
     # moe_d_ff (0: d_ff), moe_top_k of which run per token.
@@ -105,6 +110,28 @@ def rope(model) -> dict:
                           f"{out['rope_beta_fast']}: YaRN ramps from one to the other; set "
                           "--config.model.rope_beta_slow between 0 and it (1 and 32 by default)")
     return out
+
+
+def windows(model) -> list[int]:
+    """Every layer's attention window (0 = the whole context), checked."""
+    window, types = model.get("sliding_window", 0), model.get("layer_types", "")
+    kinds = types.split(",") if types else ["sliding"]
+    if window < 0:
+        raise LlmjaxError(f"model.sliding_window={window} is negative; set --config.model.sliding_window to 0 "
+                          "(no window) or a number of tokens")
+    if set(kinds) - {"full", "sliding"} or model["n_layers"] % len(kinds):
+        raise LlmjaxError(f"model.layer_types={types!r} is not a comma-separated list of full | sliding whose "
+                          f"length divides model.n_layers={model['n_layers']}; e.g. --config.model.layer_types="
+                          "sliding,full")
+    if "sliding" in kinds and not window:
+        if types:
+            raise LlmjaxError(f"model.layer_types={types!r} names sliding layers but model.sliding_window=0; "
+                              "set --config.model.sliding_window to the window's length")
+        return [0] * model["n_layers"]
+    if window and "sliding" not in kinds:
+        raise LlmjaxError(f"model.sliding_window={window} windows no layer: model.layer_types={types!r} are all full; "
+                          "set --config.model.sliding_window=0 or name sliding layers")
+    return [window if kinds[i % len(kinds)] == "sliding" else 0 for i in range(model["n_layers"])]
 
 
 def complete(model) -> dict:

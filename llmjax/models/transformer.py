@@ -196,6 +196,8 @@ class Context(NamedTuple):
     freq_h: jax.Array  # RoPE inverse frequencies
     rope_scale: float  # what RoPE multiplies cos and sin by (YaRN's attention factor)
     mask_B1TS: jax.Array
+    q_index_BT: jax.Array  # the queries' and keys' slots, which a sliding window compares
+    kv_index_BS: jax.Array
     valid_BT: jax.Array  # real tokens, not padding: the only ones the MoE router's statistics count
     cache_index: jax.Array | None  # the first cache slot the tokens fill; None without a cache
 
@@ -228,22 +230,26 @@ def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigD
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
 
-def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None) -> tuple[jax.Array, jax.Array]:
-    """(mask_B1TS, the keys' segment ids). Without a cache the tokens are their own keys; with one they fill
-    the slots after the cache's `index` and also see the slots before them."""
+def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None) -> tuple[jax.Array, ...]:
+    """(mask_B1TS, the keys' segment ids, the queries' slots, the keys' slots). Without a cache the tokens are
+    their own keys; with one they fill the slots after the cache's `index` and also see the slots before them."""
     B, T = segment_ids_BT.shape
     q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     if cache is None:
-        return layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT), segment_ids_BT
+        mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT)
+        return mask_B1TS, segment_ids_BT, q_index_BT, q_index_BT
     kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
     kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
-    return layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT + cache.index, kv_index_BS), kv_segment_BS
+    q_index_BT = q_index_BT + cache.index
+    return (layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS), kv_segment_BS,
+            q_index_BT, kv_index_BS)
 
 
 def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
-                    kv_BSKH: KV | None = None) -> tuple[jax.Array, KV | None]:
+                    kv_BSKH: KV | None = None, window: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
     """Pre-norm attention added to the residual stream. With a cache the new keys and values are written into
-    it first, so the tokens attend to the earlier slots and to each other in one call."""
+    it first, so the tokens attend to the earlier slots and to each other in one call. `window` > 0: this layer's
+    queries see only that many most recent slots."""
     h_BTD = _norm(x_BTD, w["attn_norm"], cfg)
     q_BTNH, k_BTKH, v_BTKH = (layers.dense(h_BTD, w[k]) for k in ("wq", "wk", "wv"))
     if cfg.bias != "none":
@@ -253,13 +259,17 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
         k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
     if cfg.pos == "rope":
         q_BTNH, k_BTKH = (layers.rope(a, ctx.positions_BT, ctx.freq_h, ctx.rope_scale) for a in (q_BTNH, k_BTKH))
+    mask_B1TS = ctx.mask_B1TS
+    if window is not None:
+        near_B1TS = (ctx.q_index_BT[:, None, :, None] - ctx.kv_index_BS[:, None, None, :]) < window
+        mask_B1TS = mask_B1TS & ((window <= 0) | near_B1TS)
     if kv_BSKH is None:
-        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, ctx.mask_B1TS, cfg.attn_causal_block)
+        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
     else:
         kv_BSKH = tuple(constrain(jax.lax.dynamic_update_slice(c_BSKH, new_BTKH, (0, ctx.cache_index, 0, 0)),
                                   ("batch", "seq", "kv_heads", "head_dim"))
                         for c_BSKH, new_BTKH in zip(kv_BSKH, (k_BTKH, v_BTKH), strict=True))
-        o_BTNH = layers.attention(q_BTNH, *kv_BSKH, ctx.mask_B1TS)
+        o_BTNH = layers.attention(q_BTNH, *kv_BSKH, mask_B1TS)
     o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
     x_BTD = x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD)
     return constrain(x_BTD, ("batch", "seq", "act_embed")), kv_BSKH
@@ -282,9 +292,9 @@ def mlp_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict,
 
 
 def block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
-          kv_BSKH: KV | None = None) -> tuple[jax.Array, KV | None, dict]:
+          kv_BSKH: KV | None = None, window: jax.Array | None = None) -> tuple[jax.Array, KV | None, dict]:
     """One layer: attention mixes information across positions, the MLP then works on each position alone."""
-    x_BTD, kv_BSKH = attention_block(x_BTD, w, ctx, cfg, constrain, kv_BSKH)
+    x_BTD, kv_BSKH = attention_block(x_BTD, w, ctx, cfg, constrain, kv_BSKH, window)
     x_BTD, stats = mlp_block(x_BTD, w, ctx, cfg, constrain)
     return x_BTD, kv_BSKH, stats
 
@@ -292,14 +302,13 @@ def block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain:
 def _group(x_BTD, weights, ctx: Context, cfg, constrain):
     """One scan step: moe_every layers (one for a dense model), the last with the experts when the model has
     them, so that every step of the scan is alike."""
-    attn, dense, experts, kv_cache = weights
+    attn, dense, experts, kv_cache, window_n = weights
     n = _group_size(cfg)
     new_kv = []
     for i in range(n):
         at = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: B023, E731
         mlp = experts if cfg.moe_experts and i == n - 1 else at(dense)
-        x_BTD, kv_BSKH, stats = block(x_BTD, {**at(attn), **mlp}, ctx, cfg, constrain,
-                                      None if kv_cache is None else at(kv_cache))
+        x_BTD, kv_BSKH, stats = block(x_BTD, {**at(attn), **mlp}, ctx, cfg, constrain, at(kv_cache), at(window_n))
         new_kv.append(kv_BSKH)
     new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
     return x_BTD, (new_kv, stats)  # the last layer's stats: the group's only MoE layer, {} when dense
@@ -308,14 +317,17 @@ def _group(x_BTD, weights, ctx: Context, cfg, constrain):
 def scan_layers(x_BTD: jax.Array, layers_p: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
                 kv_LBSKH: KV | None = None) -> tuple[jax.Array, KV | None, dict]:
     """Every layer, as one jax.lax.scan over groups of layers so that compile time does not grow with depth;
-    cfg.remat picks what each group's backward pass recomputes rather than stores."""
+    cfg.remat picks what each group's backward pass recomputes rather than stores. Layers' sliding windows go
+    through the scan beside their weights (none when no layer has one)."""
     step = partial(_group, ctx=ctx, cfg=cfg, constrain=constrain)
     if REMAT[cfg.remat] is not None:
         step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
     attn, dense, experts = _groups(layers_p, cfg)
     kv = None if kv_LBSKH is None else jax.tree.map(lambda a: a.reshape(-1, _group_size(cfg), *a.shape[1:]),
                                                     kv_LBSKH)
-    x_BTD, (kv, stats) = jax.lax.scan(step, x_BTD, (attn, dense, experts, kv))
+    windows = presets.windows(cfg)
+    window_Gn = jnp.asarray(windows, jnp.int32).reshape(-1, _group_size(cfg)) if any(windows) else None
+    x_BTD, (kv, stats) = jax.lax.scan(step, x_BTD, (attn, dense, experts, kv, window_Gn))
     kv_LBSKH = None if kv is None else jax.tree.map(lambda a: a.reshape(cfg.n_layers, *a.shape[2:]), kv)
     return x_BTD, kv_LBSKH, stats
 
@@ -337,7 +349,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     dtype = jnp.dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
-    mask_B1TS, kv_segment_BS = attention_mask(segment_ids_BT, cache)
+    mask_B1TS, kv_segment_BS, q_index_BT, kv_index_BS = attention_mask(segment_ids_BT, cache)
     r = presets.rope(cfg)
     kind, factor = r["rope_type"], r["rope_scaling"]
     freq_h = layers.rope_frequencies(
@@ -346,7 +358,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         beta_fast=r["rope_beta_fast"], beta_slow=r["rope_beta_slow"],
         seq_len=jnp.max(positions_BT) + 1 if kind == "dynamic" else None)  # transformers' run-time length
     rope_scale = layers.rope_attention_factor(kind, factor, r["rope_attn_factor"])
-    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, segment_ids_BT > 0,
+    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, q_index_BT, kv_index_BS, segment_ids_BT > 0,
                   None if cache is None else cache.index)
     kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
     x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)

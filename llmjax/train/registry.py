@@ -74,6 +74,7 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     check_choices(cfg, CHOICES)
     m = cfg.model
     presets.rope(m)
+    presets.windows(m)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
             raise LlmjaxError(f"model.{key}={m[key]} must be positive")

@@ -90,3 +90,27 @@ def test_rope_keys_are_validated_before_a_run(key, value, message):
     with pytest.raises(LlmjaxError, match="^[^\n]*$") as e:
         registry.validate(cfg, 1)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("change, want", [
+    (dict(), [0, 0]),
+    (dict(sliding_window=8), [8, 8]),
+    (dict(sliding_window=8, layer_types="sliding,full"), [8, 0]),
+    (dict(sliding_window=8, layer_types="full,sliding"), [0, 8]),
+    (dict(sliding_window=8, n_layers=4, layer_types="sliding,full"), [8, 0, 8, 0]),
+])
+def test_windows_per_layer(change, want):
+    assert presets.windows(presets.preset("tiny") | change) == want
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sliding_window=-1), "model.sliding_window=-1 is negative"),
+    (dict(sliding_window=8, layer_types="sliding,local"), "model.layer_types='sliding,local' is not"),
+    (dict(sliding_window=8, layer_types="sliding,full,full"), "whose length divides model.n_layers=2"),
+    (dict(layer_types="sliding,full"), "names sliding layers but model.sliding_window=0"),
+    (dict(sliding_window=8, layer_types="full"), "model.sliding_window=8 windows no layer"),
+])
+def test_window_settings_that_mean_nothing_are_refused_in_one_line(change, message):
+    with pytest.raises(LlmjaxError, match="^[^\n]*--config.model.[^\n]*$") as e:
+        presets.windows(presets.preset("tiny") | change)
+    assert message in str(e.value)

@@ -110,3 +110,17 @@ def test_remat_policies_same_gradients(models):
     want, *others = jax.jit(lambda p: [f(p) for f in fns])(params)  # one compilation for all four
     for got in others:
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+
+
+@pytest.mark.parametrize("layer_types, reach", [("", 2 * 3), ("sliding,full", T - 1)])
+def test_sliding_window_reach(layer_types, reach):
+    """A window of 4 on each of 2 layers lets a token see 2 x 3 positions back and no further; a full layer
+    after a windowed one sees everything."""
+    cfg = tiny_config(**{"model.sliding_window": 4, "model.layer_types": layer_types}).model
+    fwd = jax.jit(lambda p, t, pos, seg: transformer.forward(p, t, pos, seg, cfg)[0])
+    tokens = np.random.default_rng(4).integers(0, 262, T)
+    changed = tokens.copy()
+    changed[0] = (tokens[0] + 1) % 262
+    logits = fwd(init(cfg), *rows(*((t, np.arange(T), np.ones(T)) for t in (tokens, changed))))
+    moved = np.abs(logits[1] - logits[0]).max(-1) > 1e-4
+    assert moved[:reach + 1].all() and not moved[reach + 1:].any(), moved
