@@ -152,12 +152,13 @@ def base(model: str = "small") -> ml_collections.ConfigDict:
     # (kaiming: uniform 1/sqrt(in) | gaussian: std 1/rank), B starts at zero so step 0 is the base model. dropout:
     # on the adapters' input, in training steps only.
     c.lora = dict(targets="", rank=8, alpha=16.0, init="kaiming", dropout=0.0)
-    # Mesh axes; one size may be -1 (the rest of the devices).
-    c.mesh = dict(data=1, expert=1, fsdp=-1, tensor=1)
-    # Logical axis -> comma-separated mesh axes ("" = replicated). The model only names logical axes.
+    # Mesh axes; one size may be -1 (the rest of the devices). context splits every sequence (context parallelism).
+    c.mesh = dict(data=1, expert=1, fsdp=-1, context=1, tensor=1)
+    # Logical axis -> comma-separated mesh axes ("" = replicated). The model only names logical axes; seq is the
+    # sequence of activations and of the KV cache.
     c.rules = dict(
         batch="data,expert,fsdp", embed="fsdp", vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor",
-        experts="expert", layers="", seq="", head_dim="", act_embed="",
+        experts="expert", layers="", seq="context", head_dim="", act_embed="",
     )
     if model not in presets.PRESETS:
         c.data.tokenizer = model if model.startswith("hf:") else saved(model).data.tokenizer

@@ -21,11 +21,12 @@ of devices its sharding spec splits it over, a dimension the mesh does not divid
                PPO, GRPO) and fine-tunes fully; none with LoRA (the reference is the base with the adapters
                off) or with DPO's precomputed log-probs
   activations  s b T [L (saved(remat) + R) + layer] c  +  (s + 1) b T V' 4  +  weights
-with b = rows per device per microbatch, T = seq_len, s = 2 for DPO's pairs (chosen and rejected are two
-forwards, each logits held until the loss) and 1 otherwise, and per token and layer (N', K', F', V' = heads, kv
-heads, MLP width, vocab per device under the tensor axis, the MLP width of an MoE layer being its top_k experts'
-plus its shared expert's plus E router logits, averaged over the layers; H = head_dim; S = keys a query scores,
-T without causal blocks, else the blocks' average; score elements are float32, counted as 4/c elements of size c):
+with b = rows per device per microbatch, T = seq_len per device (divided by the axes of rules.seq, context), s = 2
+for DPO's pairs (chosen and rejected are two forwards, each logits held until the loss) and 1 otherwise, and per
+token and layer (N', K', F', V' = heads, kv heads, MLP width, vocab per device under the tensor axis, the MLP width
+of an MoE layer being its top_k experts' plus its shared expert's plus E router logits, averaged over the layers;
+H = head_dim; S = keys a query scores, seq_len without causal blocks, else the blocks' average; score elements are
+float32, counted as 4/c elements of size c):
   full      D                                       the scan carry x_BTD, the only residual
   dots      2 D + (N' + 2 K') H + m F'              + q, k, v, the output projection, the MLP's first
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
@@ -196,8 +197,8 @@ def activation_bytes(cfg, mesh: AbstractMesh) -> dict[str, float]:
     """Saved residuals of every layer, one layer's working set, the float32 logits (with gradient), and the
     weight copies (`weight_copies`)."""
     m, s = cfg.model, sequences(cfg)
-    rows = cfg.batch_size / shards(("batch",), (cfg.batch_size,), cfg.rules, mesh) / cfg.optim.grad_accum
-    tokens = rows * cfg.seq_len
+    shape = (cfg.batch_size, cfg.seq_len)
+    tokens = math.prod(shape) / shards(("batch", "seq"), shape, cfg.rules, mesh) / cfg.optim.grad_accum
     c = jnp.dtype(m.compute_dtype).itemsize
     vocab = m.vocab_size / shards(("vocab",), (m.vocab_size,), cfg.rules, mesh)
     adapters = adapter_elements(cfg, mesh) if m.remat != "full" else 0
@@ -288,8 +289,8 @@ def _report(runs: list[tuple[str, dict, dict | None]], device_gib: float) -> str
     rows = est["batch_size"] // (m["data"] * m["expert"] * m["fsdp"])
     lines = [
         f"{est['model']} ({est['trainer']}): {est['devices']} devices, mesh data={m['data']} expert={m['expert']} "
-        f"fsdp={m['fsdp']} "
-        f"tensor={m['tensor']}, batch {est['batch_size']} x {est['seq_len']} ({rows} x {est['seq_len']} per device), "
+        f"fsdp={m['fsdp']} context={m['context']} tensor={m['tensor']}, batch {est['batch_size']} x "
+        f"{est['seq_len']} ({rows} x {est['seq_len'] // m['context']} per device), "
         f"remat={est['remat']}",
         f"parameters          {est['params']:,} ({est['matmul_params']:,} in a token's matmuls)",
         *([f"experts             {est['active_params']:,} parameters active per token; all experts hold "

@@ -1,7 +1,7 @@
 """Meshes and the logical-axis rules that place every array on them.
 
-The model names only logical axes ("batch", "embed", "heads", "experts", ...); `cfg.rules` maps each to mesh axes
-("data", "expert", "fsdp", "tensor"; a mesh given without "expert" has it of size 1). We build meshes with
+The model names only logical axes ("batch", "seq", "embed", "heads", "experts", ...); `cfg.rules` maps each to mesh
+axes ("data", "expert", "fsdp", "context", "tensor"; an axis a mesh is given without has size 1). We build meshes with
 `AxisType.Auto` (GSPMD-style): shardings are hints that XLA propagates, set on parameters through jit's in/out
 shardings and on activations with `constrain`.
 """
@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llmjax.errors import LlmjaxError
 
-AXES = ("data", "expert", "fsdp", "tensor")
+AXES = ("data", "expert", "fsdp", "context", "tensor")
 
 
 def mesh_shape(mesh: Mapping[str, int], n_devices: int) -> dict[str, int]:

@@ -63,6 +63,7 @@ def test_config_file_rejects_unknown_preset():
     ({"log_every": 0}, r"log_every=0 must be at least 1"),
     ({"model.norm": "rmsnorm"}, r"model.norm='rmsnorm' is not one of \('rms', 'layer'\); set --config.model.norm"),
     ({"rules.embed": "fsdb"}, r"rules.embed='fsdb' names mesh axes \['fsdb'\]"),
+    ({"mesh.context": 4, "seq_len": 36}, r"seq_len=36 is not divisible by 2 x the mesh axes of rules.seq='context'"),
     ({"data.tasks": "sort,srot"}, r"data.tasks='sort,srot' names unknown tasks \['srot'\]; choose from reverse,"),
 ])
 def test_validate_rejects(overrides, message):
@@ -71,11 +72,12 @@ def test_validate_rejects(overrides, message):
 
 
 @pytest.mark.parametrize("overrides, n_devices, sizes", [
-    ({}, 8, dict(data=1, expert=1, fsdp=8, tensor=1)),
-    ({"mesh.tensor": 2}, 8, dict(data=1, expert=1, fsdp=4, tensor=2)),
-    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, 8, dict(data=2, expert=1, fsdp=2, tensor=2)),
-    ({"mesh.expert": 2, "mesh.tensor": 2}, 8, dict(data=1, expert=2, fsdp=2, tensor=2)),
-    ({}, 1, dict(data=1, expert=1, fsdp=1, tensor=1)),
+    ({}, 8, dict(data=1, expert=1, fsdp=8, context=1, tensor=1)),
+    ({"mesh.tensor": 2}, 8, dict(data=1, expert=1, fsdp=4, context=1, tensor=2)),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, 8, dict(data=2, expert=1, fsdp=2, context=1, tensor=2)),
+    ({"mesh.expert": 2, "mesh.tensor": 2}, 8, dict(data=1, expert=2, fsdp=2, context=1, tensor=2)),
+    ({"mesh.context": 4}, 8, dict(data=1, expert=1, fsdp=2, context=4, tensor=1)),
+    ({}, 1, dict(data=1, expert=1, fsdp=1, context=1, tensor=1)),
 ])
 def test_validate_accepts_and_resolves_mesh(overrides, n_devices, sizes):
     assert registry.validate(tiny_config(**overrides), n_devices) == sizes

@@ -53,6 +53,16 @@ def test_gpt2_by_hand():
                                              + act["weights"])
 
 
+def test_context_axis_divides_tokens_per_device():
+    """Context parallelism splits each sequence: context=2 holds half the tokens' activations and logits, and the
+    same parameters (the weights are not split over it)."""
+    whole, split = gpt2(), gpt2()
+    split.mesh.context = 2
+    act, halved = estimate(whole, 8)["activation_bytes"], estimate(split, 16)["activation_bytes"]
+    assert halved["saved_layers"] == act["saved_layers"] / 2 and halved["logits"] == act["logits"] / 2
+    assert halved["weights"] == act["weights"]
+
+
 def test_more_memory_for_weaker_remat_and_bf16_halves_saved_activations():
     def saved(**model):
         return estimate(gpt2(**model), 8)["activation_bytes"]["saved_layers"]

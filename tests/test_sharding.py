@@ -42,12 +42,12 @@ def mesh(cfg):
 
 
 def test_make_mesh_fills_minus_one():
-    want = dict(data=1, expert=1, fsdp=4, tensor=2)
+    want = dict(data=1, expert=1, fsdp=4, context=1, tensor=2)
     assert dict(sharding.make_mesh(dict(data=1, fsdp=-1, tensor=2)).shape) == want
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=2, expert=1, fsdp=2, tensor=1), dict(data=3, expert=1, fsdp=-1,
-                                                                                     tensor=1)])
+@pytest.mark.parametrize("mesh_cfg", [dict(data=2, expert=1, fsdp=2, context=1, tensor=1),
+                                      dict(data=3, expert=1, fsdp=-1, context=1, tensor=1)])
 def test_make_mesh_rejects_wrong_sizes(mesh_cfg):
     with pytest.raises(config.LlmjaxError, match=re.escape(f"mesh {mesh_cfg}")):
         sharding.make_mesh(mesh_cfg)
@@ -68,3 +68,10 @@ def test_batch_spec_and_process_rows(cfg, mesh):
     batch = sharding.batch_sharding(mesh, cfg.rules)
     assert batch.spec == P(("data", "fsdp"))
     assert sharding.process_rows(batch, (8, 64)) == range(0, 8)
+
+
+def test_activations_split_along_the_sequence_over_context(cfg, mesh):
+    """The base rules put activations' sequence on the context axis: split with context > 1, whole without."""
+    context = sharding.make_mesh(dict(fsdp=2, context=2, tensor=2))
+    assert sharding.spec(("batch", "seq", "act_embed"), cfg.rules, context) == P("fsdp", "context", None)
+    assert sharding.spec(("batch", "seq", "act_embed"), cfg.rules, mesh) == P(("data", "fsdp"), None, None)

@@ -4,9 +4,9 @@ Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 and Qwen3 share one layout of tensor 
 experts Mixtral, Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) and Qwen3-MoE, whose experts are stored one tensor per
 expert, as the Hub's files hold them (transformers 5 fuses them on load and splits them again on save); GPT-2 has
 its own (Conv1D weights stored (in, out), q, k and v fused in one tensor). Anything these families do that our model
-does not (sliding windows, RoPE scalings but llama3, linear, dynamic and yarn, biases elsewhere, experts in other
-layers than every n-th) is refused by name: an import is the same model or none. Pure Python (no JAX), so a config
-can name a Hugging Face folder as its model.
+does not (layers other than full and sliding-window attention, RoPE scalings but llama3, linear, dynamic and yarn,
+biases elsewhere, experts in other layers than every n-th) is refused by name: an import is the same model or none.
+Pure Python (no JAX), so a config can name a Hugging Face folder as its model.
 """
 
 import json
@@ -19,6 +19,7 @@ from llmjax.models import presets
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+PER_LAYER_WINDOWS = ("qwen2", "qwen3", "qwen2_moe")  # the others window every layer or none
 FAMILIES = (*LLAMA_LIKE, *MOE, "gpt2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -130,25 +131,44 @@ def model_config(hf: dict, where: str, dtype: str | None = None) -> dict:
                           d_ff=hf.get("n_inner") or 4 * D, max_seq_len=hf["n_positions"],
                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings",
                                                                                               True))
-    layer_types = hf.get("layer_types") or ["full_attention"]
-    capped = kind in ("mistral", "mixtral")  # a window on every layer, else one under use_sliding_window
-    window = hf.get("sliding_window") if capped or hf.get("use_sliding_window") else None
     _refuse(where, hf, hidden_act=(hf.get("hidden_act", "silu") != "silu", "an MLP activation other than SiLU"),
             attention_bias=(hf.get("attention_bias") and kind != "qwen2", "biases on every attention projection"),
-            mlp_bias=(hf.get("mlp_bias"), "biases in the MLP"),
-            layer_types=(set(layer_types) != {"full_attention"}, "layers other than full attention"),
-            use_sliding_window=(not capped and window, "sliding-window attention"))
+            mlp_bias=(hf.get("mlp_bias"), "biases in the MLP"))
     D, N = hf["hidden_size"], hf["num_attention_heads"]
     rope, max_len = _rope(hf, where)
-    if window and window < max_len:
-        max_len = window  # Mistral's window: up to it, full attention is exactly the same model
     qkv = kind == "qwen2" or kind == "qwen2_moe" and hf.get("qkv_bias", True)  # transformers 4 has no qkv_bias
     out |= dict(presets.LLAMA, **rope, d_model=D, n_layers=hf["num_hidden_layers"], n_heads=N,
                 n_kv_heads=hf.get("num_key_value_heads") or N, head_dim=hf.get("head_dim") or D // N,
                 d_ff=hf["intermediate_size"], max_seq_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
                 bias="qkv" if qkv else "none", qk_norm=kind in ("qwen3", "qwen3_moe"),
-                tie_embeddings=hf.get("tie_word_embeddings", False))
+                tie_embeddings=hf.get("tie_word_embeddings", False), **_windows(hf, where))
     return out | _experts(hf, where) if kind in MOE else out
+
+
+def _windows(hf: dict, where: str) -> dict:
+    """Our sliding_window and layer_types. Mistral and Mixtral window every layer when sliding_window is set, and
+    so does Qwen3-MoE under use_sliding_window; Qwen2, Qwen3 and Qwen2-MoE window the layers their layer_types
+    lists (transformers 5 writes them) or else, as transformers 5 reads a config without the list, those from
+    max_window_layers on (Qwen2-MoE: the even layers below it). The list becomes its shortest repeating pattern
+    ("sliding,full" for alternating layers)."""
+    kind, L = hf["model_type"], hf["num_hidden_layers"]
+    window = hf.get("sliding_window", 4096 if kind == "mistral" else None) if kind in ("mistral", "mixtral") or \
+        hf.get("use_sliding_window") else None  # transformers' defaults for a config.json without the key
+    types = hf.get("layer_types") if kind in PER_LAYER_WINDOWS else None
+    if types is None:
+        first = hf.get("max_window_layers", 28) if kind in PER_LAYER_WINDOWS else 0
+        # transformers 5's Qwen2-MoE windows the even layers below max_window_layers, Qwen2 and Qwen3 those from it on
+        windowed = (lambda i: i % 2 == 0 and i < first) if kind == "qwen2_moe" else (lambda i: i >= first)
+        types = ["sliding_attention" if window and windowed(i) else "full_attention" for i in range(L)]
+    names = {"full_attention": "full", "sliding_attention": "sliding"}
+    _refuse(where, hf, layer_types=(set(types) - set(names) or len(types) != L, "layers other than full and "
+                                    "sliding-window attention"),
+            sliding_window=("sliding_attention" in types and not window, "sliding layers without a window"))
+    kinds = [names[t] for t in types]
+    if "sliding" not in kinds:
+        return dict(sliding_window=0, layer_types="")
+    period = next(p for p in range(1, L + 1) if L % p == 0 and kinds == kinds[:p] * (L // p))
+    return dict(sliding_window=window, layer_types="" if set(kinds) == {"sliding"} else ",".join(kinds[:period]))
 
 
 def _experts(hf: dict, where: str) -> dict:
@@ -191,7 +211,8 @@ def family(model) -> str:
             return "qwen3" if model.bias == "none" else ""
         if model.bias == "qkv":
             return "qwen2"
-        return "mistral" if model.name.startswith("mistral") else "llama"
+        windowed = any(presets.windows(model))
+        return "mistral" if model.name.startswith("mistral") or windowed else "llama"
     return ""
 
 
@@ -228,11 +249,26 @@ def hf_config(model, dtype: str, bos_id: int | None, eos_id: int, pad_id: int) -
                 rope_theta=model.rope_theta, rope_scaling=rope, attention_dropout=0.0)
     if kind in ("llama", "qwen3", "qwen3_moe"):
         out |= dict(attention_bias=False, mlp_bias=False) if kind == "llama" else dict(attention_bias=False)
-    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        out |= dict(use_sliding_window=False, sliding_window=None, max_window_layers=model.n_layers)
+    return out | _windows_config(model, kind) | (_experts_config(model, kind) if kind in MOE else {})
+
+
+def _windows_config(model, kind: str) -> dict:
+    """The sliding-window keys of config.json (see _windows); a family that windows every layer or none takes
+    only that."""
+    windows = presets.windows(model)
+    if kind not in PER_LAYER_WINDOWS and len(set(windows)) > 1:
+        raise LlmjaxError(f"model {model.name!r} windows some layers (model.layer_types={model.layer_types!r}) but "
+                          f"{ARCHITECTURES[kind]} windows all or none; export a model with windows on every layer")
+    window = max(windows) or None
+    if kind == "llama":  # no window (family names a windowed Llama Mistral): Llama's config has no such keys
+        return {}
     if kind in ("mistral", "mixtral"):
-        out |= dict(sliding_window=None)
-    return out | _experts_config(model, kind) if kind in MOE else out
+        return dict(sliding_window=window)
+    if kind == "qwen3_moe":
+        return dict(use_sliding_window=bool(window), sliding_window=window)
+    first = next((i for i, w in enumerate(windows) if w), model.n_layers)
+    types = ["sliding_attention" if w else "full_attention" for w in windows]
+    return dict(use_sliding_window=bool(window), sliding_window=window, max_window_layers=first, layer_types=types)
 
 
 def _experts_config(model, kind: str) -> dict:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from llmjax.models import layers, moe, presets
+from llmjax.models import attention, layers, moe, presets, ring
 from llmjax.sharding import Constrain, no_constrain
 
 Params = dict[str, Any]
@@ -196,6 +196,8 @@ class Context(NamedTuple):
     freq_h: jax.Array  # RoPE inverse frequencies
     rope_scale: float  # what RoPE multiplies cos and sin by (YaRN's attention factor)
     mask_B1TS: jax.Array
+    segment_BT: jax.Array  # what the mask is made of, for the attentions that make their own
+    kv_segment_BS: jax.Array
     q_index_BT: jax.Array  # the queries' and keys' slots, which a sliding window compares
     kv_index_BS: jax.Array
     valid_BT: jax.Array  # real tokens, not padding: the only ones the MoE router's statistics count
@@ -230,12 +232,15 @@ def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigD
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
 
-def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None) -> tuple[jax.Array, ...]:
+def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None,
+                   constrain: Constrain = no_constrain) -> tuple[jax.Array, ...]:
     """(mask_B1TS, the keys' segment ids, the queries' slots, the keys' slots). Without a cache the tokens are
-    their own keys; with one they fill the slots after the cache's `index` and also see the slots before them."""
+    their own keys, their slots in the order `ring.balance` puts them in; with one they fill the slots after the
+    cache's `index` and also see the slots before them."""
     B, T = segment_ids_BT.shape
     q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     if cache is None:
+        q_index_BT = ring.balance(q_index_BT, constrain)
         mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT)
         return mask_B1TS, segment_ids_BT, q_index_BT, q_index_BT
     kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
@@ -264,7 +269,7 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
         near_B1TS = (ctx.q_index_BT[:, None, :, None] - ctx.kv_index_BS[:, None, None, :]) < window
         mask_B1TS = mask_B1TS & ((window <= 0) | near_B1TS)
     if kv_BSKH is None:
-        o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
+        o_BTNH = self_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, ctx, window, cfg, constrain)
     else:
         kv_BSKH = tuple(constrain(jax.lax.dynamic_update_slice(c_BSKH, new_BTKH, (0, ctx.cache_index, 0, 0)),
                                   ("batch", "seq", "kv_heads", "head_dim"))
@@ -273,6 +278,21 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
     o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
     x_BTD = x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD)
     return constrain(x_BTD, ("batch", "seq", "act_embed")), kv_BSKH
+
+
+def self_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_B1TS: jax.Array, ctx: Context,
+                   window: jax.Array | None, cfg: ConfigDict, constrain: Constrain) -> jax.Array:
+    """The tokens attending to each other by cfg.attention; split over the mesh axes of the sequence, if any, by
+    cfg.context_parallel (the xla attention then runs materialised on each device's share)."""
+    if cfg.attention == "blockwise" or ring.seq_axes(constrain):
+        local = (partial(attention.blockwise, block_q=cfg.attn_block, block_k=cfg.attn_block)
+                 if cfg.attention == "blockwise" else attention.reference)
+        return ring.attention(q_BTNH, k_BTKH, v_BTKH, ctx.segment_BT, ctx.kv_segment_BS, ctx.q_index_BT,
+                              ctx.kv_index_BS, 0 if window is None else window, constrain, local,
+                              cfg.context_parallel)
+    if cfg.attention == "cudnn":
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, implementation="cudnn")
+    return layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
 
 
 def mlp_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict,
@@ -344,12 +364,19 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill slots index ..
     index+T and attend to everything cached before them.
 
-    Tokens attend causally within their own segment, so documents packed in one row never see each other.
+    Tokens attend causally within their own segment, so documents packed in one row never see each other. With
+    the sequence split over mesh axes (context parallelism), the tokens go through the layers in zigzag order
+    (llmjax.models.ring.balance), so that causal attention gives every device the same work, and the final
+    hidden states come back in order.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    balanced = cache is None and bool(ring.seq_axes(constrain))
+    if balanced:
+        tokens_BT, positions_BT, segment_ids_BT = (ring.balance(a, constrain)
+                                                   for a in (tokens_BT, positions_BT, segment_ids_BT))
     x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
-    mask_B1TS, kv_segment_BS, q_index_BT, kv_index_BS = attention_mask(segment_ids_BT, cache)
+    mask_B1TS, kv_segment_BS, q_index_BT, kv_index_BS = attention_mask(segment_ids_BT, cache, constrain)
     r = presets.rope(cfg)
     kind, factor = r["rope_type"], r["rope_scaling"]
     freq_h = layers.rope_frequencies(
@@ -358,11 +385,14 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         beta_fast=r["rope_beta_fast"], beta_slow=r["rope_beta_slow"],
         seq_len=jnp.max(positions_BT) + 1 if kind == "dynamic" else None)  # transformers' run-time length
     rope_scale = layers.rope_attention_factor(kind, factor, r["rope_attn_factor"])
-    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, q_index_BT, kv_index_BS, segment_ids_BT > 0,
+    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, segment_ids_BT, kv_segment_BS, q_index_BT,
+                  kv_index_BS, segment_ids_BT > 0,
                   None if cache is None else cache.index)
     kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
     x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
+    if balanced:
+        h_BTD = constrain(ring.unbalance(h_BTD, constrain), ("batch", "seq", "act_embed"))
     logits_BTV = unembed(p, h_BTD, cfg, constrain)
     new_cache = None if cache is None else Cache(*kv_LBSKH, kv_segment_BS, cache.index + tokens_BT.shape[1])
     return Output(logits_BTV, h_BTD, stats, new_cache)

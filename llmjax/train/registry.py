@@ -2,6 +2,8 @@
 objective's task in the loop. The CLI (llmjax.main), the pipeline and code calling `train` from a notebook all
 come through here, so no run trains on a config that has not been checked."""
 
+import math
+
 import jax
 import ml_collections
 
@@ -10,7 +12,7 @@ from llmjax.config import check_choices, check_ranges, lookup
 from llmjax.data import mixture, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
-from llmjax.models import lora, presets
+from llmjax.models import lora, presets, ring
 from llmjax.sharding import AXES, make_mesh, mesh_shape
 from llmjax.train import common, distill, dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
@@ -27,7 +29,8 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "all_dots"), "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"), "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "data.format": ("text", "chat"), "model.moe_dispatch": ("dropless", "capacity"),
-    "model.rope_type": presets.ROPE_TYPES,
+    "model.rope_type": presets.ROPE_TYPES, "model.attention": presets.ATTENTION,
+    "model.context_parallel": ring.STRATEGIES,
 }
 
 # The common numeric keys: (the interval the maths allows, what the value means). Each objective checks its own
@@ -45,6 +48,7 @@ RANGES = {
     "data.validation": ("[0, 1)", "the fraction of a files: source held out for evaluation"),
     "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),
     "model.rope_theta": ("(0, inf)", "RoPE's base wavelength"),
+    "model.attn_block": ("[1, inf)", "the queries and keys of one block of blockwise attention"),
     "model.rope_original_max_len": ("[1, inf)", "the length RoPE scaling stretches from"),
     "model.rope_beta_fast": ("(0, inf)", "YaRN keeps dimensions turning more often over the original length"),
     "model.rope_beta_slow": ("(0, inf)", "YaRN fully interpolates dimensions turning less often"),
@@ -75,6 +79,9 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     m = cfg.model
     presets.rope(m)
     presets.windows(m)
+    if m.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise LlmjaxError(f"model.attention='cudnn' runs on a GPU and this backend is {jax.default_backend()}; set "
+                          "--config.model.attention=blockwise (or xla)")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
             raise LlmjaxError(f"model.{key}={m[key]} must be positive")
@@ -156,6 +163,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
             raise LlmjaxError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
+    chunks = 2 * math.prod(sizes[a] for a in set(cfg.rules.seq.split(",")) if a)
+    if chunks > 2 and cfg.seq_len % chunks:
+        raise LlmjaxError(f"seq_len={cfg.seq_len} is not divisible by 2 x the mesh axes of rules.seq={cfg.rules.seq!r}"
+                          f" (context parallelism gives each device two chunks of a sequence); use a multiple of "
+                          f"{chunks}")
     lora.check(cfg)
     if lora.targets(cfg) and not cfg.init_from:
         raise LlmjaxError(f"lora.targets={cfg.lora.targets!r}: LoRA adapts a trained model, which its checkpoints "

@@ -18,6 +18,7 @@ MESHES = {
     "fsdp8": dict(data=1, fsdp=8, tensor=1),
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
     "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
+    "context2_fsdp2_tensor2": dict(data=1, fsdp=2, context=2, tensor=2),  # ring attention, zigzag order
 }
 
 
@@ -64,6 +65,18 @@ def test_sharded_step_equals_single_device(reference, mesh):
     ref_loss, ref_aux, ref_grads = reference
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+@pytest.mark.xdist_group("pretrain_reference")
+@pytest.mark.parametrize("model", [{"model.context_parallel": "allgather"}, {"model.attention": "blockwise",
+                                                                          "model.attn_block": 16}])
+def test_context_parallel_step_equals_single_device(reference, model):
+    """The sequence split four ways: all-gathered keys and values, and ring attention over blockwise attention."""
+    cfg = tiny_config(**model)
+    cfg.mesh = dict(data=1, fsdp=2, context=4, tensor=1)
+    loss, aux, grads = loss_and_grads(cfg, jax.devices())
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, reference[2])
 
 
 @pytest.mark.xdist_group("pretrain_reference")
