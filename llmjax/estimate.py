@@ -25,8 +25,9 @@ with b = rows per device per microbatch, T = seq_len per device (divided by the 
 for DPO's pairs (chosen and rejected are two forwards, each logits held until the loss) and 1 otherwise, and per
 token and layer (N', K', F', V' = heads, kv heads, MLP width, vocab per device under the tensor axis, the MLP width
 of an MoE layer being its top_k experts' plus its shared expert's plus E router logits, averaged over the layers;
-H = head_dim; S = keys a query scores, seq_len without causal blocks, else the blocks' average; score elements are
-float32, counted as 4/c elements of size c):
+H = head_dim; S = the scores a query holds (`scored_keys`: seq_len under xla attention, the causal blocks' average
+with them; 1 + block^2 / T under blockwise; 1 + T under ring attention); score elements are float32, counted as 4/c
+elements of size c):
   full      D                                       the scan carry x_BTD, the only residual
   dots      2 D + (N' + 2 K') H + m F'              + q, k, v, the output projection, the MLP's first
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
@@ -119,19 +120,29 @@ def sequences(cfg) -> int:
     return registry.get(cfg).sequences(cfg)
 
 
-def scored_keys(seq_len: int, causal_block: int) -> float:
-    """Keys per query that attention scores: all T, or with causal blocks each block's keys up to its end."""
-    if not causal_block or causal_block >= seq_len:
-        return float(seq_len)
-    ends = [*range(causal_block, seq_len, causal_block), seq_len]
-    return sum((end - start) * end for start, end in zip([0, *ends[:-1]], ends, strict=True)) / seq_len
+def scored_keys(cfg, mesh: AbstractMesh) -> float:
+    """S, the score elements per query that attention holds (module docstring): xla scores every key of the
+    sequence (with causal blocks, each block's keys up to its end); blockwise keeps the log-sum-exp and one
+    block pair's scores at a time; ring attention over xla the log-sum-exp and one chunk's; all-gathered keys
+    every key of the sequence."""
+    m, T = cfg.model, cfg.seq_len
+    chunk = T / shards(("seq",), (T,), cfg.rules, mesh)
+    if m.attention == "blockwise":
+        return 1 + min(m.attn_block, chunk) ** 2 / chunk
+    if chunk < T:
+        return T if m.context_parallel == "allgather" else 1 + chunk
+    block = m.attn_causal_block
+    if not block or block >= T:
+        return float(T)
+    ends = [*range(block, T, block), T]
+    return sum((end - start) * end for start, end in zip([0, *ends[:-1]], ends, strict=True)) / T
 
 
 def score_elements(cfg, mesh: AbstractMesh) -> float:
     """One token's attention scores in one layer (float32), counted in elements of the compute dtype."""
     m = cfg.model
     n = m.n_heads / shards(("heads",), (m.n_heads,), cfg.rules, mesh)
-    return n * scored_keys(cfg.seq_len, m.attn_causal_block) * 4 / jnp.dtype(m.compute_dtype).itemsize
+    return n * scored_keys(cfg, mesh) * 4 / jnp.dtype(m.compute_dtype).itemsize
 
 
 def saved_per_token(cfg, mesh: AbstractMesh, remat: str) -> float:

@@ -92,7 +92,7 @@ def edited(name: str, change: dict, tmp_path) -> str:
     ("qwen2_moe", {"mlp_only_layers": [3]}, "mlp_only_layers=[3] (experts in layers [1])"),
     ("qwen2_moe", {"decoder_sparse_step": 3}, "decoder_sparse_step=3 (experts in layers [2])"),
     ("qwen2_moe", {"num_experts": 0}, "num_experts=0"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
+    ("qwen2_moe", {"layer_types": ["full_attention", "chunked_attention"] * 2}, "layers other than full and sliding"),
     ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "holds tensors the model has no place for"),
     ("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
     ("qwen3_moe", {"moe_intermediate_size": 32}, "has shape (16, 32), its config.json implies (32, 32)"),
@@ -130,7 +130,7 @@ def test_experts_fused_as_transformers_5_holds_them_are_refused_naming_the_fix(t
 @pytest.mark.parametrize("name, change, same", [
     ("qwen2_moe", {"decoder_sparse_step": 1, "mlp_only_layers": [0, 2]}, {}),  # the same layers by the other key
     ("mixtral", {"router_jitter_noise": 0.1}, {}),  # training-time noise on the router's input: not applied
-    ("mixtral", {"sliding_window": 32}, {"max_seq_len": 32}),  # up to the window, the same model (as Mistral)
+    ("mixtral", {"sliding_window": 32}, {"sliding_window": 32}),  # on every layer
     ("qwen3_moe", {"num_experts": 4, "num_local_experts": None}, {}),  # the Hub's name for transformers 5's
 ])
 def test_what_the_model_expresses_imports_as_it(name, change, same, tmp_path):
