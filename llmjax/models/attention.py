@@ -97,6 +97,12 @@ def _needed(q_segment_BT: jax.Array, kv_segment_BS: jax.Array, q_index_BT: jax.A
             & (ks_lo[None] <= qs_hi[:, None]) & (qs_lo[:, None] <= ks_hi[None]))
 
 
+def tied(x: jax.Array, *masks: jax.Array) -> tuple[jax.Array, ...]:
+    """(x, *masks), the mask's inputs made to look as if they depended on `x`: otherwise XLA hoists every block's
+    mask out of a loop over layers (the slot indices are the same in every layer) and stores them all, T x S."""
+    return jax.lax.optimization_barrier((x, *masks))
+
+
 def _zeros(shape: tuple[int, ...], *like: jax.Array) -> jax.Array:
     """Float32 zeros that vary over every mesh axis one of `like` varies over (inside `shard_map`), as the carry of
     a loop whose body reads them must."""
@@ -117,6 +123,8 @@ def _forward(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_segment_
              kv_segment_BS: jax.Array, q_index_BT: jax.Array, kv_index_BS: jax.Array, window: jax.Array,
              block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
     """Per query block, an online softmax over the key blocks it may see."""
+    q_BTNH, q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS = tied(q_BTNH, q_segment_BT, kv_segment_BS,
+                                                                         q_index_BT, kv_index_BS)
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     G = N // K
@@ -176,6 +184,8 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple[jax.Array, ...],
     dS = P * (dP - rowsum(dO * O) + dlse), since d lse_i / d s_ij = p_ij; dq accumulates across key blocks."""
     q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS, window, o_BTNH, lse_BNT = residuals
     do_BTNH, dlse_BNT = cotangents
+    do_BTNH, q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS = tied(do_BTNH, q_segment_BT, kv_segment_BS,
+                                                                          q_index_BT, kv_index_BS)
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     G = N // K

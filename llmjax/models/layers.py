@@ -124,14 +124,6 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, freq_h: jax.Array, scale: f
     return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(q_segment_BT: jax.Array, kv_segment_BS: jax.Array, q_index_BT: jax.Array,
-                   kv_index_BS: jax.Array) -> jax.Array:
-    """Causal within a document: a query sees keys at or before it that belong to the same segment."""
-    same = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
-    causal = q_index_BT[:, :, None] >= kv_index_BS[:, None, :]
-    return (same & causal)[:, None]  # B1TS, broadcast over heads
-
-
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array,
               causal_block: int = 0) -> jax.Array:
     """Grouped-query attention (N query heads share K key/value heads), scaled by 1/sqrt(H).

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llmjax.errors import LlmjaxError
+from llmjax.models import attention as attention_lib
 from llmjax.sharding import Constrain, spec
 
 Local = Callable[..., tuple[jax.Array, jax.Array]]
@@ -93,7 +94,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_segment
     if strategy not in STRATEGIES:
         raise LlmjaxError(f"model.context_parallel={strategy!r} is not one of {STRATEGIES}; "
                           "set --config.model.context_parallel")
-    args = (q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS)
+    q_BTNH, *masks = attention_lib.tied(q_BTNH, q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS)
+    args = (q_BTNH, k_BSKH, v_BSKH, *masks)
     axes = seq_axes(constrain)
     if not axes:
         return local(*args, window)[0]

@@ -195,8 +195,7 @@ class Context(NamedTuple):
     positions_BT: jax.Array
     freq_h: jax.Array  # RoPE inverse frequencies
     rope_scale: float  # what RoPE multiplies cos and sin by (YaRN's attention factor)
-    mask_B1TS: jax.Array
-    segment_BT: jax.Array  # what the mask is made of, for the attentions that make their own
+    segment_BT: jax.Array  # what the attention mask is made of (llmjax.models.attention.visible)
     kv_segment_BS: jax.Array
     q_index_BT: jax.Array  # the queries' and keys' slots, which a sliding window compares
     kv_index_BS: jax.Array
@@ -232,22 +231,20 @@ def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigD
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
 
-def attention_mask(segment_ids_BT: jax.Array, cache: Cache | None,
-                   constrain: Constrain = no_constrain) -> tuple[jax.Array, ...]:
-    """(mask_B1TS, the keys' segment ids, the queries' slots, the keys' slots). Without a cache the tokens are
-    their own keys, their slots in the order `ring.balance` puts them in; with one they fill the slots after the
-    cache's `index` and also see the slots before them."""
+def slots(segment_ids_BT: jax.Array, cache: Cache | None,
+          constrain: Constrain = no_constrain) -> tuple[jax.Array, ...]:
+    """(the keys' segment ids, the queries' slots, the keys' slots): what the attention mask is made of, in each
+    layer, so that no T x S mask outlives its layer. Without a cache the tokens are their own keys, their slots in
+    the order `ring.balance` puts them in; with one they fill the slots after the cache's `index` and also see the
+    slots before them."""
     B, T = segment_ids_BT.shape
     q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     if cache is None:
         q_index_BT = ring.balance(q_index_BT, constrain)
-        mask_B1TS = layers.attention_mask(segment_ids_BT, segment_ids_BT, q_index_BT, q_index_BT)
-        return mask_B1TS, segment_ids_BT, q_index_BT, q_index_BT
+        return segment_ids_BT, q_index_BT, q_index_BT
     kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
     kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
-    q_index_BT = q_index_BT + cache.index
-    return (layers.attention_mask(segment_ids_BT, kv_segment_BS, q_index_BT, kv_index_BS), kv_segment_BS,
-            q_index_BT, kv_index_BS)
+    return kv_segment_BS, q_index_BT + cache.index, kv_index_BS
 
 
 def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, constrain: Constrain,
@@ -264,35 +261,35 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
         k_BTKH = layers.rms_norm(k_BTKH, w["k_norm"]["scale"], cfg.norm_eps)
     if cfg.pos == "rope":
         q_BTNH, k_BTKH = (layers.rope(a, ctx.positions_BT, ctx.freq_h, ctx.rope_scale) for a in (q_BTNH, k_BTKH))
-    mask_B1TS = ctx.mask_B1TS
-    if window is not None:
-        near_B1TS = (ctx.q_index_BT[:, None, :, None] - ctx.kv_index_BS[:, None, None, :]) < window
-        mask_B1TS = mask_B1TS & ((window <= 0) | near_B1TS)
+    window = 0 if window is None else window
     if kv_BSKH is None:
-        o_BTNH = self_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, ctx, window, cfg, constrain)
+        o_BTNH = self_attention(q_BTNH, k_BTKH, v_BTKH, ctx, window, cfg, constrain)
     else:
         kv_BSKH = tuple(constrain(jax.lax.dynamic_update_slice(c_BSKH, new_BTKH, (0, ctx.cache_index, 0, 0)),
                                   ("batch", "seq", "kv_heads", "head_dim"))
                         for c_BSKH, new_BTKH in zip(kv_BSKH, (k_BTKH, v_BTKH), strict=True))
-        o_BTNH = layers.attention(q_BTNH, *kv_BSKH, mask_B1TS)
+        o_BTNH = layers.attention(q_BTNH, *kv_BSKH, mask(ctx, window))
     o_BTD = layers.dense(o_BTNH, w["wo"], k=2)
     x_BTD = x_BTD + (o_BTD + w["bo"] if cfg.bias == "all" else o_BTD)
     return constrain(x_BTD, ("batch", "seq", "act_embed")), kv_BSKH
 
 
-def self_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_B1TS: jax.Array, ctx: Context,
-                   window: jax.Array | None, cfg: ConfigDict, constrain: Constrain) -> jax.Array:
+def mask(ctx: Context, window: jax.Array | int) -> jax.Array:
+    return attention.visible(ctx.segment_BT, ctx.kv_segment_BS, ctx.q_index_BT, ctx.kv_index_BS, window)[:, None]
+
+
+def self_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, ctx: Context, window: jax.Array | int,
+                   cfg: ConfigDict, constrain: Constrain) -> jax.Array:
     """The tokens attending to each other by cfg.attention; split over the mesh axes of the sequence, if any, by
     cfg.context_parallel (the xla attention then runs materialised on each device's share)."""
     if cfg.attention == "blockwise" or ring.seq_axes(constrain):
         local = (partial(attention.blockwise, block_q=cfg.attn_block, block_k=cfg.attn_block)
                  if cfg.attention == "blockwise" else attention.reference)
         return ring.attention(q_BTNH, k_BTKH, v_BTKH, ctx.segment_BT, ctx.kv_segment_BS, ctx.q_index_BT,
-                              ctx.kv_index_BS, 0 if window is None else window, constrain, local,
-                              cfg.context_parallel)
+                              ctx.kv_index_BS, window, constrain, local, cfg.context_parallel)
     if cfg.attention == "cudnn":
-        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, implementation="cudnn")
-    return layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, cfg.attn_causal_block)
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask(ctx, window), implementation="cudnn")
+    return layers.attention(q_BTNH, k_BTKH, v_BTKH, mask(ctx, window), cfg.attn_causal_block)
 
 
 def mlp_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict,
@@ -376,7 +373,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         tokens_BT, positions_BT, segment_ids_BT = (ring.balance(a, constrain)
                                                    for a in (tokens_BT, positions_BT, segment_ids_BT))
     x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
-    mask_B1TS, kv_segment_BS, q_index_BT, kv_index_BS = attention_mask(segment_ids_BT, cache, constrain)
+    kv_segment_BS, q_index_BT, kv_index_BS = slots(segment_ids_BT, cache, constrain)
     r = presets.rope(cfg)
     kind, factor = r["rope_type"], r["rope_scaling"]
     freq_h = layers.rope_frequencies(
@@ -385,7 +382,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
         beta_fast=r["rope_beta_fast"], beta_slow=r["rope_beta_slow"],
         seq_len=jnp.max(positions_BT) + 1 if kind == "dynamic" else None)  # transformers' run-time length
     rope_scale = layers.rope_attention_factor(kind, factor, r["rope_attn_factor"])
-    ctx = Context(positions_BT, freq_h, rope_scale, mask_B1TS, segment_ids_BT, kv_segment_BS, q_index_BT,
+    ctx = Context(positions_BT, freq_h, rope_scale, segment_ids_BT, kv_segment_BS, q_index_BT,
                   kv_index_BS, segment_ids_BT > 0,
                   None if cache is None else cache.index)
     kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)

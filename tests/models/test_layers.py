@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.models import layers
+from llmjax.models import attention, layers
 
 RNG = np.random.default_rng(0)
 
@@ -161,7 +161,7 @@ def test_attention_gqa_causal_segments(causal_block):
 
     @jax.jit
     def attend(q, k, v, segments, index):
-        return layers.attention(q, k, v, layers.attention_mask(segments, segments, index, index), causal_block)
+        return layers.attention(q, k, v, attention.visible(segments, segments, index, index)[:, None], causal_block)
 
     got = attend(q, k, v, segments, index)
     np.testing.assert_allclose(got, numpy_attention(q, k, v, segments), rtol=1e-4, atol=1e-5)
