@@ -50,7 +50,8 @@ def dpo_loss(policy, batch, reference, cfg, constrain):
 def test_sharded_equals_single_device(sft_dir):
     results = []
     for mesh_cfg, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                              (dict(data=1, fsdp=4, tensor=2), jax.devices())):
+                              (dict(data=1, fsdp=4, tensor=2), jax.devices()),
+                              (dict(data=1, fsdp=2, context=2, tensor=2), jax.devices())):
         cfg = dpo_config(sft_dir)
         cfg.mesh = mesh_cfg
         mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -60,9 +61,10 @@ def test_sharded_equals_single_device(sft_dir):
         constrain = sharding.make_constrain(mesh, cfg.rules)
         grad = jax.jit(jax.value_and_grad(partial(dpo_loss, cfg=cfg, constrain=constrain)))
         results.append(jax.device_get(grad(policy, batch, reference)))
-    (loss, grads), (loss_s, grads_s) = results
-    np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_s, grads)
+    (loss, grads), *sharded = results
+    for loss_s, grads_s in sharded:  # the second: ring attention over the sequence split in two
+        np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_s, grads)
 
 
 def test_dpo_learns(sft_dir, tmp_path):
