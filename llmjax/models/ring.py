@@ -60,9 +60,9 @@ def _zigzag(n: int) -> np.ndarray:
 
 
 def _reorder(x_BT: jax.Array, order: np.ndarray) -> jax.Array:
-    B, T = x_BT.shape[:2]
-    chunks = x_BT.reshape(B, len(order), T // len(order), *x_BT.shape[2:])
-    return chunks[:, order].reshape(x_BT.shape)
+    """The sequence's chunks in `order`, as static slices (a gather along a split axis would be replicated)."""
+    size = x_BT.shape[1] // len(order)
+    return jnp.concatenate([x_BT[:, i * size:(i + 1) * size] for i in order.tolist()], axis=1)
 
 
 def balance(x_BT: jax.Array, constrain: Constrain) -> jax.Array:
