@@ -60,11 +60,14 @@ def test_greedy_cache_equals_recompute_with_sliding_windows():
         assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
 
 
-def test_greedy_sharded_equals_single(single):
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2),
+                                  dict(data=1, fsdp=2, context=2, tensor=2)])  # the cache's slots split in two
+def test_greedy_sharded_equals_single(single, mesh):
     cfg, params, _ = single
-    prompts, lengths = sampling.left_pad(PROMPTS + [[1, 7, 8]])  # 4 rows: divisible by fsdp=4
+    # 4 rows: divisible by fsdp=4; 8 + 12 slots: divisible by context=2
+    prompts, lengths = sampling.left_pad(PROMPTS + [[1, 7, 8, 9, 10, 11, 12, 13]])
     ref = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
-    cfg_s, params_s, constrain = setup(dict(data=1, fsdp=4, tensor=2), jax.devices())
+    cfg_s, params_s, constrain = setup(mesh, jax.devices())
     out = sampling.sampler(cfg_s.model, max_new_tokens=N_NEW, eos_id=-1, constrain=constrain)(
         params_s, prompts, lengths, jax.random.key(0))
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])
