@@ -50,12 +50,10 @@ PROMPT_STREAM = 2_000_003  # offsets the seed: these prompts are neither trainin
 
 def task_of(prompt: str) -> tasks.Task | None:
     """The synthetic task a prompt was drawn from, or None for any other text."""
-    task = tasks.TASKS.get(prompt.split(" ", 1)[0])
-    if task is None:
-        return None
     try:
+        task = tasks.get(prompt.split(" ", 1)[0])
         task.check(prompt, "")  # parses the prompt
-    except (ValueError, KeyError):  # the task's name, but not its prompt format
+    except (ValueError, KeyError):  # no task's name (an LlmjaxError), or the name but not its prompt format
         return None
     return task
 

@@ -127,9 +127,11 @@ def _field(record: dict, field: str, index: int, kind: str) -> Any:
 def _tasks(prompts: list[str], responses: list[str], records: list[dict]) -> list[float]:
     names = [_field(record, "task", i, "tasks") for i, record in enumerate(records)]  # all checked before any runs
     for i, name in enumerate(names):
-        if name not in tasks.TASKS:
-            raise RewardError(f"reward 'tasks': record {i} has task {name!r}, not one of {', '.join(tasks.TASKS)}")
-    return [float(tasks.TASKS[name].check(prompt, response))
+        try:
+            tasks.get(name)
+        except LlmjaxError:
+            raise RewardError(f"reward 'tasks': record {i} has task {name!r}, not one of {tasks.NAMES}") from None
+    return [float(tasks.get(name).check(prompt, response))
             for name, prompt, response in zip(names, prompts, responses, strict=True)]
 
 

@@ -64,6 +64,7 @@ CASES = {
     # One package of the standard library, not all 32 MB of it; validation=0.2 so that its 29 files hold some out.
     "stdlib": ("configs/stdlib.py:subdir=email,validation=0.2", "own"),
     "mixture": ("configs/mixture.py:subdir=email,validation=0.2", "stdlib"),  # what a mixture sets
+    "extend": ("configs/extend.py:base=lm,seq_len=512", "pretrain"),  # the extension stage of the fake lm run: 8 rows
 }
 
 # key -> the setting in which it matters: {other key: value}, or cfg -> that ("files": a files: source of the
@@ -104,6 +105,9 @@ CONTEXT = {
                                                                                  "init_from": "lm"}),
     "distill.beta": {"distill.divergence": "jsd"},
     "optim.decay_fraction": {"optim.schedule": "wsd"},
+    "model.layer_types": {"model.sliding_window": 8},
+    "model.attn_block": {"model.attention": "blockwise"},
+    "model.context_parallel": {"mesh.context": 2},
     **dict.fromkeys(("distill.tasks", "distill.max_prompt_len", "distill.max_new_tokens"), {"distill.on_policy": True}),
 }
 
@@ -113,6 +117,9 @@ ALTERNATIVES = {
     "trainer": tuple(registry.OBJECTIVES),
     "model.name": ("tiny", "small"),
     "model.attn_causal_block": (0, 16),
+    "model.sliding_window": (8,),
+    "model.layer_types": ("sliding,full",),
+    "model.attn_block": (16,),
     "model.moe_experts": (4,),
     "data.source": ("synthetic", "files"),
     "data.tokenizer": ("synthetic", "byte"),
@@ -189,9 +196,12 @@ def apply(cfg, overrides: dict, runs: dict):
 
 
 def load(case: str, runs: dict):
-    """A shipped config on the tiny model, 4 steps, reading the fake runs, caching data in the test's folder."""
+    """A shipped config on the tiny model (a config with a base run: that run's), 4 steps, reading the fake runs,
+    caching data in the test's folder."""
     path, _, arg = CASES[case][0].partition(":")
-    cfg = config.load(f"{runs['root']}/{path}:{','.join(filter(None, [arg, 'model=tiny,steps=4']))}")
+    size = "steps=4" if "base=lm" in arg else "model=tiny,steps=4"
+    arg = arg.replace("base=lm", f"base={runs['lm']}")
+    cfg = config.load(f"{runs['root']}/{path}:{','.join(filter(None, [arg, size]))}")
     cfg.data.data_dir = runs["data_dir"]
     if cfg.init_from:
         cfg.init_from = runs["lm"]

@@ -5,14 +5,20 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
-from helpers import prompts_file
+from helpers import one_device, prompts_file, tiny_config
 
+from llmjax import evaluate
+from llmjax.data import prompts, tasks
+from llmjax.data.tokenizer import ByteTokenizer
 from llmjax.evaluate import check, ks, pass_at_k
+from llmjax.models import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +75,37 @@ def test_evaluate_cli_on_another_source(sft_dir, tmp_path):
     with open(os.path.join(sft_dir, "eval_chat.json")) as f:
         result = json.load(f)
     assert set(result) == {"accuracy", "accuracy/reverse", "accuracy/problems"}  # prompts: no perplexity
+
+
+def test_long_range_accuracy_is_reported_by_distance(monkeypatch):
+    """With a stand-in sampler that gives the key exactly where it ends fewer than 200 tokens before the question,
+    each octave's accuracy is the share of its prompts that near; a short task gets no buckets. In the chat format
+    the same prompts are asked alike, and held-out rows too short to score an answer report no perplexity."""
+    tok, cfg = ByteTokenizer(), tiny_config(**{"data.tasks": "passkey_600,sort", "data.tokenizer": "byte"})
+
+    def sampler(model, *, max_new_tokens, eos_id, **_):
+        def generate(params, ids_BP, lengths_B, key):
+            answers = []
+            for ids in ids_BP:
+                prompt = tok.decode(ids)
+                near = prompt.startswith("passkey") and tasks.get("passkey").distance(prompt) < 200
+                answers.append(tok.encode(re.search(r"\d{5}", prompt)[0] if near else "0", eos=True))
+            return {"tokens": [np.array(a) for a in answers], "lengths": [len(a) for a in answers]}
+        return generate
+
+    monkeypatch.setattr(evaluate.sampling, "sampler", sampler)
+    params = transformer.init(cfg.model, jax.random.key(0))
+    metrics = evaluate.make_evaluator(cfg, one_device(), n=40, batches=1)(params)
+    distances = np.array([tasks.get(r["task"]).distance(r["prompt"])
+                          for r in prompts.held_out(cfg, 40)["passkey_600"]])
+    assert evaluate.bucket(4) == "d0-127" and evaluate.bucket(128) == "d128-255" and evaluate.bucket(575) == "d512-1023"
+    buckets = {"d0-127": (0, 128), "d128-255": (128, 256), "d256-511": (256, 512), "d512-1023": (512, 1024)}
+    assert {k for k in metrics if k.startswith("accuracy/")} == {
+        "accuracy/sort", "accuracy/passkey_600", *(f"accuracy/passkey_600/{b}" for b in buckets)}
+    for name, (low, high) in buckets.items():
+        inside = (distances >= low) & (distances < high)
+        assert metrics[f"accuracy/passkey_600/{name}"] == pytest.approx(np.mean(distances[inside] < 200))
+    assert metrics["accuracy/passkey_600"] == pytest.approx(np.mean(distances < 200)) and metrics["accuracy/sort"] == 0
+    cfg.data.update(tasks="passkey_600", format="chat")  # rows of 64 tokens hold no answer: no perplexity, no error
+    chat = evaluate.make_evaluator(cfg, one_device(), n=40, batches=1)(params)
+    assert "perplexity" not in chat and chat["accuracy/passkey_600"] == metrics["accuracy/passkey_600"]

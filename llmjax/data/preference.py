@@ -69,7 +69,7 @@ def synthetic(seed: int, names: Sequence[str], k: int, negatives: Sequence[str] 
         rng = np.random.default_rng([seed, step, r])
         example = tasks.sample(rng, names)
         kind = negatives[np.random.default_rng([seed, step, r, KIND_STREAM]).integers(len(negatives))]
-        check = tasks.TASKS[example.task].check
+        check = tasks.get(example.task).check
         responses = [example.answer]
         while len(responses) < k:
             wrong = tasks.NEGATIVES[kind] if len(responses) == 1 else tasks.corrupt

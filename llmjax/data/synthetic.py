@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from llmjax.data import chat
 from llmjax.data import tasks as tasks_lib
 from llmjax.data.tokenizer import ByteTokenizer, get_tokenizer
+from llmjax.errors import LlmjaxError
 from llmjax.sharding import global_batch, process_rows
 
 Render = Callable[[ByteTokenizer, tasks_lib.Example], tuple[list[int], list[float]]]
@@ -30,6 +31,23 @@ def _chat(tokenizer: ByteTokenizer, example: tasks_lib.Example) -> tuple[list[in
 
 
 FORMATS: dict[str, Render] = {"text": _text, "chat": _chat}
+
+
+def check_rows(cfg) -> None:
+    """Refuses a long-range task of cfg.data.tasks whose documents are longer than a row of seq_len tokens (asked for
+    at more tokens than the run's rows): packing keeps a document's start and cuts or splits off its end, so no
+    answer would be learnt. A row holds seq_len + 1 tokens: the inputs and, shifted by one, the targets. (The short
+    tasks' documents are a few dozen tokens; the one cut at a row's end is the only one.)"""
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    for name in cfg.data.tasks.split(","):
+        task = tasks_lib.get(name)
+        if task.distance is None:
+            continue
+        length = len(FORMATS[cfg.data.format](tokenizer, task.generate(np.random.default_rng(0)))[0])
+        if length > cfg.seq_len + 1:
+            raise LlmjaxError(f"data.tasks={cfg.data.tasks!r}: a {name} document is {length} tokens as "
+                              f"{cfg.data.format}, more than a row of seq_len={cfg.seq_len} holds whole; raise "
+                              f"--config.seq_len to {length - 1} or ask for a shorter one")
 
 
 def _pack_row(

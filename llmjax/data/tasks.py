@@ -1,13 +1,18 @@
 """Synthetic tasks whose answers can be checked exactly, so every training stage runs without external data.
 
 Each example is one line, `"<task> <operands> = " + answer`. The answer is recomputed by parsing the prompt,
-so a model's completion can be scored from the prompt alone (SFT evaluation, PPO rewards). The wrong answers of
+so a model's completion can be scored from the prompt alone (SFT evaluation, PPO rewards). TASKS are the short
+ones (the default corpus, which the shipped tokenizer was trained on); `get` also knows the long-range `passkey_N_K`:
+N tokens of random filler with a K-digit key planted at a uniform depth, asked for at the end, so that one task
+gives short documents to pretrain on and long ones to test context extension with. The wrong answers of
 preference pairs come in kinds (NEGATIVES): a near miss (`corrupt`), the right answer's own characters rearranged
 (`permute`) and a neighbouring prompt's right answer (`neighbour`), so that no surface cue of the right answer (its
 length, alphabet, characters or order) tells it apart from every wrong one.
 """
 
+import functools
 import itertools
+import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ class Task:
     check: Callable[[str, str], bool]
     solve: Callable[[str], str]  # operands -> the right answer
     mistakes: Callable[[str], list[str]]  # operands -> plausible wrong answers made of the prompt's own material
+    distance: Callable[[str], int] | None = None  # long-range tasks: prompt -> tokens from what it asks for to its end
 
 
 def _randints(rng: np.random.Generator, high: int, n: int) -> list[int]:
@@ -85,9 +91,10 @@ def _values(body: str) -> list[str]:
 
 
 def _task(name: str, operands: Callable[[np.random.Generator], str], solve: Callable[[str], str],
-          mistakes: Callable[[str], list[str]] = lambda _: []) -> Task:
-    """Builds a task whose generator and checker share one solver, so they can never disagree."""
-    prefix = name + " "
+          mistakes: Callable[[str], list[str]] = lambda _: [], word: str = "", **extra) -> Task:
+    """Builds a task whose generator and checker share one solver, so they can never disagree. Its prompts start
+    with `word` (default: its name)."""
+    prefix = (word or name) + " "
 
     def answer(prompt: str) -> str:
         if not (prompt.startswith(prefix) and prompt.endswith(_SEP)):
@@ -102,7 +109,7 @@ def _task(name: str, operands: Callable[[np.random.Generator], str], solve: Call
         """Exact match after stripping whitespace: trailing junk fails, so cut completions at eos first."""
         return response.strip() == answer(prompt)
 
-    return Task(name, generate, check, solve, mistakes)
+    return Task(name, generate, check, solve, mistakes, **extra)
 
 
 TASKS: dict[str, Task] = {
@@ -117,18 +124,92 @@ TASKS: dict[str, Task] = {
 }
 
 
+# passkey_N[_K] (llmjax.data.tasks.get): "passkey <filler> key DDDDD <filler> = " + DDDDD, exactly N tokens with bos
+# and eos, one token a character (the byte and shipped tokenizers), the key K digits (default 5). The filler is random
+# letters and spaces: nothing to memorise, and no digit, so the key is the prompt's one number.
+PASSKEY, PASSKEY_LENGTH, PASSKEY_DIGITS = "passkey", 256, 5  # bare `passkey` is passkey_256_5
+_PASSKEY_NAME = re.compile(rf"{PASSKEY}(?:_(\d+)(?:_(\d+))?)?")
+_PASSKEY_BODY = re.compile(r"[a-z ]* key (\d+) [a-z ]*")
+_FILLER = string.ascii_lowercase + " " * 5  # words of about five letters
+_PASSKEY_FIXED = len(f"{PASSKEY}  key  {_SEP}") + 2  # the tokens of a document without filler or key; bos and eos
+NAMES = f"{','.join(TASKS)},{PASSKEY}_N[_K]"
+
+
+def passkey_distances(length: int, digits: int = PASSKEY_DIGITS) -> tuple[int, int]:
+    """The least and most tokens a passkey_<length>_<digits> key can end before its prompt does."""
+    return 4, length - _PASSKEY_FIXED - 2 * digits + 4
+
+
+def passkey(rng: np.random.Generator, length: int, distance: int | None = None,
+            digits: int = PASSKEY_DIGITS) -> Example:
+    """A passkey document of `length` tokens whose key of `digits` digits ends `distance` tokens before the question
+    (the end of the prompt, where the answer starts); by default uniform over all it can (passkey_distances)."""
+    low, high = passkey_distances(length, digits)
+    distance = int(rng.integers(low, high + 1)) if distance is None else distance
+    if not low <= distance <= high:
+        raise ValueError(f"a passkey_{length}_{digits} key ends {low} to {high} tokens before the question, not "
+                         f"{distance}")
+    key = "".join(string.digits[i] for i in _randints(rng, 10, digits))
+    before, after = ("".join(_FILLER[i] for i in _randints(rng, len(_FILLER), n))
+                     for n in (high - distance, distance - low))
+    name = f"{PASSKEY}_{length}" + (f"_{digits}" if digits != PASSKEY_DIGITS else "")
+    return Example(name, f"{PASSKEY} {before} key {key} {after}{_SEP}", key)
+
+
+def _key(body: str) -> str:
+    found = _PASSKEY_BODY.fullmatch(body)
+    if found is None:
+        raise ValueError(f"no passkey in {body[:40]!r}...")
+    return found[1]
+
+
+def _distance(prompt: str) -> int:
+    return len(prompt) - _PASSKEY_BODY.fullmatch(prompt[len(PASSKEY) + 1 : -len(_SEP)]).end(1) - len(PASSKEY) - 1
+
+
+@functools.cache
+def get(name: str) -> Task:
+    """The task a name asks for: one of TASKS, or passkey_N_K (N tokens, a K-digit key; passkey: N = 256, K = 5)."""
+    if name in TASKS:
+        return TASKS[name]
+    found = _PASSKEY_NAME.fullmatch(name)
+    if found is None:
+        raise LlmjaxError(f"task {name!r} is unknown; choose from {NAMES}")
+    length, digits = int(found[1] or PASSKEY_LENGTH), int(found[2] or PASSKEY_DIGITS)
+    if digits < 1:
+        raise LlmjaxError(f"task {name!r}: a passkey's key has one digit or more")
+    if passkey_distances(length, digits)[1] < 4:
+        least = _PASSKEY_FIXED + 2 * digits
+        raise LlmjaxError(f"task {name!r}: a passkey document with a {digits}-digit key takes at least {least} "
+                          f"tokens; ask for {PASSKEY}_{least}_{digits} or more")
+
+    def operands(rng: np.random.Generator) -> str:
+        return _operands(passkey(rng, length, digits=digits))
+
+    return _task(name, operands, _key, word=PASSKEY, distance=_distance)
+
+
 def check_names(key: str, names: str) -> None:
     """Refuses a config key (data.tasks, ppo.tasks) that names a task we do not have."""
-    unknown = [n for n in names.split(",") if n not in TASKS]
+    unknown = [n for n in names.split(",") if n not in TASKS and not _PASSKEY_NAME.fullmatch(n)]
     if unknown:
-        raise LlmjaxError(f"{key}={names!r} names unknown tasks {unknown}; choose from {','.join(TASKS)}")
+        raise LlmjaxError(f"{key}={names!r} names unknown tasks {unknown}; choose from {NAMES}")
+    for name in names.split(","):
+        try:
+            get(name)
+        except LlmjaxError as e:
+            raise LlmjaxError(f"{key}={names!r}: {e}") from None
 
 
 def sample(rng: np.random.Generator, names: Sequence[str]) -> Example:
     """Draws an example from a task chosen uniformly among `names`."""
-    if not names or not TASKS.keys() >= set(names):
-        raise ValueError(f"task names {list(names)} must be a non-empty subset of {sorted(TASKS)}")
-    return TASKS[names[rng.integers(len(names))]].generate(rng)
+    try:
+        chosen = [get(name) for name in names]
+    except LlmjaxError:
+        chosen = []
+    if not chosen:
+        raise ValueError(f"task names {list(names)} must be a non-empty list of {NAMES}")
+    return chosen[rng.integers(len(chosen))].generate(rng)
 
 
 def corrupt(example: Example, rng: np.random.Generator) -> str:
@@ -150,21 +231,21 @@ def corrupt(example: Example, rng: np.random.Generator) -> str:
 
 
 def _operands(example: Example) -> str:
-    return example.prompt[len(example.task) + 1 : -len(_SEP)]
+    return example.prompt.partition(" ")[2][: -len(_SEP)]
 
 
 def neighbour(example: Example, rng: np.random.Generator) -> str:
     """The right answer to a neighbouring prompt, one operand character changed (a digit for a digit, a letter for
     a letter): well-formed and as plausible as a wrong answer gets (sort: ascending, of the right length, one digit
     off; add: one digit of an addend misread), so it catches a judge that checks only an answer's form."""
-    task, operands = TASKS[example.task], _operands(example)
+    task, operands = get(example.task), _operands(example)
     spots = [i for i, c in enumerate(operands) if c.isalnum()]
     while True:  # some change always moves the answer (lookup: the queried value), so this ends
         i = spots[rng.integers(len(spots))]
         alphabet = string.digits if operands[i].isdigit() else string.ascii_lowercase
         try:
             answer = task.solve(operands[:i] + alphabet[rng.integers(len(alphabet))] + operands[i + 1:])
-        except KeyError:  # lookup's query changed to a key its table lacks
+        except (KeyError, ValueError):  # lookup's query changed to a key its table lacks, passkey's marker changed
             continue
         if answer != example.answer:
             return answer
@@ -177,7 +258,7 @@ def permute(example: Example, rng: np.random.Generator) -> str:
     swapped, anywhere (never a zero to the front of a longer answer). Where neither differs from the right answer
     (a one-digit sum, "777"), a neighbouring prompt's answer (`neighbour`)."""
     answer = example.answer
-    mistakes = [m for m in TASKS[example.task].mistakes(_operands(example)) if m != answer]
+    mistakes = [m for m in get(example.task).mistakes(_operands(example)) if m != answer]
     swaps = [(i, j) for i, j in itertools.combinations(range(len(answer)), 2)
              if answer[i] != answer[j] and (i, answer[j]) != (0, "0")]
     if mistakes and (not swaps or rng.random() < 0.5):

@@ -1,8 +1,10 @@
 """Evaluation: held-out perplexity, and task accuracy by answering held-out prompts and checking the answers: the
 synthetic tasks with their checkers, an RL run's prompt records (files: or tfds:) against their "answer" as the
 `math` reward reads it. Greedy accuracy, and with `samples` > 1 also pass@k over that many answers sampled at
-`temperature` per prompt (Chen et al. 2021's unbiased estimator). Used inside the training loop (cfg.eval_every,
-eval_samples, eval_temperature) and standalone (llmjax/evaluate/__main__.py):
+`temperature` per prompt (Chen et al. 2021's unbiased estimator). A long-range task's greedy accuracy is also
+reported by the distance between what it asks for and the question (`accuracy/passkey_1024/d256-511`: keys ending
+256 to 511 tokens before it), in octaves above 128: what a context extension changes. Used inside the training
+loop (cfg.eval_every, eval_samples, eval_temperature) and standalone (llmjax/evaluate/__main__.py):
 
   python -m llmjax.evaluate --workdir=runs/demo [--format=chat] [--n=100] [--samples=16 --temperature=1.0]
 """
@@ -38,10 +40,30 @@ def check(record: dict, response: str) -> bool | None:
     """Whether a response answers a prompt record: its task's checker, else its "answer" as the `math` reward
     compares them (the final \\boxed{} or number, else the whole response); None for a record with neither."""
     if "task" in record:
-        return tasks.TASKS[record["task"]].check(record["prompt"], response)
+        return tasks.get(record["task"]).check(record["prompt"], response)
     if "answer" in record:
         return rewards.same_answer(rewards.extract_answer(response), record["answer"])
     return None
+
+
+def bucket(distance: int) -> str:
+    """The distance bucket a long-range prompt's accuracy is also reported under: d0-127, d128-255, d256-511, ..."""
+    low = 0 if distance < 128 else 2 ** (distance.bit_length() - 1)
+    return f"d{low}-{max(128, 2 * low) - 1}"
+
+
+def _low(name: str) -> int:
+    return int(name[1:].split("-")[0])
+
+
+def _buckets(sets: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Per set of a long-range task, each prompt's distance bucket."""
+    out = {}
+    for name, records in sets.items():
+        task = tasks.get(records[0]["task"]) if records and "task" in records[0] else None
+        if task is not None and task.distance is not None:
+            out[name] = np.array([bucket(task.distance(r["prompt"])) for r in records])
+    return out
 
 
 def ks(samples: int) -> list[int]:
@@ -66,7 +88,8 @@ def _held_out_rows(cfg, sharding, batches: int, on_prompts: bool) -> dict[str, l
 def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, batches: int = 4,
                    fmt: str | None = None, samples: int | None = None, temperature: float | None = None,
                    on_prompts: bool = False) -> Callable[[transformer.Params], dict[str, float]]:
-    """fn(params) -> {perplexity, accuracy, accuracy/<set>, pass@k, pass@k/<set>} on held-out data, compiled once.
+    """fn(params) -> {perplexity, accuracy, accuracy/<set>[/<bucket>], pass@k, pass@k/<set>} on held-out data,
+    compiled once (buckets: a long-range task's distances).
     Sets: each synthetic task (for synthetic sources and objectives whose data are prompts, `on_prompts`: RL) and
     such an objective's own prompt source. Another files or tfds source: the perplexity of its validation split
     alone (the checkers only know the tasks). A mixture: the perplexity of each source (perplexity/<source>) and of
@@ -89,6 +112,7 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
     asked = cfg if on_prompts else mixture.synthetic_view(cfg)
     sets = prompts.held_out(asked, n) if asked is not None else {}
     examples = [(name, record) for name, records in sets.items() for record in records]
+    buckets = _buckets(sets)
     ids, lengths = sampling.left_pad([prompt_ids(tokenizer, r["prompt"], fmt) for _, r in examples] or [[0]])
     settings = dict(max_new_tokens=32, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                     vocab_size=tokenizer.vocab_size, constrain=constrain)
@@ -111,19 +135,25 @@ def make_evaluator(cfg, mesh, constrain: Constrain = no_constrain, n: int = 64, 
                 out[name] = np.array(marks, bool).reshape(len(records), repeat)
         return out
 
+    # Rows that score no token (chat documents longer than seq_len: a long-range task asked at more tokens than the
+    # run's rows hold) have no perplexity.
+    counts = {name: sum(float(b["loss_mask"].sum()) for b in batches) for name, batches in rows.items()}
+    counted = [name for name, count in counts.items() if count]
+
     def evaluate(params) -> dict[str, float]:
         metrics = {}
-        if rows:
-            nats = {name: sum(float(loss(params, b)) for b in batches) for name, batches in rows.items()}
-            counts = {name: sum(float(b["loss_mask"].sum()) for b in batches) for name, batches in rows.items()}
-            metrics["perplexity"] = math.exp(sum(nats.values()) / sum(counts.values()))
-            metrics |= {f"perplexity/{name}": math.exp(nats[name] / counts[name]) for name in rows if name}
+        if counted:
+            nats = {name: sum(float(loss(params, b)) for b in rows[name]) for name in counted}
+            metrics["perplexity"] = math.exp(sum(nats.values()) / sum(counts[name] for name in counted))
+            metrics |= {f"perplexity/{name}": math.exp(nats[name] / counts[name]) for name in counted if name}
         if not examples:
             return metrics
         correct = scored(answers(greedy, params, 1), 1)
         if correct:
             metrics["accuracy"] = float(np.mean(np.concatenate(list(correct.values()))))
             metrics |= {f"accuracy/{name}": float(c.mean()) for name, c in correct.items()}
+            metrics |= {f"accuracy/{name}/{b}": float(correct[name][buckets[name] == b].mean())
+                        for name in buckets if name in correct for b in sorted(set(buckets[name]), key=_low)}
         if sample is not None:
             passed = scored(answers(sample, params, samples), samples)
             for k in ks(samples) if passed else ():

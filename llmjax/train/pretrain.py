@@ -9,7 +9,7 @@ from functools import partial
 import jax
 
 from llmjax import losses
-from llmjax.data import mixture
+from llmjax.data import mixture, synthetic
 from llmjax.evaluate import make_evaluator
 from llmjax.models import moe, transformer
 from llmjax.sharding import Constrain
@@ -25,7 +25,11 @@ def loss_fn(params: transformer.Params, batch: Batch, cfg, constrain: Constrain,
 
 
 def validate(cfg, sizes: dict[str, int]) -> None:
-    """Nothing beyond the common checks: init_from is read (and refused) before anything compiles."""
+    """Beyond the common checks (init_from is read, and refused, before anything compiles): a long-range task's
+    documents fit a row whole (synthetic.check_rows)."""
+    view = mixture.synthetic_view(cfg)
+    if view is not None:
+        synthetic.check_rows(view)
 
 
 def define(ctx: Context) -> Definition:

@@ -2,10 +2,13 @@ import hashlib
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from llmjax.data import chat, tasks
-from llmjax.data.synthetic import make_batch
+from llmjax.data.synthetic import check_rows, make_batch
 from llmjax.data.tokenizer import ByteTokenizer
+from llmjax.errors import LlmjaxError
+from llmjax.train import registry
 
 TOK = ByteTokenizer()
 SEQ_LEN = 128
@@ -183,3 +186,21 @@ def test_unknown_task_raises():
 def test_unknown_format_raises():
     with pytest.raises(ValueError, match="chat"):
         batch(format="jsonl")
+
+
+def test_a_long_range_document_fills_a_row_whole_and_a_longer_one_is_refused():
+    """passkey_N at seq_len N - 1 (text): each row is one whole document, its key checkable; a document a row cannot
+    hold (longer, or the chat template's extra tokens) is refused in one line, short tasks of any length never."""
+    b = batch(rows=range(4), names=("passkey_65_1",), seq_len=64)
+    for inputs, targets, seg in zip(b["inputs"], b["targets"], b["segment_ids"], strict=True):
+        assert (seg == 1).all() and targets[-1] == TOK.eos_id
+        prompt, answer = TOK.decode(np.append(inputs, targets[-1])).rsplit(" = ", 1)
+        assert tasks.get("passkey").check(prompt + " = ", answer)
+    cfg = tiny_config(**{"data.tasks": "sort,passkey_65_1", "data.tokenizer": "byte"})
+    check_rows(cfg)
+    cfg.data.format = "chat"
+    with pytest.raises(LlmjaxError, match=r"^data.tasks='sort,passkey_65_1': a passkey_65_1 document is 68 tokens as "
+                                          r"chat, more than a row of seq_len=64 holds whole; raise --config.seq_len to "
+                                          r"67 or ask for a shorter one$"):
+        registry.validate(cfg, 1)  # pretraining and SFT check their rows
+    check_rows(tiny_config(**{"data.tasks": "copy,lookup", "seq_len": 8}))

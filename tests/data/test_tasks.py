@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from llmjax.data import tasks
+from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 
 N = 200
@@ -113,3 +114,48 @@ def test_bad_negative_kinds_are_refused(kinds, message):
     with pytest.raises(LlmjaxError, match=message):
         tasks.check_negatives("reward.negatives", kinds)
     tasks.check_negatives("reward.negatives", "neighbour,corrupt")
+
+
+@pytest.mark.parametrize("length, digits", [(29, 5), (256, 5), (1024, 5), (3000, 5), (21, 1), (1024, 2)])
+def test_passkey_documents_are_as_long_as_asked_and_their_key_as_far_as_asked(length, digits):
+    """Exactly `length` tokens with bos and eos (one a character); the key ends the asked distance before the
+    question, by default anywhere from the least to the most the length allows; its checker reads the prompt."""
+    name = f"passkey_{length}" + (f"_{digits}" if digits != 5 else "")
+    task, rng, tok = tasks.get(name), np.random.default_rng(4), get_tokenizer("synthetic")
+    low, high = tasks.passkey_distances(length, digits)
+    assert (low, high) == (4, length - 15 - 2 * digits)
+    for distance in (low, (low + high) // 2, high, None):
+        ex = tasks.passkey(rng, length, distance, digits) if distance else task.generate(rng)
+        assert ex.task == name and len(tok.encode(ex.text, bos=True, eos=True)) == length
+        assert ex.prompt.startswith("passkey ") and ex.prompt.endswith(" = ") and f" key {ex.answer} " in ex.prompt
+        assert len(ex.answer) == digits and task.distance(ex.prompt) == (distance or task.distance(ex.prompt))
+        assert ex.prompt.index(f" {ex.answer} ") + 1 + digits + task.distance(ex.prompt) == len(ex.prompt)
+        assert task.check(ex.prompt, ex.answer) and task.check(ex.prompt, f" {ex.answer}\n")
+        for wrong in (tasks.corrupt(ex, rng), tasks.permute(ex, rng), tasks.neighbour(ex, rng), "", ex.answer + "0"):
+            assert not task.check(ex.prompt, wrong)
+    assert task.check("passkey ab key 01234 cd = ", "01234") and not task.check("passkey ab key 01234 cd = ", "1234")
+    with pytest.raises(ValueError, match="not 3"):
+        tasks.passkey(rng, length, 3, digits)
+    with pytest.raises(ValueError, match="no passkey"):
+        task.check("passkey ab key 0123 cd 4 = ", "0123")
+
+
+def test_passkey_distances_are_uniform_and_fresh():
+    rng = np.random.default_rng(5)
+    examples = [tasks.get("passkey_1024").generate(rng) for _ in range(400)]
+    distances = np.array([tasks.get("passkey").distance(ex.prompt) for ex in examples])  # any length's checker
+    assert distances.min() < 100 and distances.max() > 900 and abs(distances.mean() - 502) < 40
+    assert len({ex.answer for ex in examples}) > 390 and len({ex.prompt[8:40] for ex in examples}) == 400
+
+
+@pytest.mark.parametrize("names, message", [
+    ("sort,passkey_x", r"unknown tasks \['passkey_x'\]; choose from reverse,add,sort,copy,lookup,passkey_N\[_K\]$"),
+    ("passkey_28", r"^data.tasks='passkey_28': task 'passkey_28': a passkey document with a 5-digit key takes at "
+                   r"least 29 tokens; ask for passkey_29_5 or more$"),
+    ("passkey_64_0", r"^data.tasks='passkey_64_0': task 'passkey_64_0': a passkey's key has one digit or more$"),
+])
+def test_bad_passkey_names_are_refused(names, message):
+    with pytest.raises(LlmjaxError, match=message):
+        tasks.check_names("data.tasks", names)
+    tasks.check_names("data.tasks", "sort,passkey,passkey_29,passkey_21_1")
+    assert tasks.get("passkey").generate(np.random.default_rng(0)).task == "passkey"
