@@ -8,6 +8,11 @@
   python -m llmjax.bench data --config=configs/pretrain.py  (grain pipeline tokens/s vs training tokens/s)
   python -m llmjax.bench import --config=configs/pretrain.py:model=llama-1b --config.model.n_layers=4 \
       --config.model.param_dtype=bfloat16  (peak host memory of a Hugging Face import, 1 GB of weights)
+  python -m llmjax.bench attention [--seq_lens=1024,4096,16384]  (blockwise vs materialised attention: XLA's
+      memory and seconds of forward + backward, and the train step's memory)
+  python -m llmjax.bench context --config=configs/pretrain.py:model=tiny [--seq_lens=8192] [--contexts=1,2,4,8]
+      [--global_batch=0]  (train-step memory per device on 8 fake CPU devices by context size; compiled only)
+  (the last two: llmjax/bench_attention.py)
 
 Speed is reported as ratios measured in one process: the model's FLOP/s over this device's own measured
 matmul rate (JAX's, and NumPy's BLAS on the host), so numbers compare across machines and runs.
@@ -28,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import checkpoint, metrics, runs, sampling
+from llmjax import bench_attention, checkpoint, metrics, runs, sampling
 from llmjax.cli import run_main
 from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
@@ -40,6 +45,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Conf
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 16, "Steps to time, after the compiling one.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default: bench_<what>.json).")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", None, "attention, context: sequence lengths (default 1024,4096,16384; "
+                              "context: 8192).")
+_CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4", "8"], "context: the mesh.context sizes.")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 0, "context: the batch in every mesh (0: one row a device).")
 
 
 def bench_train(cfg) -> dict:
@@ -302,14 +311,45 @@ def bench_import(cfg) -> dict:
     return out
 
 
+def bench_long_attention(cfg) -> dict:
+    return bench_attention.bench_attention(cfg, [int(t) for t in _SEQ_LENS.value or (1024, 4096, 16384)])
+
+
+def bench_context(cfg) -> dict:
+    return bench_attention.bench_context(cfg, [int(t) for t in _SEQ_LENS.value or (8192,)],
+                                         [int(c) for c in _CONTEXTS.value], _GLOBAL_BATCH.value)
+
+
 BENCHES = {"train": bench_train, "moe": bench_moe, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo,
-           "data": bench_data, "import": bench_import}
+           "data": bench_data, "import": bench_import, "attention": bench_long_attention, "context": bench_context}
+
+
+def _import_estimate() -> None:
+    """Imports llmjax.estimate (its xla_memory compiles the train step for `attention` and `context`), which
+    defines a --config flag of its own on import: ours is set aside while it does, then put back, and it is shown
+    no command line, from which it would define --config.* overrides that are ours too."""
+    import sys
+
+    ours, argv = flags.FLAGS["config"], sys.argv
+    delattr(flags.FLAGS, "config")
+    sys.argv = argv[:1]
+    try:
+        import llmjax.estimate  # noqa: F401
+    finally:
+        sys.argv = argv
+        if "config" in flags.FLAGS:
+            delattr(flags.FLAGS, "config")
+        flags.FLAGS["config"] = ours
 
 
 def main(argv: list[str]) -> None:
     what = argv[1] if len(argv) > 1 else "train"
     if what not in BENCHES:
         raise app.UsageError(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHES)}")
+    if what == "context":
+        bench_attention.use_cpu_devices(8)  # before anything touches a backend
+    if what in ("attention", "context"):
+        _import_estimate()
     cfg = _CONFIG.value
     registry.validate(cfg, jax.device_count())
     result = {"benchmark": what, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
