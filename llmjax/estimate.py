@@ -123,11 +123,12 @@ def sequences(cfg) -> int:
 def scored_keys(cfg, mesh: AbstractMesh) -> float:
     """S, the score elements per query that attention holds (module docstring): xla scores every key of the
     sequence (with causal blocks, each block's keys up to its end); blockwise keeps the log-sum-exp and one
-    block pair's scores at a time; ring attention over xla the log-sum-exp and one chunk's; all-gathered keys
-    every key of the sequence."""
+    block pair's scores at a time, as the fused kernels do on a whole sequence (cudnn's blocks counted as
+    attn_block); ring attention over xla the log-sum-exp and one chunk's; all-gathered keys every key of the
+    sequence."""
     m, T = cfg.model, cfg.seq_len
     chunk = T / shards(("seq",), (T,), cfg.rules, mesh)
-    if m.attention == "blockwise":
+    if m.attention == "blockwise" or m.attention in ("splash", "cudnn") and chunk == T:
         return 1 + min(m.attn_block, chunk) ** 2 / chunk
     if chunk < T:
         return T if m.context_parallel == "allgather" else 1 + chunk

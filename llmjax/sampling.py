@@ -1,6 +1,7 @@
-"""Generation for a batch of prompts: one prefill over the left-padded prompts, then a jitted decode loop
+"""Generation for a batch of prompts: a prefill over the left-padded prompts, then a jitted decode loop
 (`jax.lax.while_loop`) over a preallocated KV cache, greedy or temperature / top-k / top-p sampling, each row
-stopping at its own EOS.
+stopping at its own EOS. A model whose every layer has a sliding window W prefills W tokens at a time into a ring
+of 2W - 1 slots, so its cache does not grow with the prompt and the answer.
 
 Returned log-probs are those of the tempered model, log-softmax(logits / temperature) before top-k / top-p
 filtering (greedy: of the raw logits): the numbers a teacher-forced forward pass gives for the same tokens with its
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.models import transformer
+from llmjax.models import kvcache, presets, transformer
 from llmjax.sharding import Constrain, no_constrain
 
 
@@ -56,14 +57,21 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     Returns tokens_BR (pad after EOS), logprobs_BR (0 after EOS) and lengths_B (tokens up to and including
     EOS). Jit it with the sampling settings static, e.g. through `sampler`.
     """
+    chunk, slots = prefill_plan(cfg, prompts_BP.shape[1], max_new_tokens)
+    prompts_BP = jnp.pad(prompts_BP, ((0, 0), (-prompts_BP.shape[1] % chunk, 0)), constant_values=pad_id)
     B, P = prompts_BP.shape
     slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])  # negative on padding
     segment_BP = (slot_BP >= 0).astype(jnp.int32)
-    cache = transformer.init_cache(cfg, B, P + max_new_tokens)
-    out = transformer.forward(params, prompts_BP, jnp.maximum(slot_BP, 0), segment_BP, cfg, constrain, cache)
-    logits_BPV, cache = out.logits_BTV, out.cache
+
+    def prefill(cache, chunk_BC):
+        tokens_BC, slot_BC, segment_BC = chunk_BC
+        out = transformer.forward(params, tokens_BC, jnp.maximum(slot_BC, 0), segment_BC, cfg, constrain, cache)
+        return out.cache, out.logits_BTV[:, -1]
+
+    chunks = tuple(a.reshape(B, P // chunk, chunk).swapaxes(0, 1) for a in (prompts_BP, slot_BP, segment_BP))
+    cache, last_nBV = jax.lax.scan(prefill, kvcache.init(cfg, B, slots), chunks)
     out_BR = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    logits_BV = limit_vocab(logits_BPV[:, -1], vocab_size)
+    logits_BV = limit_vocab(last_nBV[-1], vocab_size)
     init = (0, logits_BV, cache, jnp.zeros(B, bool), out_BR, jnp.zeros((B, max_new_tokens)), key)
 
     def cond(carry):
@@ -88,6 +96,18 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     ended = out_BR == eos_id
     lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, max_new_tokens)
     return {"tokens": out_BR, "logprobs": logp_BR, "lengths": lengths.astype(jnp.int32)}
+
+
+def prefill_plan(cfg, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(tokens a prefill call, cache slots): the whole prompt at once into prompt + answer slots; for a model
+    whose every layer has a sliding window W, chunks of W into the W + chunk - 1 slots of a ring
+    (llmjax.models.kvcache), when that is fewer."""
+    chunk = min(prompt_len, max(presets.windows(cfg))) or prompt_len
+    padded = -(-prompt_len // chunk) * chunk
+    slots = kvcache.ring_slots(cfg, padded + max_new_tokens, chunk)
+    if slots == padded + max_new_tokens:
+        return prompt_len, prompt_len + max_new_tokens
+    return chunk, slots
 
 
 def sampler(cfg, *, max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,

@@ -63,7 +63,6 @@ def test_config_file_rejects_unknown_preset():
     ({"log_every": 0}, r"log_every=0 must be at least 1"),
     ({"model.norm": "rmsnorm"}, r"model.norm='rmsnorm' is not one of \('rms', 'layer'\); set --config.model.norm"),
     ({"rules.embed": "fsdb"}, r"rules.embed='fsdb' names mesh axes \['fsdb'\]"),
-    ({"mesh.context": 4, "seq_len": 36}, r"seq_len=36 is not divisible by 2 x the mesh axes of rules.seq='context'"),
     ({"data.tasks": "sort,srot"}, r"data.tasks='sort,srot' names unknown tasks \['srot'\]; choose from reverse,"),
 ])
 def test_validate_rejects(overrides, message):

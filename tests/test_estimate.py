@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from llmjax import config
-from llmjax.estimate import abstract_mesh, estimate, state_bytes, xla_memory
+from llmjax.estimate import abstract_mesh, estimate, scored_keys, state_bytes, xla_memory
 
 
 def gpt2(**model):
@@ -188,3 +188,15 @@ def test_attention_memory_near_xla(model, context):
     cfg.model.update(remat="dots", **model)
     est, xla = estimate(cfg, 8), xla_memory(cfg)
     assert est["bytes"]["grads"] + est["bytes"]["activations"] == pytest.approx(xla["temp"], rel=0.25)
+
+
+def test_fused_kernels_hold_a_block_pair_like_blockwise():
+    """splash and cudnn (on a whole sequence) keep what flash attention keeps: the log-sum-exp and one block pair's
+    scores, 1 + 128^2 / 1024 = 17 per query at T=1024 in blocks of 128; under context parallelism cudnn falls back to
+    the ring over materialised chunks, 1 + 512 with the sequence in two."""
+    cfg = tiny(seq_len=1024, **{"model.attn_block": 128})
+    for attention in ("blockwise", "splash", "cudnn"):
+        cfg.model.attention = attention
+        assert scored_keys(cfg, abstract_mesh(cfg, 8)) == 17
+    cfg.mesh.update(fsdp=4, context=2, tensor=1)
+    assert scored_keys(cfg, abstract_mesh(cfg, 8)) == 513

@@ -60,6 +60,25 @@ def test_greedy_cache_equals_recompute_with_sliding_windows():
         assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
 
 
+def test_every_layer_windowed_generates_through_a_ring_of_two_windows():
+    """A window of 3 on every layer: the prompts prefill 3 tokens a call into a ring of 5 slots, which wraps
+    several times over 9 + 12 tokens, and the tokens and log-probs are those of the whole sequence without a
+    cache."""
+    cfg = tiny_config(**{"model.sliding_window": 3})
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    assert sampling.prefill_plan(cfg.model, prompts.shape[1], N_NEW) == (3, 5)
+    assert sampling.prefill_plan(cfg.model, 2, 1) == (2, 3)  # a ring would not be smaller
+    params = transformer.init(cfg.model, jax.random.key(0))
+    out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
+    for row, prompt in enumerate(PROMPTS):
+        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
+        seq = jnp.array([prompt + out["tokens"][row].tolist()])
+        logits = transformer.forward(params, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), cfg.model)[0]
+        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
+        want = jnp.take_along_axis(logp, seq[0, len(prompt):, None], axis=-1)[:, 0]
+        np.testing.assert_allclose(out["logprobs"][row], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2),
                                   dict(data=1, fsdp=2, context=2, tensor=2)])  # the cache's slots split in two
 def test_greedy_sharded_equals_single(single, mesh):

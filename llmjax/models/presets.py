@@ -8,7 +8,7 @@ Llama 3 70B 70.6B; `llama-1b` is Llama 3.2 1B (1.24B, tied embeddings, llama3 Ro
 from llmjax.errors import LlmjaxError
 
 ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn")  # llmjax.models.layers.rope_frequencies
-ATTENTION = ("xla", "blockwise", "cudnn")  # llmjax.models.attention
+ATTENTION = ("xla", "blockwise", "cudnn", "splash")  # llmjax.models.attention, llmjax.models.splash
 LLAMA = dict(norm="rms", pos="rope", mlp="swiglu", bias="none", norm_eps=1e-5, rope_theta=500_000.0)
 GPT2 = dict(norm="layer", pos="learned", mlp="gelu", bias="all", tie_embeddings=True, norm_eps=1e-5)
 
@@ -70,9 +70,10 @@ DEFAULTS = dict(
     remat="none",           # none | full | dots | all_dots: what the scanned layer saves for the backward pass
     attn_causal_block=0,    # xla, >0: attention in query blocks that skip the masked upper triangle (CPU); 0: one block
     # How attention is computed (llmjax.models.attention): xla (the reference: scores materialised, T x S) |
-    # blockwise (flash attention in pure JAX, O(T) memory, any backend) | cudnn (fused, GPU only)
+    # blockwise (flash attention in pure JAX, O(T) memory, any backend) | cudnn (fused, GPU only) |
+    # splash (the Pallas splash-attention kernel, TPU only, no context parallelism; llmjax.models.splash)
     attention="xla",
-    attn_block=512,         # blockwise: queries and keys per block
+    attn_block=512,         # blockwise, splash: queries and keys per block (splash: a multiple of 128)
     context_parallel="ring",  # with rules.seq on a mesh axis > 1 (llmjax.models.ring): ring | allgather
     # Sliding-window attention (Mistral, Qwen2): on a windowed layer a query sees only the sliding_window most recent
     # keys, itself included; 0 = none. layer_types: "" windows every layer; else comma-separated full | sliding,

@@ -65,6 +65,14 @@ def _reorder(x_BT: jax.Array, order: np.ndarray) -> jax.Array:
     return jnp.concatenate([x_BT[:, i * size:(i + 1) * size] for i in order.tolist()], axis=1)
 
 
+def pad(x_BT: jax.Array, constrain: Constrain) -> jax.Array:
+    """A [B, T, ...] array zero-padded on the right to whole zigzag chunks (two per device on the context axes), so
+    that rows of any width can be split: padded tokens have segment id 0, which no real token sees."""
+    axes = seq_axes(constrain)
+    extra = -x_BT.shape[1] % (2 * _size(constrain, axes)) if axes else 0
+    return jnp.pad(x_BT, [(0, 0), (0, extra)] + [(0, 0)] * (x_BT.ndim - 2)) if extra else x_BT
+
+
 def balance(x_BT: jax.Array, constrain: Constrain) -> jax.Array:
     """A [B, T, ...] array's sequence in zigzag order over the context axes (identity without them): apply it once
     to the token-level inputs (tokens, positions, segment ids, slot indices) so each device's causal work is even."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from llmjax.models import attention, layers, moe, presets, ring
+from llmjax.models import attention, kvcache, layers, moe, presets, ring, splash
 from llmjax.sharding import Constrain, no_constrain
 
 Params = dict[str, Any]
@@ -162,28 +162,11 @@ REMAT = {
 }
 
 
-class Cache(NamedTuple):
-    """Keys and values of every layer for S slots, filled left to right; `index` slots are in use. A slot's
-    segment id 0 means empty or padding, which no query attends to."""
-
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
-    segment_ids_BS: jax.Array
-    index: jax.Array
-
-
-def init_cache(cfg, batch: int, slots: int) -> Cache:
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.compute_dtype)
-    return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
-                 jnp.zeros((), jnp.int32))
-
-
 class Output(NamedTuple):
     logits_BTV: jax.Array  # float32
     h_BTD: jax.Array  # the final normed hidden states (heads read them)
     moe: dict  # router statistics stacked over MoE layers (llmjax.models.moe.loss); {} for a dense model
-    cache: Cache | None  # the updated cache when one was given
+    cache: kvcache.Cache | None  # the updated cache when one was given
 
 
 KV = tuple[jax.Array, jax.Array]  # one layer's cached keys and values, each BSKH
@@ -231,19 +214,18 @@ def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigD
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
 
-def slots(segment_ids_BT: jax.Array, cache: Cache | None,
+def slots(segment_ids_BT: jax.Array, cache: kvcache.Cache | None,
           constrain: Constrain = no_constrain) -> tuple[jax.Array, ...]:
     """(the keys' segment ids, the queries' slots, the keys' slots): what the attention mask is made of, in each
     layer, so that no T x S mask outlives its layer. Without a cache the tokens are their own keys, their slots in
     the order `ring.balance` puts them in; with one they fill the slots after the cache's `index` and also see the
-    slots before them."""
+    slots before them (llmjax.models.kvcache)."""
     B, T = segment_ids_BT.shape
     q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     if cache is None:
         q_index_BT = ring.balance(q_index_BT, constrain)
         return segment_ids_BT, q_index_BT, q_index_BT
-    kv_segment_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
-    kv_index_BS = jnp.broadcast_to(jnp.arange(kv_segment_BS.shape[1]), kv_segment_BS.shape)
+    kv_segment_BS, kv_index_BS = kvcache.keys(cache, segment_ids_BT)
     return kv_segment_BS, q_index_BT + cache.index, kv_index_BS
 
 
@@ -265,7 +247,7 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
     if kv_BSKH is None:
         o_BTNH = self_attention(q_BTNH, k_BTKH, v_BTKH, ctx, window, cfg, constrain)
     else:
-        kv_BSKH = tuple(constrain(jax.lax.dynamic_update_slice(c_BSKH, new_BTKH, (0, ctx.cache_index, 0, 0)),
+        kv_BSKH = tuple(constrain(kvcache.write(c_BSKH, new_BTKH, ctx.cache_index),
                                   ("batch", "seq", "kv_heads", "head_dim"))
                         for c_BSKH, new_BTKH in zip(kv_BSKH, (k_BTKH, v_BTKH), strict=True))
         o_BTNH = layers.attention(q_BTNH, *kv_BSKH, mask(ctx, window))
@@ -281,7 +263,8 @@ def mask(ctx: Context, window: jax.Array | int) -> jax.Array:
 def self_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, ctx: Context, window: jax.Array | int,
                    cfg: ConfigDict, constrain: Constrain) -> jax.Array:
     """The tokens attending to each other by cfg.attention; split over the mesh axes of the sequence, if any, by
-    cfg.context_parallel (the xla attention then runs materialised on each device's share)."""
+    cfg.context_parallel (the xla attention then runs materialised on each device's share; splash, whose static
+    masks need the slots 0 .. T-1, is refused there by the registry)."""
     if cfg.attention == "blockwise" or ring.seq_axes(constrain):
         local = (partial(attention.blockwise, block_q=cfg.attn_block, block_k=cfg.attn_block)
                  if cfg.attention == "blockwise" else attention.reference)
@@ -289,6 +272,9 @@ def self_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, ctx:
                               ctx.kv_index_BS, window, constrain, local, cfg.context_parallel)
     if cfg.attention == "cudnn":
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask(ctx, window), implementation="cudnn")
+    if cfg.attention == "splash":
+        return splash.attention(q_BTNH, k_BTKH, v_BTKH, ctx.segment_BT, ctx.kv_segment_BS, window,
+                                presets.windows(cfg), cfg.attn_block, constrain)
     return layers.attention(q_BTNH, k_BTKH, v_BTKH, mask(ctx, window), cfg.attn_causal_block)
 
 
@@ -357,20 +343,20 @@ def unembed(p: Params, h_BTD: jax.Array, cfg: ConfigDict, constrain: Constrain) 
 
 
 def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-            cfg: ConfigDict, constrain: Constrain = no_constrain, cache: Cache | None = None) -> Output:
-    """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill slots index ..
-    index+T and attend to everything cached before them.
+            cfg: ConfigDict, constrain: Constrain = no_constrain, cache: kvcache.Cache | None = None) -> Output:
+    """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill the sequence's slots
+    index .. index+T-1 and attend to everything cached before them (llmjax.models.kvcache).
 
     Tokens attend causally within their own segment, so documents packed in one row never see each other. With
     the sequence split over mesh axes (context parallelism), the tokens go through the layers in zigzag order
     (llmjax.models.ring.balance), so that causal attention gives every device the same work, and the final
-    hidden states come back in order.
+    hidden states come back in order; rows of any width are padded to whole chunks for it and sliced back.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    balanced = cache is None and bool(ring.seq_axes(constrain))
+    balanced, T = cache is None and bool(ring.seq_axes(constrain)), tokens_BT.shape[1]
     if balanced:
-        tokens_BT, positions_BT, segment_ids_BT = (ring.balance(a, constrain)
+        tokens_BT, positions_BT, segment_ids_BT = (ring.balance(ring.pad(a, constrain), constrain)
                                                    for a in (tokens_BT, positions_BT, segment_ids_BT))
     x_BTD = embed(p, tokens_BT, positions_BT, cfg, constrain)
     kv_segment_BS, q_index_BT, kv_index_BS = slots(segment_ids_BT, cache, constrain)
@@ -389,7 +375,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
     if balanced:
-        h_BTD = constrain(ring.unbalance(h_BTD, constrain), ("batch", "seq", "act_embed"))
+        h_BTD = constrain(ring.unbalance(h_BTD, constrain)[:, :T], ("batch", "seq", "act_embed"))
     logits_BTV = unembed(p, h_BTD, cfg, constrain)
-    new_cache = None if cache is None else Cache(*kv_LBSKH, kv_segment_BS, cache.index + tokens_BT.shape[1])
+    new_cache = None if cache is None else kvcache.Cache(*kv_LBSKH, kv_segment_BS, cache.index + tokens_BT.shape[1])
     return Output(logits_BTV, h_BTD, stats, new_cache)

@@ -12,7 +12,7 @@ from llmjax.config import check_choices, check_ranges, lookup
 from llmjax.data import mixture, tasks
 from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
-from llmjax.models import lora, presets, ring
+from llmjax.models import lora, presets, ring, splash
 from llmjax.sharding import AXES, make_mesh, mesh_shape
 from llmjax.train import common, distill, dpo, loop, ppo, pretrain, reward
 from llmjax.train.state import TrainState
@@ -48,7 +48,7 @@ RANGES = {
     "data.validation": ("[0, 1)", "the fraction of a files: source held out for evaluation"),
     "model.norm_eps": ("(0, inf)", "a norm divides by sqrt(variance + eps)"),
     "model.rope_theta": ("(0, inf)", "RoPE's base wavelength"),
-    "model.attn_block": ("[1, inf)", "the queries and keys of one block of blockwise attention"),
+    "model.attn_block": ("[1, inf)", "the queries and keys of one block of blockwise or splash attention"),
     "model.rope_original_max_len": ("[1, inf)", "the length RoPE scaling stretches from"),
     "model.rope_beta_fast": ("(0, inf)", "YaRN keeps dimensions turning more often over the original length"),
     "model.rope_beta_slow": ("(0, inf)", "YaRN fully interpolates dimensions turning less often"),
@@ -82,6 +82,12 @@ def _validate_model(cfg: ml_collections.ConfigDict) -> None:
     if m.attention == "cudnn" and jax.default_backend() != "gpu":
         raise LlmjaxError(f"model.attention='cudnn' runs on a GPU and this backend is {jax.default_backend()}; set "
                           "--config.model.attention=blockwise (or xla)")
+    if m.attention == "splash" and jax.default_backend() != "tpu":
+        raise LlmjaxError(f"model.attention='splash' runs on a TPU and this backend is {jax.default_backend()}; set "
+                          "--config.model.attention=blockwise (or xla)")
+    if m.attention == "splash" and m.attn_block % splash.LANES:
+        raise LlmjaxError(f"model.attn_block={m.attn_block}: splash attention's blocks are multiples of "
+                          f"{splash.LANES}; set --config.model.attn_block=512 (or another multiple)")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
         if m[key] <= 0:
             raise LlmjaxError(f"model.{key}={m[key]} must be positive")
@@ -163,11 +169,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         unknown = [a for a in axes.split(",") if a and a not in sizes]
         if unknown:
             raise LlmjaxError(f"rules.{logical}={axes!r} names mesh axes {unknown}; mesh axes are {list(sizes)}")
-    chunks = 2 * math.prod(sizes[a] for a in set(cfg.rules.seq.split(",")) if a)
-    if chunks > 2 and cfg.seq_len % chunks:
-        raise LlmjaxError(f"seq_len={cfg.seq_len} is not divisible by 2 x the mesh axes of rules.seq={cfg.rules.seq!r}"
-                          f" (context parallelism gives each device two chunks of a sequence); use a multiple of "
-                          f"{chunks}")
+    split = math.prod(sizes[a] for a in set(cfg.rules.seq.split(",")) if a)
+    if m.attention == "splash" and split > 1:
+        raise LlmjaxError(f"model.attention='splash' attends over whole sequences, and rules.seq={cfg.rules.seq!r} "
+                          f"splits them over {split} devices (context parallelism); set "
+                          "--config.model.attention=blockwise")
     lora.check(cfg)
     if lora.targets(cfg) and not cfg.init_from:
         raise LlmjaxError(f"lora.targets={cfg.lora.targets!r}: LoRA adapts a trained model, which its checkpoints "

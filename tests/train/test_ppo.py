@@ -40,7 +40,7 @@ def test_recomputed_logprobs_equal_the_rollouts(sft_dir, tmp_path, algorithm, va
 def test_one_update_sharded_equals_single_device(sft_dir, tmp_path):
     results, batch = [], None
     for mesh_cfg, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                              (dict(data=2, fsdp=2, tensor=2), jax.devices())):
+                              (dict(data=1, fsdp=2, context=2, tensor=2), jax.devices())):  # ring attention
         cfg = ppo_config(sft_dir)
         cfg.mesh = mesh_cfg
         task = registry.task(cfg, str(tmp_path), sharding.make_mesh(cfg.mesh, devices))
