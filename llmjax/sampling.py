@@ -1,7 +1,8 @@
-"""Generation for a batch of prompts: a prefill over the left-padded prompts, then a jitted decode loop
-(`jax.lax.while_loop`) over a preallocated KV cache, greedy or temperature / top-k / top-p sampling, each row
-stopping at its own EOS. A model whose every layer has a sliding window W prefills W tokens at a time into a ring
-of 2W - 1 slots, so its cache does not grow with the prompt and the answer.
+"""Generation for a batch of prompts: a prefill over the left-padded prompts (in chunks of `prefill_chunk` tokens
+when they are longer), then a jitted decode loop (`jax.lax.while_loop`) over a preallocated KV cache, greedy or
+temperature / top-k / top-p sampling, each row stopping at its own EOS. A model whose every layer has a sliding
+window W prefills at most W tokens at a time into a ring of 2W - 1 slots, so its cache does not grow with the
+prompt and the answer.
 
 Returned log-probs are those of the tempered model, log-softmax(logits / temperature) before top-k / top-p
 filtering (greedy: of the raw logits): the numbers a teacher-forced forward pass gives for the same tokens with its
@@ -50,14 +51,15 @@ def limit_vocab(logits_BTV: jax.Array, vocab_size: int) -> jax.Array:
 
 def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.Array, key: jax.Array, cfg, *,
              max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, vocab_size: int = 0, constrain: Constrain = no_constrain) -> dict[str, jax.Array]:
+             top_p: float = 1.0, vocab_size: int = 0, prefill_chunk: int = 512,
+             constrain: Constrain = no_constrain) -> dict[str, jax.Array]:
     """Continues left-padded prompts (row b's prompt fills its last lengths_B[b] slots), sampling only ids below
     vocab_size (the tokenizer's; 0: all of the model's).
 
     Returns tokens_BR (pad after EOS), logprobs_BR (0 after EOS) and lengths_B (tokens up to and including
     EOS). Jit it with the sampling settings static, e.g. through `sampler`.
     """
-    chunk, slots = prefill_plan(cfg, prompts_BP.shape[1], max_new_tokens)
+    chunk, slots = prefill_plan(cfg, prompts_BP.shape[1], max_new_tokens, prefill_chunk)
     prompts_BP = jnp.pad(prompts_BP, ((0, 0), (-prompts_BP.shape[1] % chunk, 0)), constant_values=pad_id)
     B, P = prompts_BP.shape
     slot_BP = jnp.arange(P)[None] - (P - lengths_B[:, None])  # negative on padding
@@ -98,24 +100,23 @@ def generate(params: transformer.Params, prompts_BP: jax.Array, lengths_B: jax.A
     return {"tokens": out_BR, "logprobs": logp_BR, "lengths": lengths.astype(jnp.int32)}
 
 
-def prefill_plan(cfg, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(tokens a prefill call, cache slots): the whole prompt at once into prompt + answer slots; for a model
-    whose every layer has a sliding window W, chunks of W into the W + chunk - 1 slots of a ring
-    (llmjax.models.kvcache), when that is fewer."""
-    chunk = min(prompt_len, max(presets.windows(cfg))) or prompt_len
+def prefill_plan(cfg, prompt_len: int, max_new_tokens: int, chunk: int = 512) -> tuple[int, int]:
+    """(tokens a prefill call, cache slots). A long prompt goes in calls of `chunk` tokens, whose scores are
+    chunk x slots rather than prompt x slots; a model whose every layer has a sliding window W, in calls of at most
+    W into a ring of W + chunk - 1 slots (llmjax.models.kvcache) when that is fewer than prompt + answer."""
+    windows = presets.windows(cfg)
+    chunk = min(chunk, prompt_len, max(windows) if min(windows) > 0 else chunk)
     padded = -(-prompt_len // chunk) * chunk
-    slots = kvcache.ring_slots(cfg, padded + max_new_tokens, chunk)
-    if slots == padded + max_new_tokens:
-        return prompt_len, prompt_len + max_new_tokens
-    return chunk, slots
+    return chunk, kvcache.ring_slots(cfg, padded + max_new_tokens, chunk)
 
 
 def sampler(cfg, *, max_new_tokens: int, eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-            top_p: float = 1.0, vocab_size: int = 0, constrain: Constrain = no_constrain) -> Callable:
+            top_p: float = 1.0, vocab_size: int = 0, prefill_chunk: int = 512,
+            constrain: Constrain = no_constrain) -> Callable:
     """generate, jitted once for these settings: fn(params, prompts_BP, lengths_B, key) -> dict."""
     return jax.jit(partial(generate, cfg=cfg, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size,
-                           constrain=constrain))
+                           prefill_chunk=prefill_chunk, constrain=constrain))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -60,6 +60,17 @@ def test_greedy_cache_equals_recompute_with_sliding_windows():
         assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
 
 
+def test_a_prompt_prefilled_in_chunks_equals_one_call(single):
+    """Chunks of 3 (prompts padded from 8 to 9 slots on the left) give the one-call prefill's tokens and log-probs."""
+    cfg, params, _ = single
+    prompts, lengths = sampling.left_pad(PROMPTS)
+    assert sampling.prefill_plan(cfg.model, prompts.shape[1], N_NEW, chunk=3) == (3, 9 + N_NEW)
+    ref, out = (sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=1.0, prefill_chunk=chunk)(
+        params, prompts, lengths, jax.random.key(0)) for chunk in (512, 3))
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=1e-5, atol=1e-5)
+
+
 def test_every_layer_windowed_generates_through_a_ring_of_two_windows():
     """A window of 3 on every layer: the prompts prefill 3 tokens a call into a ring of 5 slots, which wraps
     several times over 9 + 12 tokens, and the tokens and log-probs are those of the whole sequence without a
