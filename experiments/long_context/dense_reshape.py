@@ -1,8 +1,9 @@
-"""Why context parallelism with more than one row a device holds more memory per device at a larger context:
+"""Why context parallelism with more than one row a device held more memory per device at a larger context:
 XLA's temporaries of the `tiny` train step (batch 8, so the tokens per device are equal at every context size;
-blockwise attention, ring) with `llmjax.models.layers.dense` as it is (it flattens [B, T, D] into [B*T, D] for a
-2-D matmul), and with dense as one dot_general over [B, T, D], monkeypatched here (no model file changes), beside
-the number of all-gathers whose output holds the whole sequence. Compiled only, on 8 fake CPU devices:
+blockwise attention, ring) with `llmjax.models.layers.dense` flattening [B, T, D] into [B*T, D] for a 2-D matmul
+(what it does on XLA:CPU) and keeping [B, T] as free axes of one dot_general (what it does elsewhere:
+layers.flatten_dots), beside the number of all-gathers whose output holds the whole sequence. Compiled only, on 8
+fake CPU devices:
 
   python -m experiments.long_context.dense_reshape 8192 2,4,8      # a few minutes on 2 CPU cores
 """
@@ -20,16 +21,10 @@ def main(seq_len: int, contexts: list[int]) -> None:
     from llmjax.models import layers
     from llmjax.sharding import make_mesh
 
-    flattening = layers.dense
-
-    def one_dot(x, w, k=1):
-        if isinstance(w, dict):  # LoRA: as it is
-            return flattening(x, w, k)
-        return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ())))
-
+    on_cpu = layers.flatten_dots
     for c in contexts:
-        for name, dense in (("reshape", flattening), ("dot_general", one_dot)):
-            layers.dense = dense
+        for name, flat in (("reshape", True), ("dot_general", False)):
+            layers.flatten_dots = lambda flat=flat: flat
             cfg = config.base("tiny")
             cfg.batch_size, cfg.seq_len, cfg.eval_every, cfg.model.max_seq_len = 8, seq_len, 0, seq_len
             cfg.mesh.update(fsdp=8 // c, context=c, tensor=1)
@@ -41,7 +36,7 @@ def main(seq_len: int, contexts: list[int]) -> None:
             print(f"T={seq_len} context={c} dense={name}: temp "
                   f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f} MiB, all-gathers of whole-sequence "
                   f"activations: {len(gathers)}", flush=True)
-    layers.dense = flattening
+    layers.flatten_dots = on_cpu
 
 
 if __name__ == "__main__":

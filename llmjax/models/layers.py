@@ -6,9 +6,16 @@ import jax
 import jax.numpy as jnp
 
 
+def flatten_dots() -> bool:
+    """Whether `dense` flattens x's leading axes into one 2-D matmul: on XLA:CPU, which runs 2-D dots near its
+    matmul peak (the small model's train step is ~1.2x slower with [B, T] kept as two free axes). Elsewhere the
+    free axes stay: flattening [B, T] where B is split over fsdp and T over context (more than one row a device)
+    is no tiled sharding, and GSPMD would gather each row's whole sequence first (experiments/long_context)."""
+    return jax.default_backend() == "cpu"
+
+
 def dense(x: jax.Array, w: jax.Array | dict, k: int = 1) -> jax.Array:
-    """Contracts the last k axes of x with the first k of w as one 2-D matmul. XLA:CPU runs 2-D dots near
-    its matmul peak, while batched einsums make it transpose activations in the backward pass (~2x slower).
+    """Contracts the last k axes of x with the first k of w (as one 2-D matmul where `flatten_dots`).
     A LoRA-adapted w (llmjax.models.lora) adds s (x A) B, never forming A B. (x A) B is a dot with a unit batch
     dimension, which `remat=dots` does not save: the backward recomputes it from x A (r numbers a token) rather
     than storing a second copy of the projection's output."""
@@ -25,6 +32,8 @@ def dense(x: jax.Array, w: jax.Array | dict, k: int = 1) -> jax.Array:
                                   (((2,), (1,)), ((0,), (0,))))
         low = low.reshape(*xa.shape[:-1], *b.shape[1:]) * w["lora_scale"].astype(x.dtype)
         return dense(x, w["base"], k) + low
+    if not flatten_dots():
+        return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ())))
     lead, out = x.shape[:-k], w.shape[k:]
     y = x.reshape(math.prod(lead), -1) @ w.reshape(math.prod(w.shape[:k]), -1)
     return y.reshape(*lead, *out)

@@ -2,7 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
+from llmjax import sharding
 from llmjax.models import attention, layers
 
 RNG = np.random.default_rng(0)
@@ -171,7 +173,22 @@ def test_attention_gqa_causal_segments(causal_block):
     (1, (2, 3, 4), (4, 5), "btd,df->btf"),
     (2, (2, 3, 4, 5), (4, 5, 6), "btnh,nhd->btd"),
 ])
-def test_dense_is_einsum(k, x_shape, w_shape, eq):
+@pytest.mark.parametrize("flat", [True, False])
+def test_dense_is_einsum(k, x_shape, w_shape, eq, flat, monkeypatch):
+    monkeypatch.setattr(layers, "flatten_dots", lambda: flat)
     x, w = randn(*x_shape), randn(*w_shape)
     np.testing.assert_allclose(layers.dense(jnp.asarray(x), jnp.asarray(w), k=k), np.einsum(eq, x, w), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_dense_gathers_a_split_sequence_only_when_it_flattens(flat, monkeypatch):
+    """Rows over fsdp=2 and their sequence over context=4, four rows a device: [B, T] flattened is no tiled
+    sharding, so XLA gathers each row's whole sequence first (as on CPU); kept as free axes (elsewhere), nothing
+    moves."""
+    monkeypatch.setattr(layers, "flatten_dots", lambda: flat)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=2, context=4, tensor=1))
+    x = jax.device_put(jnp.ones((8, 64, 16)), NamedSharding(mesh, PartitionSpec("fsdp", "context")))
+    w = jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, PartitionSpec()))
+    hlo = jax.jit(lambda x, w: layers.dense(x, w), out_shardings=x.sharding).lower(x, w).compile().as_text()
+    assert ("all-gather" in hlo) == flat
