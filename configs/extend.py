@@ -9,12 +9,14 @@ fills a row as text or chat; `tasks` to choose others, or --config.data.source f
 A base already scaled keeps its type and its original length, and the factors multiply: 256 → 1024 → 4096 by
 linear interpolation is factor 4, then 16.
 
-Run (as experiments/extension does: `small` pretrained at 256 tokens on one-digit keys, then extended to 1024):
+Run (as experiments/extension does: `small` pretrained at 256 tokens on one-digit keys, then extended to 2048):
   python -m llmjax.main --config=configs/pretrain.py:steps=400 --config.data.format=chat \\
       --config.data.tasks=passkey_30_1,passkey_62_1,passkey_126_1,passkey_254_1 --config.model.max_seq_len=256 \\
       --workdir=runs/short
-  python -m llmjax.main --config=configs/extend.py:base=runs/short,tasks=passkey_1022_1 --workdir=runs/long  # linear x4
-  python -m llmjax.main --config=configs/extend.py:base=runs/short,rope=yarn,tasks=passkey_1022_1 --workdir=runs/yarn
+  python -m llmjax.main --config=configs/extend.py:base=runs/short,seq_len=2048,tasks=passkey_2046_1 \\
+      --workdir=runs/long  # linear x8
+  python -m llmjax.main --config=configs/extend.py:base=runs/short,seq_len=2048,rope=yarn,tasks=passkey_2046_1 \\
+      --workdir=runs/yarn
 """
 
 import ml_collections
@@ -25,7 +27,7 @@ from llmjax.models import presets
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = config.parse_arg(arg, base="", seq_len=1024, rope="linear", factor=0.0, steps=200, lr=1e-3, tasks="")
+    args = config.parse_arg(arg, base="", seq_len=1024, rope="linear", factor=0.0, steps=100, lr=1e-3, tasks="")
     if not args.base or args.base in presets.PRESETS:
         raise LlmjaxError(f"config argument base={args.base!r}: name the run (or hf:DIR) whose parameters are "
                           "extended, e.g. configs/extend.py:base=runs/short")

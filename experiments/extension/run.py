@@ -37,12 +37,12 @@ CHAT = 3  # tokens the chat template adds to a document (bos, user, end, assista
 class Plan:
     model: str = "small"
     steps: int = 400  # pretraining
-    extend_steps: int = 200
+    extend_steps: int = 100
     short: int = 256
-    long: int = 1024
+    long: int = 2048
     ropes: tuple[str, ...] = ("default", "linear", "yarn")
     digits: int = 1
-    n: int = 128  # held-out prompts per evaluation
+    n: int = 64  # held-out prompts per evaluation
     lr: float = 1e-3  # the extension's
 
     def task(self, length: int) -> str:
@@ -160,11 +160,11 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", "runs/extension_exp", "Where the runs and the results go.")
     flags.DEFINE_string("model", "small", "Model preset.")
     flags.DEFINE_integer("steps", 400, "Pretraining steps.")
-    flags.DEFINE_integer("extend_steps", 200, "Steps of each extension.")
+    flags.DEFINE_integer("extend_steps", 100, "Steps of each extension.")
     flags.DEFINE_integer("short", 256, "Pretraining length (tokens a row).")
-    flags.DEFINE_integer("long", 1024, "Extension length.")
+    flags.DEFINE_integer("long", 2048, "Extension length.")
     flags.DEFINE_list("ropes", ["default", "linear", "yarn"], "The extensions' RoPE scalings (default: none).")
     flags.DEFINE_integer("digits", 1, "Digits of the key.")
-    flags.DEFINE_integer("n", 128, "Held-out prompts per evaluation.")
+    flags.DEFINE_integer("n", 64, "Held-out prompts per evaluation.")
     flags.DEFINE_float("lr", 1e-3, "The extensions' peak learning rate.")
     run_main(main)
