@@ -32,6 +32,8 @@ elements of size c):
   dots      2 D + (N' + 2 K') H + m F'              + q, k, v, the output projection, the MLP's first
                                                       matmul(s) (m = 2 for SwiGLU, 1 for GELU): every 2-D dot
   all_dots  dots + N' H + N' S 4/c                  + the attention scores and the attention-weighted values
+                                                      (xla attention; under the others all_dots is dots:
+                                                      llmjax.models.transformer.remat)
   none      4 D + (2 N' + 2 K') H + (2 m + 1) F' + 2 N' S 4/c    every intermediate of the block
 R is LoRA's, 0 under `full`: every adapted projection keeps x A (r); under all_dots and none also (x A) B (its
 output per device), which `dots` recomputes (llmjax.models.layers.dense makes it a batched dot).
@@ -187,7 +189,7 @@ def adapter_elements(cfg, mesh: AbstractMesh) -> float:
         w, k = layers[name], lora.INPUT_DIMS.get(name, 1)
         axes = tuple("act_embed" if a == "embed" else a for a in w.axes[1 + k:])
         out = math.prod(w.shape[1 + k:]) / shards(axes, w.shape[1 + k:], cfg.rules, mesh)
-        total += cfg.lora.rank + (out if cfg.model.remat != "dots" else 0)
+        total += cfg.lora.rank + (out if transformer.remat(cfg.model) != "dots" else 0)
     return total
 
 
@@ -214,7 +216,7 @@ def activation_bytes(cfg, mesh: AbstractMesh) -> dict[str, float]:
     c = jnp.dtype(m.compute_dtype).itemsize
     vocab = m.vocab_size / shards(("vocab",), (m.vocab_size,), cfg.rules, mesh)
     adapters = adapter_elements(cfg, mesh) if m.remat != "full" else 0
-    out = {"saved_layers": s * m.n_layers * tokens * (saved_per_token(cfg, mesh, m.remat) + adapters) * c,
+    out = {"saved_layers": s * m.n_layers * tokens * (saved_per_token(cfg, mesh, transformer.remat(m)) + adapters) * c,
            "layer_workspace": tokens * (saved_per_token(cfg, mesh, "none") + score_elements(cfg, mesh)) * c,
            "logits": (s + 1) * tokens * vocab * 4, "weights": weight_copies(cfg, mesh)}
     return out | {"total": sum(out.values())}

@@ -162,6 +162,13 @@ REMAT = {
 }
 
 
+def remat(cfg) -> str:
+    """cfg.remat as it applies: all_dots keeps attention's scores, which only materialised (xla) attention has;
+    saving a blockwise or fused kernel's block-pair dots would make its memory quadratic again, so there it is
+    `dots`."""
+    return "dots" if cfg.remat == "all_dots" and cfg.attention != "xla" else cfg.remat
+
+
 class Output(NamedTuple):
     logits_BTV: jax.Array  # float32
     h_BTD: jax.Array  # the final normed hidden states (heads read them)
@@ -323,8 +330,9 @@ def scan_layers(x_BTD: jax.Array, layers_p: Params, ctx: Context, cfg: ConfigDic
     cfg.remat picks what each group's backward pass recomputes rather than stores. Layers' sliding windows go
     through the scan beside their weights (none when no layer has one)."""
     step = partial(_group, ctx=ctx, cfg=cfg, constrain=constrain)
-    if REMAT[cfg.remat] is not None:
-        step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
+    policy = REMAT[remat(cfg)]
+    if policy is not None:
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     attn, dense, experts = _groups(layers_p, cfg)
     kv = None if kv_LBSKH is None else jax.tree.map(lambda a: a.reshape(-1, _group_size(cfg), *a.shape[1:]),
                                                     kv_LBSKH)
