@@ -3,6 +3,9 @@
   python -m llmjax.bench moe --config=configs/pretrain.py:model=moe-small  (MoE dropless and capacity vs the dense
       model of equal active parameters, tokens/s)
   python -m llmjax.bench generate --config=configs/pretrain.py  (KV cache vs recompute, 256 new tokens)
+  python -m llmjax.bench engine --config=configs/pretrain.py  (the engine, continuous batching over a paged KV cache,
+      vs the static sampler: tokens/s and KV bytes in flight on equal and skewed answer lengths;
+      llmjax/bench_engine.py)
   python -m llmjax.bench dpo --config=configs/dpo.py  (live vs precomputed reference, pairs/s)
   python -m llmjax.bench ppo --config=configs/ppo.py --config.ppo.reward=tasks  (time split of one iteration)
   python -m llmjax.bench data --config=configs/pretrain.py  (grain pipeline tokens/s vs training tokens/s)
@@ -33,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmjax import bench_attention, checkpoint, metrics, runs, sampling
+from llmjax import bench_attention, bench_engine, checkpoint, metrics, runs, sampling
 from llmjax.cli import run_main
 from llmjax.data import pipeline, tasks
 from llmjax.data.tokenizer import get_tokenizer
@@ -320,8 +323,9 @@ def bench_context(cfg) -> dict:
                                          [int(c) for c in _CONTEXTS.value], _GLOBAL_BATCH.value)
 
 
-BENCHES = {"train": bench_train, "moe": bench_moe, "generate": bench_generate, "dpo": bench_dpo, "ppo": bench_ppo,
-           "data": bench_data, "import": bench_import, "attention": bench_long_attention, "context": bench_context}
+BENCHES = {"train": bench_train, "moe": bench_moe, "generate": bench_generate, "engine": bench_engine.bench_engine,
+           "dpo": bench_dpo, "ppo": bench_ppo, "data": bench_data, "import": bench_import,
+           "attention": bench_long_attention, "context": bench_context}
 
 
 def _import_estimate() -> None:

@@ -35,6 +35,38 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def filter_rows(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
+                min_p_B: jax.Array) -> jax.Array:
+    """filter_logits with each row's own settings as arrays (top_k 0, top_p 1, min_p 0: off), so that one compiled
+    step serves requests that differ; then min-p: tokens less likely than min_p x the most likely one go too. A row
+    at temperature 0 is divided by 1 (its caller takes the argmax)."""
+    logits = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth_B1 = jnp.take_along_axis(sorted_BV, jnp.maximum(top_k_B - 1, 0)[:, None], axis=-1)
+    kth_B1 = jnp.where(top_k_B[:, None] > 0, kth_B1, -jnp.inf)
+    sorted_BV = jnp.where(sorted_BV < kth_B1, -jnp.inf, sorted_BV)
+    before = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1) - jax.nn.softmax(sorted_BV, axis=-1)
+    cutoff_B1 = jnp.min(jnp.where(before < top_p_B[:, None], sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    cutoff_B1 = jnp.where(top_p_B[:, None] < 1.0, cutoff_B1, -jnp.inf)
+    floor_B1 = sorted_BV[:, :1] + jnp.log(min_p_B)[:, None]  # log 0 = -inf: no floor
+    return jnp.where(logits < jnp.maximum(jnp.maximum(kth_B1, cutoff_B1), floor_B1), -jnp.inf, logits)
+
+
+def choose_rows(logits_BV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                top_p_B: jax.Array, min_p_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(token_B, logp_B): each row sampled with its own key and settings, greedy where its temperature is 0, and
+    the token's log-prob under that row's tempered model, as `generate` reports it. An all-greedy batch skips the
+    filters' sorting."""
+    sampled_B = jax.lax.cond(
+        jnp.any(temperature_B > 0),
+        lambda: jax.vmap(jax.random.categorical)(key_B, filter_rows(logits_BV, temperature_B, top_k_B, top_p_B,
+                                                                    min_p_B)).astype(jnp.int32),
+        lambda: jnp.zeros(logits_BV.shape[0], jnp.int32))
+    token_B = jnp.where(temperature_B > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    tempered_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    return token_B, jnp.take_along_axis(jax.nn.log_softmax(tempered_BV), token_B[:, None], axis=-1)[:, 0]
+
+
 def _choose(logits_BV, key, temperature, top_k, top_p):
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)

@@ -161,3 +161,17 @@ def test_filters_keep_only_allowed_tokens(top_k, top_p):
     for b in range(4):
         assert set(draws[:, b]) <= set(np.flatnonzero(allowed[b]))
         assert np.argmax(probs[b]) in set(draws[:, b])
+
+
+def test_filter_rows_is_filter_logits_row_by_row_and_min_p_keeps_the_likely():
+    """Settings as arrays, one row each, give filter_logits' logits at each row's settings; min-p then drops the
+    tokens less likely than min_p x the most likely one."""
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
+    settings = [(0.7, 5, 1.0), (1.0, 0, 0.6), (1.3, 8, 0.3), (0.5, 0, 1.0)]
+    temperature, top_k, top_p = (jnp.array(column) for column in zip(*settings, strict=True))
+    rows = sampling.filter_rows(logits, temperature, top_k, top_p, jnp.zeros(4))
+    for b, (t, k, p) in enumerate(settings):
+        np.testing.assert_array_equal(rows[b], sampling.filter_logits(logits[b:b + 1], t, k, p)[0])
+    kept = sampling.filter_rows(logits, jnp.ones(4), jnp.zeros(4, jnp.int32), jnp.ones(4), jnp.full(4, 0.1))
+    probs = jax.nn.softmax(logits)
+    np.testing.assert_array_equal(jnp.isfinite(kept), probs >= 0.1 * probs.max(axis=-1, keepdims=True))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from llmjax.models import attention, kvcache, layers, moe, presets, ring, splash
+from llmjax.models import attention, kvcache, layers, moe, paged, presets, ring, splash
 from llmjax.sharding import Constrain, no_constrain
 
 Params = dict[str, Any]
@@ -173,7 +173,7 @@ class Output(NamedTuple):
     logits_BTV: jax.Array  # float32
     h_BTD: jax.Array  # the final normed hidden states (heads read them)
     moe: dict  # router statistics stacked over MoE layers (llmjax.models.moe.loss); {} for a dense model
-    cache: kvcache.Cache | None  # the updated cache when one was given
+    cache: kvcache.Cache | paged.Cache | None  # the updated cache when one was given
 
 
 KV = tuple[jax.Array, jax.Array]  # one layer's cached keys and values, each BSKH
@@ -190,7 +190,7 @@ class Context(NamedTuple):
     q_index_BT: jax.Array  # the queries' and keys' slots, which a sliding window compares
     kv_index_BS: jax.Array
     valid_BT: jax.Array  # real tokens, not padding: the only ones the MoE router's statistics count
-    cache_index: jax.Array | None  # the first cache slot the tokens fill; None without a cache
+    cache_index: jax.Array | paged.Pages | None  # the first cache slot the tokens fill (paged: the rows' pages)
 
 
 def _group_size(cfg) -> int:
@@ -221,12 +221,14 @@ def embed(p: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ConfigD
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
 
-def slots(segment_ids_BT: jax.Array, cache: kvcache.Cache | None,
+def slots(segment_ids_BT: jax.Array, cache: kvcache.Cache | paged.Cache | None,
           constrain: Constrain = no_constrain) -> tuple[jax.Array, ...]:
     """(the keys' segment ids, the queries' slots, the keys' slots): what the attention mask is made of, in each
     layer, so that no T x S mask outlives its layer. Without a cache the tokens are their own keys, their slots in
     the order `ring.balance` puts them in; with one they fill the slots after the cache's `index` and also see the
-    slots before them (llmjax.models.kvcache)."""
+    slots before them (llmjax.models.kvcache; paged: each row's own, llmjax.models.paged)."""
+    if isinstance(cache, paged.Cache):
+        return paged.slots(cache, segment_ids_BT)
     B, T = segment_ids_BT.shape
     q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     if cache is None:
@@ -253,6 +255,11 @@ def attention_block(x_BTD: jax.Array, w: Params, ctx: Context, cfg: ConfigDict, 
     window = 0 if window is None else window
     if kv_BSKH is None:
         o_BTNH = self_attention(q_BTNH, k_BTKH, v_BTKH, ctx, window, cfg, constrain)
+    elif isinstance(ctx.cache_index, paged.Pages):  # the layer's pools (JZKH) in, its new keys and values out
+        k_BSKH, v_BSKH = (paged.keys_values(pool_JZKH, new_BTKH, ctx.cache_index)
+                          for pool_JZKH, new_BTKH in zip(kv_BSKH, (k_BTKH, v_BTKH), strict=True))
+        o_BTNH = layers.attention(q_BTNH, k_BSKH, v_BSKH, mask(ctx, window))
+        kv_BSKH = (k_BTKH, v_BTKH)
     else:
         kv_BSKH = tuple(constrain(kvcache.write(c_BSKH, new_BTKH, ctx.cache_index),
                                   ("batch", "seq", "kv_heads", "head_dim"))
@@ -351,9 +358,11 @@ def unembed(p: Params, h_BTD: jax.Array, cfg: ConfigDict, constrain: Constrain) 
 
 
 def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-            cfg: ConfigDict, constrain: Constrain = no_constrain, cache: kvcache.Cache | None = None) -> Output:
+            cfg: ConfigDict, constrain: Constrain = no_constrain,
+            cache: kvcache.Cache | paged.Cache | None = None) -> Output:
     """Logits, hidden states and MoE statistics of the tokens; with a cache, the tokens fill the sequence's slots
-    index .. index+T-1 and attend to everything cached before them (llmjax.models.kvcache).
+    index .. index+T-1 and attend to everything cached before them (llmjax.models.kvcache); with a paged cache, each
+    row's real tokens fill the slots after its own length (llmjax.models.paged).
 
     Tokens attend causally within their own segment, so documents packed in one row never see each other. With
     the sequence split over mesh axes (context parallelism), the tokens go through the layers in zigzag order
@@ -362,6 +371,7 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    is_paged = isinstance(cache, paged.Cache)
     balanced, T = cache is None and bool(ring.seq_axes(constrain)), tokens_BT.shape[1]
     if balanced:
         tokens_BT, positions_BT, segment_ids_BT = (ring.balance(ring.pad(a, constrain), constrain)
@@ -378,12 +388,15 @@ def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, segme
     rope_scale = layers.rope_attention_factor(kind, factor, r["rope_attn_factor"])
     ctx = Context(positions_BT, freq_h, rope_scale, segment_ids_BT, kv_segment_BS, q_index_BT,
                   kv_index_BS, segment_ids_BT > 0,
-                  None if cache is None else cache.index)
-    kv_LBSKH = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+                  None if cache is None else paged.Pages(cache.table_BI) if is_paged else cache.index)
+    kv_LBSKH = (None if cache is None else (cache.k_LJZKH, cache.v_LJZKH) if is_paged
+                else (cache.k_LBSKH, cache.v_LBSKH))
     x_BTD, kv_LBSKH, stats = scan_layers(x_BTD, p["layers"], ctx, cfg, constrain, kv_LBSKH)
     h_BTD = _norm(x_BTD, p["final_norm"], cfg)
     if balanced:
         h_BTD = constrain(ring.unbalance(h_BTD, constrain)[:, :T], ("batch", "seq", "act_embed"))
     logits_BTV = unembed(p, h_BTD, cfg, constrain)
+    if is_paged:
+        return Output(logits_BTV, h_BTD, stats, paged.advance(cache, *kv_LBSKH, segment_ids_BT))
     new_cache = None if cache is None else kvcache.Cache(*kv_LBSKH, kv_segment_BS, cache.index + tokens_BT.shape[1])
     return Output(logits_BTV, h_BTD, stats, new_cache)
