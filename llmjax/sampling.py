@@ -23,16 +23,10 @@ from llmjax.sharding import Constrain, no_constrain
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Logits of the sampling distribution: tempered, then all but the top k, and all beyond the smallest
     set whose probability reaches top_p, set to -inf (the most likely token always stays)."""
-    logits = logits_BV / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
-        before = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1) - jax.nn.softmax(sorted_BV, axis=-1)
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+    if not top_k and top_p >= 1.0:  # nothing to filter: no sort
+        return logits_BV / temperature
+    full_B = lambda value: jnp.full(logits_BV.shape[0], value)  # noqa: E731
+    return filter_rows(logits_BV, full_B(temperature), full_B(top_k), full_B(top_p), full_B(0.0))
 
 
 def filter_rows(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
