@@ -127,6 +127,14 @@ class Engine:
     def add(self, req: Request | dict) -> int:
         """Queues a request (a dict: `request`'s keyword parameters and its prompt), checked before anything runs;
         returns its id, which `step` reports its result under."""
+        req = self.check(req)
+        self._next_id += 1
+        self._waiting.append((self._next_id - 1, req))
+        return self._next_id - 1
+
+    def check(self, req: Request | dict) -> Request:
+        """The request `add` would queue, or its one-line refusal; it reads only the engine's sizes, so a server's
+        other threads may check what they hand to the thread that steps the engine."""
         req = req if isinstance(req, Request) else request(**req)
         total = len(req.prompt) + req.max_new_tokens
         if total > self.max_len:
@@ -140,9 +148,20 @@ class Engine:
                               f"{need}")
         if not all(0 <= t < self.cfg.vocab_size for t in req.prompt):
             raise LlmjaxError(f"the prompt holds token ids outside the model's vocabulary [0, {self.cfg.vocab_size})")
-        self._next_id += 1
-        self._waiting.append((self._next_id - 1, req))
-        return self._next_id - 1
+        return req
+
+    def progress(self) -> dict[int, tuple[list[int], list[float]]]:
+        """The tokens and log-probs each running request has so far, by id (the engine's own lists, which later
+        steps extend): what a server streams between the step that admits a request and the one that ends it."""
+        return {run.id: (run.tokens, run.logprobs) for run in self._slots if run}
+
+    def cancel(self, id_: int) -> None:
+        """Drops a waiting or running request (a server's client went away, or its answer hit a stop string),
+        giving its slot and pages back; an id that has ended already is ignored."""
+        self._waiting = deque((i, req) for i, req in self._waiting if i != id_)
+        for slot, run in enumerate(self._slots):
+            if run and run.id == id_:
+                self._release(slot)
 
     def step(self) -> dict[int, Result]:
         """Prefills waiting requests into free slots (first come, first served, while the pool has their pages),

@@ -120,3 +120,23 @@ def test_generate_refuses_an_engine_that_add_filled():
     eng.add({"prompt": [1, 2], "max_new_tokens": 2})
     with pytest.raises(LlmjaxError, match="generate runs an idle engine"):
         eng.generate([engine.Request([3], max_new_tokens=2)])
+
+
+def test_progress_reports_running_requests_and_cancel_frees_their_slots(tiny):
+    """What a server streams and drops: after a step, each running request's tokens so far (a prefix of its
+    answer); a cancelled request, running or waiting, never reports a result and gives its pages back."""
+    cfg, params, eng = tiny
+    greedy = static_sampler(cfg, params)["tokens"]
+    assert eng.check({"prompt": PROMPTS[0], "max_new_tokens": 12}) == engine.Request(PROMPTS[0], 12) and not eng.busy
+    ids = [eng.add(engine.Request(p, max_new_tokens=n)) for p, n in zip(PROMPTS[:3], NEW[:3], strict=True)]
+    assert eng.step() == {}
+    progress = {i: list(tokens) for i, (tokens, _) in eng.progress().items()}
+    steps = eng.steps_per_call
+    assert progress == {ids[0]: greedy[0, :steps].tolist(), ids[1]: greedy[1, :steps].tolist()}  # 2 slots
+    eng.cancel(ids[0])  # running
+    eng.cancel(ids[2])  # waiting for a slot
+    done = {}
+    while eng.busy:
+        done |= eng.step()
+    assert set(done) == {ids[1]} and done[ids[1]].tokens == greedy[1, :NEW[1]].tolist()
+    assert eng.free_pages == eng.pages and eng.progress() == {}
