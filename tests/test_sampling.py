@@ -28,24 +28,41 @@ def single():
     return setup(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-def recompute_greedy(cfg, params, prompt, n):
-    """No cache: the whole sequence through the model for every new token (right-padded to one length, which
-    a causal model's earlier positions never see, so it compiles once)."""
-    fwd = jax.jit(lambda p, t: transformer.forward(p, t, jnp.arange(t.shape[1])[None], jnp.ones_like(t), cfg.model)[0])
-    tokens = list(prompt)
+def teacher_forced(cfg, params, prompts, answers_BR, temperature=1.0) -> np.ndarray:
+    """Without a cache: the tempered log-probs of every row's answer after its prompt, all rows right-padded into
+    one forward (a causal model's earlier positions never see the padding)."""
+    width = max(map(len, prompts)) + answers_BR.shape[1]
+    seq_BT = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        seq_BT[row, :len(prompt) + answers_BR.shape[1]] = [*prompt, *answers_BR[row]]
+    logits_BTV = transformer.forward(params, jnp.asarray(seq_BT), jnp.broadcast_to(jnp.arange(width), seq_BT.shape),
+                                     jnp.ones_like(seq_BT), cfg.model)[0]
+    logp_BTV = np.asarray(jax.nn.log_softmax(logits_BTV / temperature))
+    return np.stack([logp_BTV[row, np.arange(len(prompt) - 1, len(prompt) - 1 + answers_BR.shape[1]),
+                              answers_BR[row]] for row, prompt in enumerate(prompts)])
+
+
+def recompute_greedy(cfg, params, prompts, n) -> list[list[int]]:
+    """No cache: every row's whole sequence through the model for each new token, all rows right-padded to one
+    length, so it compiles once."""
+    fwd = jax.jit(lambda p, t: transformer.forward(p, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
+                                                   jnp.ones_like(t), cfg.model)[0])
+    rows = [list(prompt) for prompt in prompts]
     for _ in range(n):
-        padded = np.zeros((1, len(prompt) + n), np.int32)
-        padded[0, :len(tokens)] = tokens
-        tokens.append(int(jnp.argmax(fwd(params, jnp.asarray(padded))[0, len(tokens) - 1])))
-    return tokens[len(prompt):]
+        padded = np.zeros((len(rows), max(map(len, prompts)) + n), np.int32)
+        for row, tokens in enumerate(rows):
+            padded[row, :len(tokens)] = tokens
+        logits_BTV = fwd(params, jnp.asarray(padded))
+        for row, tokens in enumerate(rows):
+            tokens.append(int(jnp.argmax(logits_BTV[row, len(tokens) - 1])))
+    return [tokens[len(prompt):] for tokens, prompt in zip(rows, prompts, strict=True)]
 
 
 def test_greedy_cache_equals_recompute(single):
     cfg, params, _ = single
     prompts, lengths = sampling.left_pad(PROMPTS)
     out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
-    for row, prompt in enumerate(PROMPTS):
-        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
+    assert out["tokens"].tolist() == recompute_greedy(cfg, params, PROMPTS, N_NEW)
     np.testing.assert_array_equal(out["lengths"], N_NEW)
 
 
@@ -56,8 +73,7 @@ def test_greedy_cache_equals_recompute_with_sliding_windows():
     params = transformer.init(cfg.model, jax.random.key(0))
     prompts, lengths = sampling.left_pad(PROMPTS)
     out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
-    for row, prompt in enumerate(PROMPTS):
-        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
+    assert out["tokens"].tolist() == recompute_greedy(cfg, params, PROMPTS, N_NEW)
 
 
 def test_a_prompt_prefilled_in_chunks_equals_one_call(single):
@@ -81,13 +97,9 @@ def test_every_layer_windowed_generates_through_a_ring_of_two_windows():
     assert sampling.prefill_plan(cfg.model, 2, 1) == (2, 3)  # a ring would not be smaller
     params = transformer.init(cfg.model, jax.random.key(0))
     out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1)(params, prompts, lengths, jax.random.key(0))
-    for row, prompt in enumerate(PROMPTS):
-        assert out["tokens"][row].tolist() == recompute_greedy(cfg, params, prompt, N_NEW)
-        seq = jnp.array([prompt + out["tokens"][row].tolist()])
-        logits = transformer.forward(params, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), cfg.model)[0]
-        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
-        want = jnp.take_along_axis(logp, seq[0, len(prompt):, None], axis=-1)[:, 0]
-        np.testing.assert_allclose(out["logprobs"][row], want, rtol=1e-5, atol=1e-5)
+    assert out["tokens"].tolist() == recompute_greedy(cfg, params, PROMPTS, N_NEW)
+    want = teacher_forced(cfg, params, PROMPTS, np.asarray(out["tokens"]))
+    np.testing.assert_allclose(out["logprobs"], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2),
@@ -110,12 +122,8 @@ def test_logprobs_equal_teacher_forcing_at_the_temperature(single, temperature):
     prompts, lengths = sampling.left_pad(PROMPTS)
     out = sampling.sampler(cfg.model, max_new_tokens=N_NEW, eos_id=-1, temperature=temperature)(
         params, prompts, lengths, jax.random.key(1))
-    for row, prompt in enumerate(PROMPTS):
-        seq = jnp.array([prompt + out["tokens"][row].tolist()])
-        logits = transformer.forward(params, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq), cfg.model)[0]
-        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1] / temperature)
-        want = jnp.take_along_axis(logp, seq[0, len(prompt):, None], axis=-1)[:, 0]
-        np.testing.assert_allclose(out["logprobs"][row], want, rtol=1e-4, atol=1e-5)
+    want = teacher_forced(cfg, params, PROMPTS, np.asarray(out["tokens"]), temperature)
+    np.testing.assert_allclose(out["logprobs"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_eos_stops_each_row(single):
