@@ -9,9 +9,14 @@ which drops what followed it in that call) gives its slot and pages back, and th
 prefilled into them while the others keep decoding, so the batch stays full and memory follows the requests in
 flight rather than the longest answer.
 
+A request may ask for several answers of one prompt (a GRPO group, best-of-N): those admitted together read one
+copy of the prompt's full pages (llmjax.pages counts their readers), which is prefilled once; each answer gets its
+own copy of the prompt's last, partly filled page, since rows write their next tokens after their own lengths and
+no two may write one page.
+
 What a request gets does not depend on what shares the batch: every row is computed alone in the same compiled
-step, and the key of its i-th token is fold_in(key(seed), i). Log-probs are the tempered model's, as in
-llmjax.sampling.
+step, and the key of its i-th token is fold_in(key(seed), i); answer j of a group is sampled with seed + j, so it
+is the lone request with that seed, token for token. Log-probs are the tempered model's, as in llmjax.sampling.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax import pages as page_pool
 from llmjax import sampling
 from llmjax.errors import LlmjaxError
 from llmjax.models import paged, transformer
@@ -103,49 +109,56 @@ class Engine:
             ("min_p", np.float32), ("seed", np.uint32))}  # each slot's request, as the device reads it
         self._rows["max_new_tokens"][:] = 0  # an idle slot: nothing to decode
         self._slots: list[_Running | None] = [None] * slots
-        self._free_pages = list(range(pages))[::-1]
-        self._waiting: deque[tuple[int, Request]] = deque()
+        self._pool = page_pool.Pool(pages)
+        self._waiting: deque[list[tuple[int, Request]]] = deque()  # groups of answers, each with its id and seed
         self._next_id = 0
         # decode steps; over them, the sums of pages held and of tokens cached (at each call's start); prefill calls
         self.stats = {"decode_steps": 0, "page_steps": 0, "token_steps": 0, "peak_pages": 0, "prefill_calls": 0}
         limit = partial(sampling.limit_vocab, vocab_size=vocab_size)
         self._prefill = jax.jit(partial(_prefill, cfg=cfg, limit=limit), donate_argnums=(1, 2))
         self._decode = jax.jit(partial(_decode, cfg=cfg, limit=limit, steps=steps_per_call), donate_argnums=(1, 2))
+        self._fork = jax.jit(_fork, donate_argnums=(0, 1))
 
     @property
     def pages(self) -> int:
-        return self._pools[2].shape[0]
+        return self._pool.size
 
     @property
     def free_pages(self) -> int:
-        return len(self._free_pages)
+        return self._pool.free
 
     @property
     def busy(self) -> bool:
         return bool(self._waiting) or any(self._slots)
 
-    def add(self, req: Request | dict) -> int:
-        """Queues a request (a dict: `request`'s keyword parameters and its prompt), checked before anything runs;
-        returns its id, which `step` reports its result under."""
-        req = self.check(req)
-        self._next_id += 1
-        self._waiting.append((self._next_id - 1, req))
-        return self._next_id - 1
+    def add(self, req: Request | dict, n: int = 1) -> list[int]:
+        """Queues n answers of a request (a dict: `request`'s keyword parameters and its prompt), checked before
+        anything runs; answer j is sampled with seed + j. Returns their ids, which `step` reports results under."""
+        req = self.check(req, n)
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        self._waiting.append([(id_, dataclasses.replace(req, seed=(req.seed + j) % 2**32))
+                              for j, id_ in enumerate(ids)])
+        return ids
 
-    def check(self, req: Request | dict) -> Request:
-        """The request `add` would queue, or its one-line refusal; it reads only the engine's sizes, so a server's
-        other threads may check what they hand to the thread that steps the engine."""
+    def check(self, req: Request | dict, n: int = 1) -> Request:
+        """The request `add` would queue n answers of, or its one-line refusal; it reads only the engine's sizes, so
+        a server's other threads may check what they hand to the thread that steps the engine."""
         req = req if isinstance(req, Request) else request(**req)
+        if n < 1:
+            raise LlmjaxError(f"n={n} answers: need at least 1")
         total = len(req.prompt) + req.max_new_tokens
         if total > self.max_len:
             limit = ("the model's max_seq_len" if self.max_len == self.cfg.max_seq_len else "the engine's max_len")
             raise LlmjaxError(f"a prompt of {len(req.prompt)} tokens + max_new_tokens={req.max_new_tokens} = {total} "
                               f"exceeds {limit}={self.max_len}; shorten the prompt or lower max_new_tokens")
-        need = paged.pages_for(total, self.page_size)
-        if need > self.pages:
+        need = self._pages_for(req)
+        if need > self.pages:  # a group's answers that do not fit at once run a few at a time, one at least
+            full = len(req.prompt) // self.page_size
+            group = f" ({full + n * (need - full)} to run its {n} answers at once)" if n > 1 else ""
             raise LlmjaxError(f"a prompt of {len(req.prompt)} tokens + max_new_tokens={req.max_new_tokens} needs "
                               f"{need} pages of {self.page_size} tokens; the pool holds {self.pages}: pass pages >= "
-                              f"{need}")
+                              f"{need}{group}")
         if not all(0 <= t < self.cfg.vocab_size for t in req.prompt):
             raise LlmjaxError(f"the prompt holds token ids outside the model's vocabulary [0, {self.cfg.vocab_size})")
         return req
@@ -158,17 +171,23 @@ class Engine:
     def cancel(self, id_: int) -> None:
         """Drops a waiting or running request (a server's client went away, or its answer hit a stop string),
         giving its slot and pages back; an id that has ended already is ignored."""
-        self._waiting = deque((i, req) for i, req in self._waiting if i != id_)
+        groups = ([(i, req) for i, req in group if i != id_] for group in self._waiting)
+        self._waiting = deque(group for group in groups if group)
         for slot, run in enumerate(self._slots):
             if run and run.id == id_:
                 self._release(slot)
 
     def step(self) -> dict[int, Result]:
-        """Prefills waiting requests into free slots (first come, first served, while the pool has their pages),
-        then decodes steps_per_call tokens for every busy slot; returns the requests that ended, by id. A slot
-        stops at its budget on the device, and at a stop token here, dropping what it wrote after it."""
-        while self._waiting and None in self._slots and self._pages_for(self._waiting[0][1]) <= self.free_pages:
-            self._admit(*self._waiting.popleft())
+        """Prefills waiting requests into free slots (first come, first served, while the pool has their pages; as
+        many of a group's answers at once as fit), then decodes steps_per_call tokens for every busy slot; returns
+        the requests that ended, by id. A slot stops at its budget on the device, and at a stop token here,
+        dropping what it wrote after it."""
+        while self._waiting and (count := self._admissible(self._waiting[0])) > 0:
+            group = self._waiting[0]
+            self._admit(group[:count])
+            del group[:count]
+            if not group:
+                self._waiting.popleft()
         busy = [slot for slot, run in enumerate(self._slots) if run]
         if not busy:
             return {}
@@ -197,13 +216,14 @@ class Engine:
                     break
         return done
 
-    def generate(self, requests: Sequence[Request | dict]) -> list[Result]:
-        """Every request's result, in order, on an idle engine (one driven by add and step would lose the results of
-        its own requests here); all are checked before anything compiles."""
+    def generate(self, requests: Sequence[Request | dict], n: int = 1) -> list[Result]:
+        """Every request's n answers (request i's answer j at i * n + j, sampled with seed + j), on an idle engine
+        (one driven by add and step would lose the results of its own requests here); all are checked before any is
+        queued."""
         if self.busy:
             raise LlmjaxError("generate runs an idle engine, and this one holds requests from add(); collect their "
                               "results with step() first")
-        ids = [self.add(r) for r in requests]
+        ids = [id_ for req in [self.check(r, n) for r in requests] for id_ in self.add(req, n)]
         done = {}
         while self.busy:
             done |= self.step()
@@ -212,15 +232,30 @@ class Engine:
     def _pages_for(self, req: Request) -> int:
         return paged.pages_for(len(req.prompt) + req.max_new_tokens, self.page_size)
 
-    def _admit(self, id_: int, req: Request) -> None:
-        """Takes a slot and every page the request can fill (so a started request always finishes), and prefills
-        its prompt in chunks of at most prefill_chunk tokens, each padded to a power of two (8 at least)."""
-        slot = self._slots.index(None)
-        pages = [self._free_pages.pop() for _ in range(self._pages_for(req))]
-        self._slots[slot] = _Running(id_, req, pages)
-        self._table_BI[slot, :len(pages)] = pages
-        for name, array in self._rows.items():
-            array[slot] = getattr(req, name)
+    def _admissible(self, group: list[tuple[int, Request]]) -> int:
+        """How many of a waiting group's answers the free slots and pages take now: the first needs every page its
+        sequence can fill, each other one all but the prompt's full pages, which they share."""
+        req = group[0][1]
+        full = len(req.prompt) // self.page_size
+        return min(len(group), self._slots.count(None), (self.free_pages - full) // (self._pages_for(req) - full))
+
+    def _admit(self, group: list[tuple[int, Request]]) -> None:
+        """Takes a slot per answer and every page it can fill (so a started request always finishes): the prompt's
+        full pages once, read by all, and its own for the rest. The prompt is prefilled into the first answer's
+        pages, in chunks of at most prefill_chunk tokens, each padded to a power of two (8 at least); each other
+        answer gets copies of the prompt's last, partly filled page and of the next token's distribution."""
+        req = group[0][1]
+        full = len(req.prompt) // self.page_size
+        shared = self._pool.take(full, readers=len(group))
+        slots = []
+        for id_, member in group:
+            slots.append(self._slots.index(None))
+            pages = shared + self._pool.take(self._pages_for(req) - full)
+            self._slots[slots[-1]] = _Running(id_, member, pages)
+            self._table_BI[slots[-1], :len(pages)] = pages
+            for name, array in self._rows.items():
+                array[slots[-1]] = getattr(member, name)
+        slot = slots[0]
         for start in range(0, len(req.prompt), self.prefill_chunk):
             chunk = req.prompt[start:start + self.prefill_chunk]
             width = min(max(8, 1 << (len(chunk) - 1).bit_length()), self.prefill_chunk)
@@ -231,9 +266,14 @@ class Engine:
                 self._table_BI[slot:slot + 1].copy(), self._lengths_B[slot:slot + 1].copy())
             self._lengths_B[slot] += len(chunk)
             self.stats["prefill_calls"] += 1
+        for other in slots[1:]:
+            copy = self._table_BI[other, full] if len(req.prompt) % self.page_size else self.pages  # pool's end: none
+            self._pools, self._logits_BV = self._fork(self._pools, self._logits_BV, self._table_BI[slot, full],
+                                                      np.int32(copy), np.int32(slot), np.int32(other))
+            self._lengths_B[other] = len(req.prompt)
 
     def _release(self, slot: int) -> None:
-        self._free_pages.extend(self._slots[slot].pages)
+        self._pool.give_back(self._slots[slot].pages)
         self._slots[slot] = None
         self._table_BI[slot] = 0
         self._lengths_B[slot] = 0
@@ -248,6 +288,17 @@ def _prefill(params, pools, logits_BV, tokens_1C, n, slot, table_1I, lengths_1, 
     cache = paged.Cache(*pools, table_1I, lengths_1)
     out = transformer.forward(params, tokens_1C, lengths_1[:, None] + jnp.arange(C), segment_1C, cfg, cache=cache)
     return out.cache[:3], logits_BV.at[slot].set(limit(out.logits_BTV[0, n - 1]))
+
+
+def _fork(pools, logits_BV, page, copy, slot, other):
+    """Page `page` copied into page `copy` (past the pool: dropped) in every pool, and slot's next-token
+    distribution into slot `other`'s."""
+    def duplicate(pool_JZ):
+        return pool_JZ.at[copy].set(pool_JZ[page], mode="drop")
+
+    k_LJZKH, v_LJZKH, segment_JZ = pools
+    pools = jax.vmap(duplicate)(k_LJZKH), jax.vmap(duplicate)(v_LJZKH), duplicate(segment_JZ)
+    return pools, logits_BV.at[other].set(logits_BV[slot])
 
 
 def _decode(params, pools, logits_BV, table_BI, lengths_B, counts_B, rows, *, cfg, limit, steps):

@@ -30,11 +30,13 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's for completions; a chat answer may run to th
 
 @dataclasses.dataclass
 class Job:
-    """One HTTP request as the engine sees it: its prompts' token ids and one engine request per choice (prompt i's
-    j-th answer is choice i * n + j, as OpenAI numbers them)."""
+    """One HTTP request as the engine sees it: its prompts' token ids and one engine request per prompt, answered n
+    times (prompt i's j-th answer is choice i * n + j, as OpenAI numbers them, sampled with seed + j from one copy
+    of the prompt's pages)."""
     chat: bool
     prompts: list[list[int]]
     requests: list[Request]
+    n: int
     stop: list[str]
     logprobs: bool
     stream: bool
@@ -70,9 +72,8 @@ def parse(body: Any, kind: str, tokenizer: Tokenizer, engine: Engine) -> Job:
     requests = []
     for ids in prompts:
         budget = max_tokens or (max(1, engine.max_len - len(ids)) if kind == "chat" else DEFAULT_MAX_TOKENS)
-        requests += [engine.check(dict(prompt=ids, max_new_tokens=budget, seed=(seed + j) % 2**32, **params))
-                     for j in range(n)]
-    return Job(kind == "chat", prompts, requests, [s for s in stop if s], body.get("logprobs", False) is not False,
+        requests.append(engine.check(dict(prompt=ids, max_new_tokens=budget, seed=seed % 2**32, **params), n))
+    return Job(kind == "chat", prompts, requests, n, [s for s in stop if s], body.get("logprobs", False) is not False,
                body.get("stream", False))
 
 

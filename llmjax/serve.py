@@ -56,8 +56,7 @@ def model_name(workdir: str) -> str:
 
 @dataclasses.dataclass
 class Ticket:
-    """A request handed to the worker, and what cancels it."""
-    request: Request
+    """One answer handed to the worker, and what cancels it."""
     send: Callable[[list[int], list[float], str | None], None]  # new tokens, their log-probs, the finish reason
     id: int | None = None  # the engine's, once the worker has added it
     sent: int = 0  # tokens sent so far
@@ -75,9 +74,10 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="llmjax-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, requests: list[Request]) -> tuple[list[Ticket], "asyncio.Queue[Event]"]:
-        """Hands `requests` (checked by the engine) to the thread; returns their tickets and the queue of their
-        Events, fed on the calling event loop."""
+    def submit(self, requests: list[Request], n: int = 1) -> tuple[list[Ticket], "asyncio.Queue[Event]"]:
+        """Hands `requests` (checked by the engine) to the thread, n answers each, which share their prompt's pages;
+        returns their tickets (request i's answer j at i * n + j) and the queue of their Events, fed on the calling
+        event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def sender(index: int):
@@ -86,8 +86,9 @@ class Worker:
                     loop.call_soon_threadsafe(events.put_nowait, (index, tokens, logprobs, finish))
             return send
 
-        tickets = [Ticket(req, sender(i)) for i, req in enumerate(requests)]
-        self._inbox.put(("add", tickets))
+        tickets = [Ticket(sender(i)) for i in range(len(requests) * n)]
+        for i, req in enumerate(requests):
+            self._inbox.put(("add", tickets[i * n:(i + 1) * n], req))
         return tickets, events
 
     def cancel(self, tickets: list[Ticket]) -> None:
@@ -123,12 +124,14 @@ class Worker:
                 if finish:
                     del self._live[id_]
 
-    def _handle(self, kind: str, tickets: list[Ticket]) -> None:
+    def _handle(self, kind: str, tickets: list[Ticket], request: Request | None = None) -> None:
+        if kind == "add":  # the tickets are `request`'s answers
+            for ticket, id_ in zip(tickets, self.engine.add(request, len(tickets)), strict=True):
+                ticket.id = id_
+                self._live[id_] = ticket
+            return
         for ticket in tickets:
-            if kind == "add":
-                ticket.id = self.engine.add(ticket.request)
-                self._live[ticket.id] = ticket
-            elif self._live.pop(ticket.id, None):
+            if self._live.pop(ticket.id, None):
                 self.engine.cancel(ticket.id)
 
 
@@ -159,8 +162,8 @@ def app(engine: Engine, tokenizer: Tokenizer, model: str) -> FastAPI:
             raise LlmjaxError(f"the body is not JSON ({e})") from None
         job = openai_api.parse(body, kind, tokenizer, engine)
         worker: Worker = api.state.worker
-        tickets, events = worker.submit(job.requests)
-        answers = [openai_api.Answer(tokenizer, job.stop) for _ in job.requests]
+        tickets, events = worker.submit(job.requests, job.n)
+        answers = [openai_api.Answer(tokenizer, job.stop) for _ in tickets]
 
         async def next_text() -> tuple[int, str, bool]:
             """The next event's choice, the text it released and whether it ended the answer (tokens that follow a

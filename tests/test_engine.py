@@ -1,5 +1,6 @@
 """The generation engine: the static sampler's answers through continuous batching over a small page pool, answers
-that do not depend on their batch, pages that all come back, and its refusals."""
+that do not depend on their batch, pages that all come back, groups of answers that share their prompt's pages, and
+its refusals."""
 
 import dataclasses
 
@@ -128,7 +129,7 @@ def test_progress_reports_running_requests_and_cancel_frees_their_slots(tiny):
     cfg, params, eng = tiny
     greedy = static_sampler(cfg, params)["tokens"]
     assert eng.check({"prompt": PROMPTS[0], "max_new_tokens": 12}) == engine.Request(PROMPTS[0], 12) and not eng.busy
-    ids = [eng.add(engine.Request(p, max_new_tokens=n)) for p, n in zip(PROMPTS[:3], NEW[:3], strict=True)]
+    ids = [eng.add(engine.Request(p, max_new_tokens=n))[0] for p, n in zip(PROMPTS[:3], NEW[:3], strict=True)]
     assert eng.step() == {}
     progress = {i: list(tokens) for i, (tokens, _) in eng.progress().items()}
     steps = eng.steps_per_call
@@ -140,3 +141,83 @@ def test_progress_reports_running_requests_and_cancel_frees_their_slots(tiny):
         done |= eng.step()
     assert set(done) == {ids[1]} and done[ids[1]].tokens == greedy[1, :NEW[1]].tolist()
     assert eng.free_pages == eng.pages and eng.progress() == {}
+
+
+@pytest.fixture(scope="module")
+def four():
+    """4 slots and 16 pages of 4 tokens: room for a group of 4 answers at once."""
+    return make(slots=4, pages=16)
+
+
+def held_and_results(eng, requests, n=1):
+    """The pages in use once `requests` (n answers each) are admitted, and their results; every page comes back."""
+    ids = [i for r in requests for i in eng.add(r, n)]
+    done = eng.step()
+    held = eng.pages - eng.free_pages
+    while eng.busy:
+        done |= eng.step()
+    assert eng.free_pages == eng.pages
+    return held, [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("req", [
+    engine.Request(PROMPTS[3], max_new_tokens=5),  # 11 tokens: 2 full pages, 3 tokens in a partly filled one
+    engine.Request(PROMPTS[3][:8], max_new_tokens=5, temperature=1.0, top_p=0.9, seed=7),  # 2 full pages
+], ids=["greedy", "sampled"])
+def test_a_group_reads_one_copy_of_its_prompt_and_answers_as_lone_requests(four, req):
+    """4 answers of one prompt (4 pages a sequence): the prompt's 2 full pages once and 2 pages an answer (a copy of
+    the prompt's partial page, then its answer's), 10 pages where 4 lone requests hold 16, and one prefill where
+    they need 4; answer j is the lone request with seed + j, token for token and log-prob for log-prob."""
+    cfg, params, eng = four
+    prefills = eng.stats["prefill_calls"]
+    held, group = held_and_results(eng, [req], n=4)
+    chunks = eng.stats["prefill_calls"] - prefills
+    held_alone, alone = held_and_results(eng, [dataclasses.replace(req, seed=req.seed + j) for j in range(4)])
+    assert (held, held_alone) == (10, 16) and eng.stats["prefill_calls"] - prefills == 5 * chunks
+    assert group == alone and eng._fork._cache_size() == 1
+    assert len({tuple(r.tokens) for r in group}) == (4 if req.temperature else 1)
+
+
+def test_cancelled_answers_give_back_their_own_pages_and_the_last_one_the_prompts(four):
+    """6 answers of an 11-token prompt with 9 new tokens (5 pages a sequence) on 4 slots: 4 start, holding
+    2 + 4 x 3 pages; cancelling 3 of them leaves the prompt's 2 pages to the fourth, and a waiting one is dropped;
+    the sixth starts with its own prompt copy, and the two left answer as a lone request does."""
+    cfg, params, eng = four
+    alone = eng.generate([engine.Request(PROMPTS[3], max_new_tokens=9)])[0]
+    ids = eng.add(engine.Request(PROMPTS[3], max_new_tokens=9), n=6)
+    eng.step()
+    assert eng.pages - eng.free_pages == 14 and set(eng.progress()) == set(ids[:4])
+    for id_ in ids[:3] + ids[5:]:
+        eng.cancel(id_)
+    assert eng.pages - eng.free_pages == 5
+    done = eng.step()
+    assert eng.pages - eng.free_pages == 10 and set(eng.progress()) == {ids[3], ids[4]}
+    while eng.busy:
+        done |= eng.step()
+    assert done == {ids[3]: alone, ids[4]: alone} and eng.free_pages == eng.pages
+
+
+def test_a_group_the_pool_cannot_hold_at_once_runs_a_few_answers_at_a_time(tiny):
+    """8 pages, 6 a sequence of an 11-token prompt and 13 new tokens, 2 of them the prompt's full pages: 2 answers
+    at once would need 10, so 3 answers run one at a time, each the lone request with its seed."""
+    cfg, params, eng = tiny
+    req = engine.Request(PROMPTS[3], max_new_tokens=13, temperature=1.0, seed=3)
+    ids = eng.add(req, n=3)
+    done = eng.step()
+    assert list(eng.progress()) == ids[:1] and eng.pages - eng.free_pages == 6
+    while eng.busy:
+        done |= eng.step()
+    assert [done[i] for i in ids] == eng.generate([dataclasses.replace(req, seed=3 + j) for j in range(3)])
+
+
+@pytest.mark.parametrize("n, message", [
+    (4, "needs 3 pages of 4 tokens; the pool holds 2: pass pages >= 3 \\(9 to run its 4 answers at once\\)$"),
+    (0, "n=0 answers: need at least 1"),
+])
+def test_group_refusals(n, message):
+    """The pool must hold one answer (a group's others can wait); the refusal also says what runs them all at once:
+    the prompt's 1 full page and 2 pages an answer."""
+    eng = make(pages=2)[2]
+    with pytest.raises(LlmjaxError, match=message):
+        eng.generate([dict(prompt=[1] * 5, max_new_tokens=4)], n=n)
+    assert not eng.busy

@@ -98,11 +98,13 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(server):
 
 
 def test_n_answers_with_seeds(server):
-    """Choice j is sampled with seed + j: the same request answers alike, and a single answer with seed + 1 is the
-    second choice."""
-    client, *_ = server
+    """Choice j is sampled with seed + j from one prefill of the prompt: the same request answers alike, and a
+    single answer with seed + 1 is the second choice."""
+    client, _, engine, _ = server
     params = dict(model="x", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.95, extra_body={"top_k": 50})
+    prefills = engine.stats["prefill_calls"]
     first = client.completions.create(n=2, seed=5, **params)
+    assert engine.stats["prefill_calls"] == prefills + 1
     again = client.completions.create(n=2, seed=5, **params)
     alone = client.completions.create(n=1, seed=6, **params)
     texts = [c.text for c in first.choices]
