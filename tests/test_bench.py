@@ -65,6 +65,15 @@ def test_bench_attention_blockwise_holds_less_than_the_reference():
     assert longest["seq_len"] == 512 and longest["temp_blockwise_over_xla"] < 1 and longest["time_blockwise_over_xla"]
 
 
+def test_bench_attention_train_step_memory():
+    """The whole train step's XLA temporaries at one length, one row a device: blockwise below xla attention."""
+    cfg = config.base("tiny")
+    cfg.model.update(attn_block=128, remat="dots")
+    step, = bench_attention.train_step_memory(cfg, (512,))
+    assert step["model"] == "tiny" and step["batch_size"] == 8 and step["remat"] == "dots"
+    assert step["temp_blockwise_over_xla"] < 1
+
+
 def test_bench_attention_reports_a_reference_too_big_to_run(monkeypatch):
     """A reference over half the host's available memory is compiled, its memory reported, and not run."""
     monkeypatch.setattr(bench_attention, "available_bytes", lambda: 8 * 2**20)
@@ -94,25 +103,17 @@ def test_bench_context_one_row_a_device():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what, args", [
-    ("attention", ["--config.model.attn_block=128", "--config.model.remat=dots", "--seq_lens=256"]),
-    ("context", ["--config=configs/pretrain.py:model=tiny", "--config.model.remat=dots", "--seq_lens=256",
-                 "--contexts=2"])])
-def test_bench_long_context_cli(tmp_path, what, args):
-    """Both long-context modes through the CLI: `context` on 8 fake CPU devices whatever XLA_FLAGS held, and
-    llmjax.estimate's own --config flag no clash with ours, overrides or none (attention: the default `small`)."""
+def test_bench_context_cli(tmp_path):
+    """The context mode through the CLI, on 8 fake CPU devices whatever XLA_FLAGS held, and llmjax.estimate's own
+    --config flag no clash with ours (the attention mode shares that CLI; its function is tested above)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "llmjax.bench", what, *args, f"--out={out}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    args = ["--config=configs/pretrain.py:model=tiny", "--config.model.remat=dots", "--seq_lens=256", "--contexts=2"]
+    run = subprocess.run([sys.executable, "-m", "llmjax.bench", "context", *args, f"--out={out}"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["benchmark"] == what and result["backend"] == "cpu"
-    if what == "context":
-        assert result["devices"] == 8 and result["remat"] == "dots"
-        assert len(result["runs"]) == 4  # xla and blockwise attention, each by ring and allgather
-        assert {r["tokens_per_device"] for r in result["runs"]} == {128}  # one row of 256 / 2 a device
-    else:
-        step = result["train_step"][0]  # one device: batch 1
-        assert step["model"] == "small" and step["batch_size"] == 1 and step["remat"] == "dots"
-        assert result["ratios"][0]["temp_blockwise_over_xla"] < 1 and step["temp_blockwise_over_xla"] < 1
+    assert result["benchmark"] == "context" and result["backend"] == "cpu"
+    assert result["devices"] == 8 and result["remat"] == "dots"
+    assert len(result["runs"]) == 4  # xla and blockwise attention, each by ring and allgather
+    assert {r["tokens_per_device"] for r in result["runs"]} == {128}  # one row of 256 / 2 a device
