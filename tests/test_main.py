@@ -20,15 +20,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
-    """The README's default command, cut to 25 steps, on the one CPU device a user has."""
+    """The README's default command, cut to 15 steps, on the one CPU device a user has."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    subprocess.run([sys.executable, "-m", "llmjax.main", "--config=configs/pretrain.py:steps=25",
+    subprocess.run([sys.executable, "-m", "llmjax.main", "--config=configs/pretrain.py:steps=15",
                     "--config.eval_prompts=16", f"--workdir={tmp_path}"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=600)
     loss = losses(str(tmp_path))
-    assert loss[25] < 0.55 * loss[1], loss  # measured 5.76 -> 2.46
+    assert loss[15] < 0.55 * loss[1], loss  # measured 5.76 -> 2.90 (25 steps: 2.46)
     evals = [row for row in metric_rows(tmp_path) if "eval/perplexity" in row]
-    assert [row["step"] for row in evals] == [25] and 0 <= evals[0]["eval/accuracy"] <= 1
+    assert [row["step"] for row in evals] == [15] and 0 <= evals[0]["eval/accuracy"] <= 1
 
 
 # The runs below see one CPU device and share this worker's compilation cache (tests/conftest.py): a run that
