@@ -62,6 +62,18 @@ def spec(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
     return PartitionSpec(*out)
 
 
+def attention_specs(q_BTNH, k_BSKH, rules: Mapping[str, str],
+                    mesh: Mesh) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
+    """(q's, k and v's, the [B, T] index arrays') specs for a shard_map attention kernel: query heads are grouped
+    over the kv heads only when both split alike, so otherwise neither is split by heads."""
+    q_spec = spec(("batch", "seq", "heads", "head_dim"), rules, mesh, q_BTNH.shape)
+    kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape)
+    if q_spec[2] != kv_spec[2]:
+        q_spec = PartitionSpec(*q_spec[:2], None, q_spec[3])
+        kv_spec = PartitionSpec(*kv_spec[:2], None, kv_spec[3])
+    return q_spec, kv_spec, PartitionSpec(*q_spec[:2])
+
+
 def named(logical: Sequence[str | None], rules: Mapping[str, str], mesh: Mesh,
           shape: Sequence[int] | None = None) -> NamedSharding:
     return NamedSharding(mesh, spec(logical, rules, mesh, shape))

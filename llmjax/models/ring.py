@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 from llmjax.errors import LlmjaxError
 from llmjax.models import attention as attention_lib
-from llmjax.sharding import Constrain, spec
+from llmjax.sharding import Constrain, attention_specs, spec
 
 Local = Callable[..., tuple[jax.Array, jax.Array]]
 STRATEGIES = ("ring", "allgather")
@@ -108,13 +108,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, q_segment
     if not axes:
         return local(*args, window)[0]
     _check_length(q_BTNH.shape[1], _size(constrain, axes), axes, constrain, "")
-    mesh, rules = constrain.mesh, constrain.rules
-    q_spec = spec(("batch", "seq", "heads", "head_dim"), rules, mesh, q_BTNH.shape)
-    kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"), rules, mesh, k_BSKH.shape)
-    if q_spec[2] != kv_spec[2]:  # query heads are grouped over the kv heads only when both split alike
-        q_spec = PartitionSpec(*q_spec[:2], None, q_spec[3])
-        kv_spec = PartitionSpec(*kv_spec[:2], None, kv_spec[3])
-    int_spec = PartitionSpec(*q_spec[:2])
+    mesh = constrain.mesh
+    q_spec, kv_spec, int_spec = attention_specs(q_BTNH, k_BSKH, constrain.rules, mesh)
     kernel = functools.partial(_ring_attention if strategy == "ring" else _allgather, local, axes)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *[int_spec] * 4, PartitionSpec()),
                          out_specs=q_spec)(*args, jnp.asarray(window, jnp.int32))

@@ -21,7 +21,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
 
-from llmjax.sharding import Constrain, no_constrain, spec
+from llmjax.sharding import Constrain, attention_specs, no_constrain
 
 LANES = 128  # the kernel's key blocks are whole multiples of the TPU's vector lanes
 
@@ -36,13 +36,8 @@ def attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, q_segment
     local = functools.partial(_local, windows=tuple(sorted(set(windows))), block=block)
     if constrain.mesh is None:
         return local(q_BTNH, k_BTKH, v_BTKH, q_segment_BT, kv_segment_BT, window)
-    mesh, rules = constrain.mesh, constrain.rules
-    q_spec = spec(("batch", "seq", "heads", "head_dim"), rules, mesh, q_BTNH.shape)
-    kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"), rules, mesh, k_BTKH.shape)
-    if q_spec[2] != kv_spec[2]:  # query heads are grouped over the kv heads only when both split alike
-        q_spec = PartitionSpec(*q_spec[:2], None, q_spec[3])
-        kv_spec = PartitionSpec(*kv_spec[:2], None, kv_spec[3])
-    int_spec = PartitionSpec(*q_spec[:2])
+    mesh = constrain.mesh
+    q_spec, kv_spec, int_spec = attention_specs(q_BTNH, k_BTKH, constrain.rules, mesh)
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, int_spec, int_spec, PartitionSpec()),
                          out_specs=q_spec, check_vma=False,  # the Pallas call does not say how its output varies
                          )(q_BTNH, k_BTKH, v_BTKH, q_segment_BT, kv_segment_BT, jnp.asarray(window, jnp.int32))
