@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from llmjax import engine, sampling
-from llmjax.models import transformer
+from llmjax.models import paged, transformer
 
 
 def _static(generate, params, prompts: list[list[int]], budgets: list[int], slots: int) -> tuple[list, dict]:
@@ -34,7 +34,7 @@ def _compare(cfg, params, prompts: list[list[int]], budgets: list[int], slots: i
              rounds: int = 3) -> dict:
     token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize
     generate = sampling.sampler(cfg, max_new_tokens=max(budgets), eos_id=-1)
-    max_len = -(-max(len(p) + b for p, b in zip(prompts, budgets, strict=True)) // page_size) * page_size
+    max_len = paged.pages_for(max(len(p) + b for p, b in zip(prompts, budgets, strict=True)), page_size) * page_size
     eng = engine.Engine(params, cfg, slots=slots, page_size=page_size, max_len=max_len)
     requests = [engine.Request(p, max_new_tokens=b) for p, b in zip(prompts, budgets, strict=True)]
     static_s, engine_s = [], []

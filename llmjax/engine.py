@@ -134,7 +134,9 @@ class Engine:
     def add(self, req: Request | dict, n: int = 1) -> list[int]:
         """Queues n answers of a request (a dict: `request`'s keyword parameters and its prompt), checked before
         anything runs; answer j is sampled with seed + j. Returns their ids, which `step` reports results under."""
-        req = self.check(req, n)
+        return self._queue(self.check(req, n), n)
+
+    def _queue(self, req: Request, n: int) -> list[int]:
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         self._waiting.append([(id_, dataclasses.replace(req, seed=(req.seed + j) % 2**32))
@@ -223,7 +225,7 @@ class Engine:
         if self.busy:
             raise LlmjaxError("generate runs an idle engine, and this one holds requests from add(); collect their "
                               "results with step() first")
-        ids = [id_ for req in [self.check(r, n) for r in requests] for id_ in self.add(req, n)]
+        ids = [id_ for req in [self.check(r, n) for r in requests] for id_ in self._queue(req, n)]
         done = {}
         while self.busy:
             done |= self.step()

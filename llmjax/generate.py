@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 from absl import flags
 
 from llmjax import runs, sampling
@@ -21,6 +22,15 @@ from llmjax.data.tokenizer import get_tokenizer
 from llmjax.errors import LlmjaxError
 from llmjax.evaluate import prompt_ids
 from llmjax.sharding import make_constrain, make_mesh
+
+
+def language_model(workdir: str) -> ml_collections.ConfigDict:
+    """The config of a run (or hf:DIR) that writes text; a reward model is refused."""
+    cfg = runs.run_config(workdir)
+    if "lm" not in runs.run_parts(workdir):
+        raise LlmjaxError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
+                          "with python -m llmjax.score")
+    return cfg
 
 
 def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, max_new_tokens: int = 64,
@@ -32,10 +42,7 @@ def complete(workdir: str, prompts: Sequence[str], *, fmt: str | None = None, ma
     if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise LlmjaxError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}: "
                           "need max_new_tokens >= 1, temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1")
-    cfg = runs.run_config(workdir)
-    if "lm" not in runs.run_parts(workdir):
-        raise LlmjaxError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
-                          "with python -m llmjax.score")
+    cfg = language_model(workdir)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids = [prompt_ids(tokenizer, p, fmt or cfg.data.format) for p in prompts]
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))

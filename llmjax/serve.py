@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llmjax import openai_api, runs
+from llmjax import generate, openai_api, runs
 from llmjax.cli import run_main
 from llmjax.data.tokenizer import Tokenizer, get_tokenizer
 from llmjax.engine import Engine, Request
@@ -40,10 +40,7 @@ Event = tuple[int, list[int], list[float], str | None]  # (choice, new tokens, t
 def load(workdir: str, **sizing) -> tuple[Engine, Tokenizer]:
     """An engine on a run's latest checkpoint (a workdir or hf:DIR, as llmjax.generate reads them) and the run's
     tokenizer; `sizing` goes to Engine (slots, pages, page_size, max_len)."""
-    cfg = runs.run_config(workdir)
-    if "lm" not in runs.run_parts(workdir):
-        raise LlmjaxError(f"{workdir!r} holds a reward model, which scores text but does not write it; score "
-                          "with python -m llmjax.score")
+    cfg = generate.language_model(workdir)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     params = runs.load_params(workdir, make_mesh(dict(data=1, fsdp=-1, tensor=1)), reader="serve")
     return Engine(params, cfg.model, eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size, **sizing), tokenizer
