@@ -126,13 +126,13 @@ def _field(record: dict, field: str, index: int, kind: str) -> Any:
 
 def _tasks(prompts: list[str], responses: list[str], records: list[dict]) -> list[float]:
     names = [_field(record, "task", i, "tasks") for i, record in enumerate(records)]  # all checked before any runs
+    checks = []
     for i, name in enumerate(names):
         try:
-            tasks.get(name)
+            checks.append(tasks.get(name).check)
         except LlmjaxError:
             raise RewardError(f"reward 'tasks': record {i} has task {name!r}, not one of {tasks.NAMES}") from None
-    return [float(tasks.get(name).check(prompt, response))
-            for name, prompt, response in zip(names, prompts, responses, strict=True)]
+    return [float(check(prompt, response)) for check, prompt, response in zip(checks, prompts, responses, strict=True)]
 
 
 def _math(prompts: list[str], responses: list[str], records: list[dict]) -> list[float]:

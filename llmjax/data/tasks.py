@@ -168,6 +168,7 @@ def _distance(prompt: str) -> int:
 
 
 @functools.cache
+@functools.cache  # a passkey name is parsed once, not once an example
 def get(name: str) -> Task:
     """The task a name asks for: one of TASKS, or passkey_N_K (N tokens, a K-digit key; passkey: N = 256, K = 5)."""
     if name in TASKS:
